@@ -1,0 +1,115 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Errors a Backend returns for the driver (and the user) to act on.
+var (
+	ErrNotFound        = errors.New("not found")
+	ErrExists          = errors.New("already exists")
+	ErrBusy            = errors.New("busy")
+	ErrNoSpace         = errors.New("out of space")
+	ErrNoGolden        = errors.New("no golden")
+	ErrHasDependents   = errors.New("has dependent volumes")
+	ErrImportRunning   = errors.New("golden import in progress")
+	ErrUnsupported     = errors.New("not supported by this backend")
+	ErrGenerationInUse = errors.New("generation is in use")
+)
+
+// Volume is what a backend records about one volume, in its own durable metadata (ZFS user
+// properties, or the image file's extended attributes).
+type Volume struct {
+	Name       string
+	Kind       Kind
+	Golden     string // project it was cloned from, or asked for ("" for a plain volume)
+	Generation int    // generation cloned; 0 for a plain volume or a cold start
+	ColdStart  bool   // a golden was asked for but the project had none yet
+	CreatedAt  time.Time
+	Size       uint64 // bytes
+	Source     string // dataset name or image path, for status and logs
+}
+
+// Usage is a volume's live space accounting.
+type Usage struct {
+	Size       uint64 // provisioned bytes (volsize, image size, or quota)
+	Logical    uint64 // bytes the volume's filesystem addresses (logicalreferenced)
+	Written    uint64 // bytes unique to this volume since its clone
+	Device     string // block device, when there is one
+	Referenced uint64 // bytes the volume references, shared or not
+}
+
+// Generation is one numbered snapshot of a project's golden.
+type Generation struct {
+	Project    string
+	Number     int
+	Kind       Kind
+	CreatedAt  time.Time
+	Dependents []string // volumes cloned from it that still exist
+	Used       uint64   // bytes held only by this generation
+	Referenced uint64   // bytes the generation references
+	Source     string   // snapshot name or image path
+	FromVolume string   // volume it was promoted from, if any
+}
+
+// Golden is one project's golden with its generations, oldest first.
+type Golden struct {
+	Project     string
+	Kind        Kind
+	Generations []Generation
+	// Importing is set while an import is running or was interrupted; such a golden is never cloned.
+	Importing bool
+}
+
+// Newest returns the newest generation, or nil.
+func (g Golden) Newest() *Generation {
+	if len(g.Generations) == 0 {
+		return nil
+	}
+	return &g.Generations[len(g.Generations)-1]
+}
+
+// Progress reports an import's progress.
+type Progress struct {
+	FilesDone, FilesTotal int64
+	BytesDone, BytesTotal int64
+	Phase                 string
+}
+
+// Backend stores volumes and goldens. Implementations are safe for concurrent use on different
+// names; the driver serialises calls on one volume name and one project (see Driver's lock rules).
+// Every method that creates things rolls back what it made before returning an error.
+type Backend interface {
+	// Name is "zfs" or "reflink", for logs and status.
+	Name() string
+	// Load finishes or rolls back whatever a crash interrupted (half-made volumes, interrupted
+	// imports and promotions) and returns every complete volume.
+	Load(ctx context.Context) ([]Volume, error)
+	// Create makes a volume, cloning the requested golden generation if there is one.
+	Create(ctx context.Context, spec Spec) (Volume, error)
+	// Remove destroys an unmounted volume in time independent of the data it holds.
+	Remove(ctx context.Context, v Volume) error
+	// Mount makes the volume's filesystem available at target.
+	Mount(ctx context.Context, v Volume, target string) error
+	// Unmount undoes Mount (and detaches any loop device).
+	Unmount(ctx context.Context, v Volume, target string) error
+	// Mounted reports whether something is mounted at target, from the kernel's mount table.
+	Mounted(target string) (bool, error)
+	// Usage reports a volume's space.
+	Usage(ctx context.Context, v Volume) (Usage, error)
+
+	// Goldens lists every project's golden.
+	Goldens(ctx context.Context) ([]Golden, error)
+	// Promote snapshots v (frozen at mountpoint if it is mounted, else "") as project's next generation.
+	Promote(ctx context.Context, v Volume, mountpoint, project string) (Generation, error)
+	// Import seeds a new generation of project from the directory src, copying with cp -a semantics.
+	Import(ctx context.Context, project string, kind Kind, src string, progress func(Progress)) (Generation, error)
+	// RemoveGeneration destroys one generation that no volume depends on.
+	RemoveGeneration(ctx context.Context, project string, number int) error
+	// RemoveGolden destroys a project's golden; it fails with ErrHasDependents while volumes depend on it.
+	RemoveGolden(ctx context.Context, project string) error
+	// Status reports backend-wide facts (pool or store, free space) for `zgolden status`.
+	Status(ctx context.Context) (map[string]any, error)
+}

@@ -1,0 +1,422 @@
+// Package driver is zgolden's volume state machine: it validates requests, serialises them per
+// volume, counts mounts by caller ID, and rebuilds its state at start-up from the backend's
+// durable metadata and the kernel's mount table.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/moby/locker"
+	"github.com/sirupsen/logrus"
+)
+
+// Config is the driver's configuration, validated by New.
+type Config struct {
+	Backend Backend
+	// MountRoot holds one mountpoint directory per volume, MountRoot/NAME. For a managed plugin it
+	// must be under the plugin's propagated mount (Docker confines plugin mounts to it).
+	MountRoot string
+	// StateDir holds the mount-reference files; see refStore.
+	StateDir string
+	// DefaultSize is the size of a volume created without -o size and without a golden.
+	DefaultSize uint64
+	// ImportWait is how long a Create for a project whose golden is being imported waits for the
+	// import before it fails with a retryable error. Docker gives Create 2 minutes in all.
+	ImportWait time.Duration
+	Log        *logrus.Entry
+}
+
+// Driver serves the Docker volume API and the admin commands.
+//
+// Lock rules:
+//   - locks (per volume name) is held for the whole of Create, Remove, Mount, Unmount and Promote
+//     of that volume, so no two operations on one name interleave, while different names proceed
+//     in parallel.
+//   - projects (per golden project) is held for the whole of Promote, Import, Reclaim and
+//     RemoveGolden of that project. Create does not take it: a generation appears atomically (a
+//     ZFS snapshot or a rename), so a Create racing a promotion clones the old or the new
+//     generation, never a half-made one. Creates for a project whose import is running wait on
+//     the import instead (see Config.ImportWait).
+//   - mu guards the vols and imports maps only, and is never held across a backend call or I/O.
+//   - Order: a volume lock before a project lock before mu; never the reverse.
+type Driver struct {
+	cfg      Config
+	backend  Backend
+	log      *logrus.Entry
+	refs     refStore
+	locks    *locker.Locker
+	projects *locker.Locker
+
+	mu      sync.Mutex
+	vols    map[string]*volState
+	imports map[string]*importState
+}
+
+type volState struct {
+	Volume
+	ids map[string]struct{} // mount caller IDs; the filesystem is mounted while this is non-empty
+}
+
+// New validates cfg, then rebuilds the driver's state: volumes from the backend, mount references
+// from StateDir, mounted state from the kernel; it repairs whatever a crash left inconsistent.
+func New(ctx context.Context, cfg Config) (*Driver, error) {
+	if cfg.Backend == nil {
+		return nil, errors.New("driver: no backend configured")
+	}
+	if !filepath.IsAbs(cfg.MountRoot) || !filepath.IsAbs(cfg.StateDir) {
+		return nil, fmt.Errorf("driver: mount root %q and state dir %q must be absolute paths", cfg.MountRoot, cfg.StateDir)
+	}
+	if cfg.DefaultSize == 0 {
+		cfg.DefaultSize = 100 << 30
+	}
+	if cfg.ImportWait == 0 {
+		cfg.ImportWait = 90 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	for _, dir := range []string{cfg.MountRoot, cfg.StateDir} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("driver: %w", err)
+		}
+	}
+	d := &Driver{
+		cfg:      cfg,
+		backend:  cfg.Backend,
+		log:      cfg.Log,
+		refs:     refStore{dir: filepath.Join(cfg.StateDir, "mounts")},
+		locks:    locker.New(),
+		projects: locker.New(),
+		vols:     map[string]*volState{},
+		imports:  map[string]*importState{},
+	}
+	if err := d.recover(ctx); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// recover reconciles three sources of truth after a restart:
+//   - the backend's volumes (authoritative for what exists);
+//   - saved mount references (which callers hold a volume);
+//   - the kernel's mount table (what is mounted).
+//
+// References of an unmounted volume are dropped: the host rebooted, or the plugin died between
+// saving a new reference and mounting. A mounted volume with no references is unmounted: the
+// plugin died between unmounting its last reference and saving that.
+func (d *Driver) recover(ctx context.Context) error {
+	vols, err := d.backend.Load(ctx)
+	if err != nil {
+		return fmt.Errorf("load volumes from the %s backend: %w", d.backend.Name(), err)
+	}
+	saved, err := d.refs.loadAll()
+	if err != nil {
+		return fmt.Errorf("load mount references from %s: %w", d.refs.dir, err)
+	}
+	for _, v := range vols {
+		st := &volState{Volume: v, ids: saved[v.Name]}
+		if st.ids == nil {
+			st.ids = map[string]struct{}{}
+		}
+		delete(saved, v.Name)
+		target := d.mountpoint(v.Name)
+		mounted, err := d.backend.Mounted(target)
+		if err != nil {
+			return err
+		}
+		log := d.log.WithFields(logrus.Fields{"volume": v.Name, "source": v.Source})
+		switch {
+		case len(st.ids) > 0 && !mounted:
+			log.WithField("ids", len(st.ids)).Warn("volume has mount references but is not mounted (host reboot or interrupted mount); dropping them")
+			st.ids = map[string]struct{}{}
+			if err := d.refs.save(v.Name, st.ids); err != nil {
+				return err
+			}
+		case len(st.ids) == 0 && mounted:
+			log.Warn("volume is mounted but no container holds it (interrupted unmount); unmounting")
+			if err := d.backend.Unmount(ctx, v, target); err != nil {
+				return fmt.Errorf("unmount %s left by an interrupted operation: %w", v.Name, err)
+			}
+		case mounted:
+			log.WithField("ids", len(st.ids)).Info("volume still mounted")
+		}
+		d.vols[v.Name] = st
+	}
+	for name := range saved { // references of volumes that no longer exist
+		if err := d.refs.save(name, nil); err != nil {
+			return err
+		}
+	}
+	d.log.WithFields(logrus.Fields{"backend": d.backend.Name(), "volumes": len(d.vols)}).Info("state recovered")
+	return nil
+}
+
+func (d *Driver) mountpoint(name string) string { return filepath.Join(d.cfg.MountRoot, name) }
+
+func (d *Driver) lookup(name string) (*volState, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st, ok := d.vols[name]
+	return st, ok
+}
+
+func notFound(name string) error {
+	return fmt.Errorf("volume %q: %w: no zgolden volume has that name (see `docker volume ls`)", name, ErrNotFound)
+}
+
+// Create makes the volume name from opts. Creating an existing volume with the same golden is a
+// no-op, so Docker's retries of a slow Create succeed.
+func (d *Driver) Create(ctx context.Context, name string, opts map[string]string) error {
+	spec, err := ParseCreate(name, opts)
+	if err != nil {
+		return err
+	}
+	d.locks.Lock(name)
+	defer d.locks.Unlock(name)
+
+	if st, ok := d.lookup(name); ok {
+		if spec.Golden != st.Golden || spec.Kind != st.Kind {
+			return fmt.Errorf("volume %q: %w with golden=%q type=%s; remove it first or choose another name", name, ErrExists, st.Golden, st.Kind)
+		}
+		return nil
+	}
+	if spec.Golden != "" {
+		if err := d.waitImport(ctx, spec.Golden); err != nil {
+			return err
+		}
+	}
+	if spec.Size == 0 && spec.Golden == "" {
+		spec.Size = d.cfg.DefaultSize
+	}
+	start := time.Now()
+	v, err := d.backend.Create(ctx, spec)
+	if err != nil {
+		return fmt.Errorf("create volume %q: %w", name, err)
+	}
+	d.mu.Lock()
+	d.vols[name] = &volState{Volume: v, ids: map[string]struct{}{}}
+	d.mu.Unlock()
+	d.log.WithFields(logrus.Fields{
+		"volume": name, "source": v.Source, "golden": v.Golden, "generation": v.Generation,
+		"cold_start": v.ColdStart, "took": time.Since(start).Round(time.Millisecond).String(),
+	}).Info("volume created")
+	return nil
+}
+
+// Remove destroys an unmounted volume. Removing a volume that does not exist succeeds, so a retry
+// after a Remove whose reply was lost does not fail.
+func (d *Driver) Remove(ctx context.Context, name string) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	d.locks.Lock(name)
+	defer d.locks.Unlock(name)
+	st, ok := d.lookup(name)
+	if !ok {
+		return nil
+	}
+	if n := len(st.ids); n > 0 {
+		return fmt.Errorf("volume %q: %w: mounted by %d container(s); stop or remove them first", name, ErrBusy, n)
+	}
+	target := d.mountpoint(name)
+	mounted, err := d.backend.Mounted(target)
+	if err != nil {
+		return err
+	}
+	if mounted { // nothing holds it by our records; a leftover mount must not block the destroy
+		if err := d.backend.Unmount(ctx, st.Volume, target); err != nil {
+			return fmt.Errorf("remove volume %q: %w", name, err)
+		}
+	}
+	if err := d.backend.Remove(ctx, st.Volume); err != nil {
+		return fmt.Errorf("remove volume %q: %w", name, err)
+	}
+	d.mu.Lock()
+	delete(d.vols, name)
+	d.mu.Unlock()
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		d.log.WithError(err).WithField("volume", name).Warn("could not remove the empty mountpoint directory")
+	}
+	if err := d.refs.save(name, nil); err != nil {
+		return err
+	}
+	d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source}).Info("volume removed")
+	return nil
+}
+
+// Mount mounts the volume for caller id and returns the mountpoint. The filesystem is mounted on
+// the first caller and stays mounted until the last one unmounts. A repeated id counts once:
+// `docker cp` reuses its container's ID.
+func (d *Driver) Mount(ctx context.Context, name, id string) (string, error) {
+	if err := ValidateName(name); err != nil {
+		return "", err
+	}
+	if id == "" {
+		return "", invalidf("mount of %q has no caller ID", name)
+	}
+	d.locks.Lock(name)
+	defer d.locks.Unlock(name)
+	st, ok := d.lookup(name)
+	if !ok {
+		return "", notFound(name)
+	}
+	target := d.mountpoint(name)
+	if _, held := st.ids[id]; held {
+		return target, nil
+	}
+	mounted, err := d.backend.Mounted(target)
+	if err != nil {
+		return "", err
+	}
+	next := copyIDs(st.ids)
+	next[id] = struct{}{}
+	// Save the reference before mounting: if the plugin dies in between, start-up sees a
+	// reference without a mount and drops it. The reverse order could leave a mount nobody owns.
+	if err := d.refs.save(name, next); err != nil {
+		return "", err
+	}
+	if !mounted {
+		if err := d.backend.Mount(ctx, st.Volume, target); err != nil {
+			if rerr := d.refs.save(name, st.ids); rerr != nil {
+				d.log.WithError(rerr).WithField("volume", name).Error("could not roll back the mount reference")
+			}
+			return "", fmt.Errorf("mount volume %q: %w", name, err)
+		}
+		d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source, "mountpoint": target}).Info("volume mounted")
+	}
+	d.mu.Lock()
+	st.ids = next
+	d.mu.Unlock()
+	return target, nil
+}
+
+// Unmount releases caller id's hold on the volume and unmounts it when no caller is left. An
+// unknown id or volume is a no-op: Docker only unmounts after a successful mount, and a repeated
+// Unmount must not take the mount away from another container (moby #17585).
+func (d *Driver) Unmount(ctx context.Context, name, id string) error {
+	if err := ValidateName(name); err != nil {
+		return err
+	}
+	d.locks.Lock(name)
+	defer d.locks.Unlock(name)
+	st, ok := d.lookup(name)
+	if !ok {
+		return nil
+	}
+	if _, held := st.ids[id]; !held {
+		d.log.WithFields(logrus.Fields{"volume": name, "id": id}).Debug("unmount for an ID that holds no mount; ignored")
+		return nil
+	}
+	next := copyIDs(st.ids)
+	delete(next, id)
+	target := d.mountpoint(name)
+	if len(next) == 0 {
+		mounted, err := d.backend.Mounted(target)
+		if err != nil {
+			return err
+		}
+		if mounted {
+			if err := d.backend.Unmount(ctx, st.Volume, target); err != nil {
+				return fmt.Errorf("unmount volume %q: %w", name, err)
+			}
+			d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source}).Info("volume unmounted")
+		}
+	}
+	if err := d.refs.save(name, next); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	st.ids = next
+	d.mu.Unlock()
+	return nil
+}
+
+func copyIDs(ids map[string]struct{}) map[string]struct{} {
+	out := make(map[string]struct{}, len(ids)+1)
+	for id := range ids {
+		out[id] = struct{}{}
+	}
+	return out
+}
+
+// Path returns the mountpoint of a mounted volume, or "" when it is not mounted.
+func (d *Driver) Path(name string) (string, error) {
+	if err := ValidateName(name); err != nil {
+		return "", err
+	}
+	st, ok := d.lookup(name)
+	if !ok {
+		return "", notFound(name)
+	}
+	d.mu.Lock()
+	n := len(st.ids)
+	d.mu.Unlock()
+	if n == 0 {
+		return "", nil
+	}
+	return d.mountpoint(name), nil
+}
+
+// Info is a volume as Get and List report it.
+type Info struct {
+	Volume
+	Mountpoint string // set while mounted
+	Mounts     int    // callers holding the volume
+	Usage      *Usage // live space, from Get only
+}
+
+func (d *Driver) info(st *volState) Info {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	in := Info{Volume: st.Volume, Mounts: len(st.ids)}
+	if in.Mounts > 0 {
+		in.Mountpoint = d.mountpoint(st.Name)
+	}
+	return in
+}
+
+// Get returns one volume with its live usage.
+func (d *Driver) Get(ctx context.Context, name string) (Info, error) {
+	if err := ValidateName(name); err != nil {
+		return Info{}, err
+	}
+	st, ok := d.lookup(name)
+	if !ok {
+		return Info{}, notFound(name)
+	}
+	in := d.info(st)
+	u, err := d.backend.Usage(ctx, st.Volume)
+	if err != nil {
+		// Get must keep working for `docker volume inspect` even when usage cannot be read.
+		d.log.WithError(err).WithField("volume", name).Warn("could not read volume usage")
+	} else {
+		in.Usage = &u
+	}
+	return in, nil
+}
+
+// List returns every volume, sorted by name, without usage (List is called often by Docker).
+func (d *Driver) List() []Info {
+	d.mu.Lock()
+	states := make([]*volState, 0, len(d.vols))
+	for _, st := range d.vols {
+		states = append(states, st)
+	}
+	d.mu.Unlock()
+	out := make([]Info, 0, len(states))
+	for _, st := range states {
+		out = append(out, d.info(st))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Backend returns the backend's name.
+func (d *Driver) Backend() string { return d.backend.Name() }

@@ -1,0 +1,261 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// importState tracks one running import so Creates for its project can wait for it.
+type importState struct {
+	done     chan struct{}
+	progress Progress
+	started  time.Time
+}
+
+// waitImport blocks a Create for project while that project's golden is being imported, for at
+// most ImportWait, so the Create then gets an instant clone instead of a cold start. A Create must
+// answer Docker within 2 minutes, so a longer import gets a retryable error naming the progress.
+func (d *Driver) waitImport(ctx context.Context, project string) error {
+	d.mu.Lock()
+	st, ok := d.imports[project]
+	d.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	timer := time.NewTimer(d.cfg.ImportWait)
+	defer timer.Stop()
+	select {
+	case <-st.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-timer.C:
+		d.mu.Lock()
+		p := st.progress
+		d.mu.Unlock()
+		return fmt.Errorf("golden %q: %w (%s, running for %s); retry the create in a minute, or create without -o golden",
+			project, ErrImportRunning, describeProgress(p), time.Since(st.started).Round(time.Second))
+	}
+}
+
+func describeProgress(p Progress) string {
+	if p.BytesTotal > 0 {
+		return fmt.Sprintf("%s: %d%% of %d files copied", p.Phase, p.BytesDone*100/p.BytesTotal, p.FilesTotal)
+	}
+	return p.Phase
+}
+
+// Import seeds project's next generation from the directory src. Creates for the project wait for
+// it (see waitImport); Creates for other projects are never blocked.
+func (d *Driver) Import(ctx context.Context, project string, kind Kind, src string, progress func(Progress)) (Generation, error) {
+	if err := ValidateProject(project); err != nil {
+		return Generation{}, err
+	}
+	if kind == "" {
+		kind = KindBlock
+	}
+	d.projects.Lock(project)
+	defer d.projects.Unlock(project)
+
+	st := &importState{done: make(chan struct{}), started: time.Now(), progress: Progress{Phase: "starting"}}
+	d.mu.Lock()
+	d.imports[project] = st
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		delete(d.imports, project)
+		d.mu.Unlock()
+		close(st.done)
+	}()
+
+	log := d.log.WithFields(logrus.Fields{"project": project, "src": src})
+	log.Info("golden import started")
+	gen, err := d.backend.Import(ctx, project, kind, src, func(p Progress) {
+		d.mu.Lock()
+		st.progress = p
+		d.mu.Unlock()
+		if progress != nil {
+			progress(p)
+		}
+	})
+	if err != nil {
+		return Generation{}, fmt.Errorf("import %s as golden %q: %w", src, project, err)
+	}
+	log.WithFields(logrus.Fields{"generation": gen.Number, "took": time.Since(st.started).Round(time.Millisecond).String()}).Info("golden import finished")
+	return gen, nil
+}
+
+// ImportProgress returns the progress of a running import of project, if there is one.
+func (d *Driver) ImportProgress(project string) (Progress, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st, ok := d.imports[project]
+	if !ok {
+		return Progress{}, false
+	}
+	return st.progress, true
+}
+
+// Promote makes the volume's current content project's next generation. A mounted volume is
+// frozen (sync + xfs_freeze) for the instant of the snapshot, so the generation is
+// crash-consistent; stop any Docker daemon inside the volume first for a clean Docker state.
+func (d *Driver) Promote(ctx context.Context, volume, project string) (Generation, error) {
+	if err := ValidateName(volume); err != nil {
+		return Generation{}, err
+	}
+	if err := ValidateProject(project); err != nil {
+		return Generation{}, err
+	}
+	d.locks.Lock(volume)
+	defer d.locks.Unlock(volume)
+	d.projects.Lock(project)
+	defer d.projects.Unlock(project)
+	if _, running := d.ImportProgress(project); running {
+		return Generation{}, fmt.Errorf("golden %q: %w; wait for it to finish", project, ErrImportRunning)
+	}
+	st, ok := d.lookup(volume)
+	if !ok {
+		return Generation{}, notFound(volume)
+	}
+	mountpoint := ""
+	mounted, err := d.backend.Mounted(d.mountpoint(volume))
+	if err != nil {
+		return Generation{}, err
+	}
+	if mounted {
+		mountpoint = d.mountpoint(volume)
+	}
+	start := time.Now()
+	gen, err := d.backend.Promote(ctx, st.Volume, mountpoint, project)
+	if err != nil {
+		return Generation{}, fmt.Errorf("promote volume %q to golden %q: %w", volume, project, err)
+	}
+	d.log.WithFields(logrus.Fields{
+		"volume": volume, "project": project, "generation": gen.Number, "frozen": mounted,
+		"took": time.Since(start).Round(time.Millisecond).String(),
+	}).Info("volume promoted to a golden generation")
+	return gen, nil
+}
+
+// Goldens lists every project's golden, marking projects whose import is running.
+func (d *Driver) Goldens(ctx context.Context) ([]Golden, error) {
+	gs, err := d.backend.Goldens(ctx)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	for i := range gs {
+		if _, ok := d.imports[gs[i].Project]; ok {
+			gs[i].Importing = true
+		}
+	}
+	d.mu.Unlock()
+	sort.Slice(gs, func(i, j int) bool { return gs[i].Project < gs[j].Project })
+	return gs, nil
+}
+
+// Reclaim destroys the generations of project (or of every project, if project is "") that are
+// older than the newest keep generations and that no volume depends on. A generation in use is
+// never destroyed. It returns the generations it destroyed.
+func (d *Driver) Reclaim(ctx context.Context, project string, keep int) ([]Generation, error) {
+	if keep < 1 {
+		keep = 1 // the newest generation is what new volumes clone: never reclaim it
+	}
+	if project != "" {
+		if err := ValidateProject(project); err != nil {
+			return nil, err
+		}
+	}
+	gs, err := d.backend.Goldens(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var removed []Generation
+	for _, g := range gs {
+		if project != "" && g.Project != project {
+			continue
+		}
+		r, err := d.reclaimProject(ctx, g.Project, keep)
+		removed = append(removed, r...)
+		if err != nil {
+			return removed, err
+		}
+	}
+	return removed, nil
+}
+
+func (d *Driver) reclaimProject(ctx context.Context, project string, keep int) ([]Generation, error) {
+	d.projects.Lock(project)
+	defer d.projects.Unlock(project)
+	gs, err := d.backend.Goldens(ctx) // re-read under the project lock
+	if err != nil {
+		return nil, err
+	}
+	var removed []Generation
+	for _, g := range gs {
+		if g.Project != project {
+			continue
+		}
+		for i, gen := range g.Generations {
+			if i >= len(g.Generations)-keep || len(gen.Dependents) > 0 {
+				continue
+			}
+			if err := d.backend.RemoveGeneration(ctx, project, gen.Number); err != nil {
+				return removed, fmt.Errorf("reclaim generation %d of golden %q: %w", gen.Number, project, err)
+			}
+			d.log.WithFields(logrus.Fields{"project": project, "generation": gen.Number, "bytes": gen.Used}).Info("reclaimed unused golden generation")
+			removed = append(removed, gen)
+		}
+	}
+	return removed, nil
+}
+
+// RemoveGolden destroys project's golden. It refuses while volumes depend on any generation.
+func (d *Driver) RemoveGolden(ctx context.Context, project string) error {
+	if err := ValidateProject(project); err != nil {
+		return err
+	}
+	d.projects.Lock(project)
+	defer d.projects.Unlock(project)
+	if _, running := d.ImportProgress(project); running {
+		return fmt.Errorf("golden %q: %w; wait for it to finish", project, ErrImportRunning)
+	}
+	if err := d.backend.RemoveGolden(ctx, project); err != nil {
+		return fmt.Errorf("remove golden %q: %w", project, err)
+	}
+	d.log.WithField("project", project).Info("golden removed")
+	return nil
+}
+
+// Status reports the backend's state and the driver's counts, for `zgolden status`.
+func (d *Driver) Status(ctx context.Context) (map[string]any, error) {
+	st, err := d.backend.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	vols := d.List()
+	mounted := 0
+	for _, v := range vols {
+		if v.Mounts > 0 {
+			mounted++
+		}
+	}
+	st["backend"] = d.backend.Name()
+	st["volumes"] = len(vols)
+	st["mounted"] = mounted
+	st["mount_root"] = d.cfg.MountRoot
+	d.mu.Lock()
+	imports := map[string]Progress{}
+	for p, s := range d.imports {
+		imports[p] = s.progress
+	}
+	d.mu.Unlock()
+	if len(imports) > 0 {
+		st["imports"] = imports
+	}
+	return st, nil
+}

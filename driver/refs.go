@@ -1,0 +1,109 @@
+package driver
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// refStore keeps each volume's mount caller IDs in <dir>/<volume>.json, so a plugin restart
+// (kill -9 included) still knows which containers hold a volume. Docker does not call Mount again
+// for running containers after a plugin restart, so an in-memory count alone would unmount a volume
+// under a live container, or never unmount it.
+//
+// The default dir is under /run: a host reboot clears it together with the mounts it describes.
+// Files are written atomically (temporary file, fsync, rename), so a crash leaves the old or the new
+// set, never a torn one.
+type refStore struct{ dir string }
+
+func (s refStore) path(name string) string { return filepath.Join(s.dir, name+".json") }
+
+func (s refStore) save(name string, ids map[string]struct{}) error {
+	if len(ids) == 0 {
+		if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("forget mount references of %s: %w", name, err)
+		}
+		return nil
+	}
+	list := make([]string, 0, len(ids))
+	for id := range ids {
+		list = append(list, id)
+	}
+	sort.Strings(list)
+	data, err := json.Marshal(list)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(s.path(name), data)
+}
+
+// loadAll returns every saved reference set by volume name.
+func (s refStore) loadAll() (map[string]map[string]struct{}, error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return map[string]map[string]struct{}{}, nil
+		}
+		return nil, err
+	}
+	out := map[string]map[string]struct{}{}
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || ValidateName(name) != nil {
+			continue // temporary files from an interrupted write, or foreign files: not ours to read
+		}
+		data, err := os.ReadFile(filepath.Join(s.dir, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		var list []string
+		if err := json.Unmarshal(data, &list); err != nil {
+			return nil, fmt.Errorf("mount references %s: %w", e.Name(), err)
+		}
+		set := map[string]struct{}{}
+		for _, id := range list {
+			set[id] = struct{}{}
+		}
+		out[name] = set
+	}
+	return out, nil
+}
+
+// writeFileAtomic replaces path with data so that readers and crashes see either the old or the
+// new content.
+func writeFileAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // no-op after a successful rename
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,504 @@
+package zfsstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/xfsutil"
+	"github.com/zgolden/zgolden/zfsutil"
+)
+
+var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "volsize", propKind, propState, propFrom}
+
+// lineage is one dataset of a project's golden and its generation snapshots.
+type lineage struct {
+	name   string
+	first  int // the generation it was started with (from its name gN)
+	state  string
+	origin string
+	gens   []driver.Generation
+}
+
+type project struct {
+	name     string
+	kind     driver.Kind
+	lineages []*lineage
+}
+
+// generations returns every generation of complete lineages, oldest first.
+func (p *project) generations() []driver.Generation {
+	var out []driver.Generation
+	for _, l := range p.lineages {
+		if l.state == "ready" {
+			out = append(out, l.gens...)
+		}
+	}
+	sortGens(out)
+	return out
+}
+
+func (p *project) maxGeneration() int {
+	n := 0
+	for _, l := range p.lineages {
+		n = max(n, l.first)
+		for _, g := range l.gens {
+			n = max(n, g.Number)
+		}
+	}
+	return n
+}
+
+func sortGens(g []driver.Generation) {
+	for i := 1; i < len(g); i++ { // insertion sort: a project has a handful of generations
+		for j := i; j > 0 && g[j].Number < g[j-1].Number; j-- {
+			g[j], g[j-1] = g[j-1], g[j]
+		}
+	}
+}
+
+// projects reads the golden tree (of one project when only is not ""), in one zfs list.
+func (s *Store) projects(ctx context.Context, only string) (map[string]*project, error) {
+	root := s.goldenRoot()
+	if only != "" {
+		root = s.projectDataset(only)
+	}
+	rows, err := s.zfs.List(ctx, root, []string{"filesystem", "volume", "snapshot"}, goldenProps)
+	if errors.Is(err, zfsutil.ErrNotFound) && only != "" {
+		return map[string]*project{}, nil
+	}
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	out := map[string]*project{}
+	lineages := map[string]*lineage{}
+	for _, r := range rows {
+		rel := strings.TrimPrefix(r["name"], s.goldenRoot()+"/")
+		if rel == r["name"] { // the golden root itself
+			continue
+		}
+		dsPart, snap, isSnap := strings.Cut(rel, "@")
+		parts := strings.Split(dsPart, "/")
+		switch {
+		case len(parts) == 1 && !isSnap:
+			kind := driver.Kind(r[propKind])
+			if kind == "" {
+				kind = driver.KindBlock
+			}
+			out[parts[0]] = &project{name: parts[0], kind: kind}
+		case len(parts) == 2 && !isSnap:
+			p := out[parts[0]]
+			first, err := strconv.Atoi(strings.TrimPrefix(parts[1], "g"))
+			if p == nil || err != nil {
+				continue
+			}
+			l := &lineage{name: r["name"], first: first, state: r[propState], origin: r["origin"]}
+			p.lineages = append(p.lineages, l)
+			lineages[r["name"]] = l
+		case len(parts) == 2 && isSnap:
+			l := lineages[s.goldenRoot()+"/"+dsPart]
+			n, err := strconv.Atoi(strings.TrimPrefix(snap, genPrefix))
+			if l == nil || !strings.HasPrefix(snap, genPrefix) || err != nil {
+				continue
+			}
+			created, _ := strconv.ParseInt(r["creation"], 10, 64)
+			g := driver.Generation{
+				Project: parts[0], Number: n, Kind: out[parts[0]].kind, CreatedAt: time.Unix(created, 0).UTC(),
+				Used: r.Uint("used"), Referenced: r.Uint("referenced"), Source: r["name"], FromVolume: r[propFrom],
+			}
+			for _, c := range strings.Split(r["clones"], ",") {
+				if v, ok := strings.CutPrefix(c, s.volRoot()+"/"); ok {
+					g.Dependents = append(g.Dependents, v)
+				}
+			}
+			l.gens = append(l.gens, g)
+		}
+	}
+	return out, nil
+}
+
+// Goldens implements driver.Backend.
+func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
+	ps, err := s.projects(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]driver.Golden, 0, len(ps))
+	for _, p := range ps {
+		g := driver.Golden{Project: p.name, Kind: p.kind, Generations: p.generations()}
+		for _, l := range p.lineages {
+			if l.state != "ready" {
+				g.Importing = true
+			}
+		}
+		out = append(out, g)
+	}
+	return out, nil
+}
+
+// pickGeneration returns the generation to clone: number n, or the newest when n is 0. It returns
+// nil, nil when the project has no golden (a cold start).
+func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind) (*driver.Generation, error) {
+	ps, err := s.projects(ctx, projectName)
+	if err != nil {
+		return nil, err
+	}
+	p := ps[projectName]
+	var gens []driver.Generation
+	if p != nil {
+		gens = p.generations()
+	}
+	if len(gens) == 0 {
+		if n > 0 {
+			return nil, fmt.Errorf("%w: golden %q has no generations, so generation=%d does not exist", driver.ErrNotFound, projectName, n)
+		}
+		return nil, nil
+	}
+	if p.kind != kind {
+		return nil, fmt.Errorf("%w: golden %q holds type=%s volumes; pass -o type=%s", driver.ErrInvalid, projectName, p.kind, p.kind)
+	}
+	if n == 0 {
+		return &gens[len(gens)-1], nil
+	}
+	have := make([]string, len(gens))
+	for i, g := range gens {
+		if g.Number == n {
+			return &g, nil
+		}
+		have[i] = strconv.Itoa(g.Number)
+	}
+	return nil, fmt.Errorf("%w: golden %q has no generation %d (it has %s)", driver.ErrNotFound, projectName, n, strings.Join(have, ", "))
+}
+
+// ensureProject creates the project container if needed and checks its kind.
+func (s *Store) ensureProject(ctx context.Context, ps map[string]*project, name string, kind driver.Kind) (*project, error) {
+	if p := ps[name]; p != nil {
+		if p.kind != kind {
+			return nil, fmt.Errorf("%w: golden %q holds type=%s data, not %s", driver.ErrInvalid, name, p.kind, kind)
+		}
+		return p, nil
+	}
+	props := zfsutil.Props{propKind: string(kind)}
+	for k, v := range containerProps {
+		props[k] = v
+	}
+	if err := s.zfs.CreateFilesystem(ctx, s.projectDataset(name), props); err != nil && !errors.Is(err, zfsutil.ErrExists) {
+		return nil, mapErr(err)
+	}
+	return &project{name: name, kind: kind}, nil
+}
+
+// Promote implements driver.Backend. See the package doc for why it sends incrementally.
+func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
+	ps, err := s.projects(ctx, projectName)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	p, err := s.ensureProject(ctx, ps, projectName, v.Kind)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	n := p.maxGeneration() + 1
+	ds := s.volDataset(v.Name)
+	snap := genSnapshot(ds, n)
+	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds, "project": projectName, "generation": n})
+
+	if err := s.snapshotConsistent(ctx, v.Kind, mountpoint, snap); err != nil {
+		return driver.Generation{}, err
+	}
+	row, err := s.zfs.Get(ctx, ds, "origin")
+	if err != nil {
+		s.dropSnapshot(ctx, log, snap)
+		return driver.Generation{}, mapErr(err)
+	}
+	origin := row["origin"]
+	var newest *lineage
+	var newestGen driver.Generation
+	if gens := p.generations(); len(gens) > 0 {
+		newestGen = gens[len(gens)-1]
+		for _, l := range p.lineages {
+			if strings.HasPrefix(newestGen.Source, l.name+"@") {
+				newest = l
+			}
+		}
+	}
+	var target string
+	switch {
+	case newest != nil && origin == newestGen.Source:
+		// The common case: a session built on the newest golden. Only the blocks it changed are
+		// sent, and the generation lands in the same lineage: no new clone dependency.
+		target = newest.name
+		log.WithField("base", origin).Info("promote: incremental send into the newest lineage")
+		if err := s.zfs.SendReceive(ctx, origin, snap, target); err != nil {
+			s.dropSnapshot(ctx, log, snap)
+			return driver.Generation{}, mapErr(err)
+		}
+		s.dropSnapshot(ctx, log, snap)
+	case origin == "":
+		// A volume that is not a clone (a cold start or a plain volume): clone its snapshot and
+		// promote the clone, which moves the snapshot to the golden in O(1) and turns the volume
+		// into a clone of the golden, one level deep.
+		target = s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
+		log.WithField("lineage", target).Info("promote: clone and zfs promote into a new lineage")
+		if err := s.zfs.Clone(ctx, snap, target, zfsutil.Props{propState: "ready", "dedup": "off"}); err != nil {
+			s.dropSnapshot(ctx, log, snap)
+			return driver.Generation{}, mapErr(err)
+		}
+		if err := s.zfs.Promote(ctx, target); err != nil {
+			s.rollback(ctx, log, target)
+			s.dropSnapshot(ctx, log, snap)
+			return driver.Generation{}, mapErr(err)
+		}
+	default:
+		// A clone of an older generation or of another golden: a full send makes the new lineage
+		// independent, so dependency chains cannot grow. This copies the volume's data once.
+		target = s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
+		log.WithFields(logrus.Fields{"lineage": target, "origin": origin}).Info("promote: full send into a new lineage (the volume is not a clone of the newest generation)")
+		if err := s.zfs.SendReceive(ctx, "", snap, target); err != nil {
+			s.rollback(ctx, log, target)
+			s.dropSnapshot(ctx, log, snap)
+			return driver.Generation{}, mapErr(err)
+		}
+		s.dropSnapshot(ctx, log, snap)
+		if err := s.zfs.Set(ctx, target, zfsutil.Props{propState: "ready", "dedup": "off"}); err != nil {
+			s.rollback(ctx, log, target)
+			return driver.Generation{}, mapErr(err)
+		}
+	}
+	genSnap := genSnapshot(target, n)
+	if err := s.zfs.Set(ctx, genSnap, zfsutil.Props{propFrom: v.Name}); err != nil {
+		log.WithError(err).Warn("could not record the source volume on the generation")
+	}
+	return s.generation(ctx, projectName, n)
+}
+
+// snapshotConsistent snapshots a volume. A mounted XFS is synced and frozen around the snapshot,
+// so its clones mount without log replay (pitfalls #2); it is thawed whatever happens.
+func (s *Store) snapshotConsistent(ctx context.Context, kind driver.Kind, mountpoint, snap string) error {
+	if mountpoint == "" || kind == driver.KindFS {
+		return mapErr(s.zfs.Snapshot(ctx, snap, nil))
+	}
+	if err := xfsutil.Sync(mountpoint); err != nil {
+		return err
+	}
+	if err := xfsutil.Freeze(ctx, mountpoint); err != nil {
+		return fmt.Errorf("freeze %s before the snapshot: %w", mountpoint, err)
+	}
+	serr := s.zfs.Snapshot(ctx, snap, nil)
+	// Thaw with a context of its own: a cancelled caller must never leave the volume frozen.
+	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	if terr := xfsutil.Thaw(tctx, mountpoint); terr != nil {
+		s.log.WithError(terr).WithField("mountpoint", mountpoint).Error("could not thaw the volume after its snapshot")
+		if serr == nil {
+			return fmt.Errorf("thaw %s after the snapshot: %w", mountpoint, terr)
+		}
+	}
+	return mapErr(serr)
+}
+
+func (s *Store) dropSnapshot(ctx context.Context, log *logrus.Entry, snap string) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := s.destroy(cctx, snap, false); err != nil {
+		log.WithError(err).WithField("snapshot", snap).Error("could not destroy the promotion snapshot; it is destroyed at the next start")
+	}
+}
+
+func (s *Store) generation(ctx context.Context, projectName string, n int) (driver.Generation, error) {
+	ps, err := s.projects(ctx, projectName)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	if p := ps[projectName]; p != nil {
+		for _, g := range p.generations() {
+			if g.Number == n {
+				return g, nil
+			}
+		}
+	}
+	return driver.Generation{}, fmt.Errorf("generation %d of golden %q vanished right after it was made", n, projectName)
+}
+
+// Import implements driver.Backend: a new lineage, marked importing until the copy is complete
+// (the completion marker), then snapshotted as the next generation.
+func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind, src string, progress func(driver.Progress)) (driver.Generation, error) {
+	fi, err := os.Stat(src)
+	if err != nil || !fi.IsDir() {
+		return driver.Generation{}, fmt.Errorf("%w: import source %q is not a directory", driver.ErrInvalid, src)
+	}
+	report := func(p driver.Progress) {
+		if progress != nil {
+			progress(p)
+		}
+	}
+	report(driver.Progress{Phase: "scanning"})
+	size, err := xfsutil.Scan(ctx, src)
+	if err != nil {
+		return driver.Generation{}, fmt.Errorf("scan %s: %w", src, err)
+	}
+	ps, err := s.projects(ctx, projectName)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	p, err := s.ensureProject(ctx, ps, projectName, kind)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	n := p.maxGeneration() + 1
+	ds := s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
+	log := s.log.WithFields(logrus.Fields{"project": projectName, "dataset": ds, "generation": n})
+	props := zfsutil.Props{propState: "importing", propKind: string(kind), "dedup": "off", "compression": s.cfg.Compression}
+	// Room for the tree twice over (XFS metadata, and growth in later generations); sparse, so
+	// only what is written is allocated.
+	volSize := max(s.cfg.DefaultSize, roundUp(uint64(size.Bytes)*2, 1<<30))
+	if err := s.createEmpty(ctx, ds, kind, volSize, props); err != nil {
+		return driver.Generation{}, err
+	}
+	fail := func(err error) (driver.Generation, error) {
+		s.rollback(ctx, log, ds)
+		return driver.Generation{}, err
+	}
+	dir := filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n))
+	if kind == driver.KindFS {
+		err = xfsutil.MountFS(ctx, "zfs", ds, dir, nil)
+	} else {
+		err = xfsutil.Mount(ctx, zfsutil.DevicePath(ds), dir, xfsutil.MountOptions(false))
+	}
+	if err != nil {
+		return fail(mapErr(err))
+	}
+	copyErr := xfsutil.CopyTree(ctx, src, dir, func(files, bytes int64) {
+		report(driver.Progress{Phase: "copying", FilesDone: files, FilesTotal: size.Files, BytesDone: bytes, BytesTotal: size.Bytes})
+	})
+	if copyErr == nil {
+		copyErr = xfsutil.Sync(dir)
+	}
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	uerr := xfsutil.UnmountRetry(uctx, dir, 10)
+	if uerr == nil {
+		_ = os.Remove(dir)
+	}
+	if copyErr != nil {
+		return fail(mapErr(copyErr))
+	}
+	if uerr != nil {
+		return fail(mapErr(uerr))
+	}
+	// The completion marker. From here a crash rolls forward: Load snapshots a ready lineage.
+	if err := s.zfs.Set(ctx, ds, zfsutil.Props{propState: "ready"}); err != nil {
+		return fail(mapErr(err))
+	}
+	// The filesystem is unmounted, so the snapshot is consistent without a freeze.
+	if err := s.zfs.Snapshot(ctx, genSnapshot(ds, n), zfsutil.Props{propFrom: "import:" + src}); err != nil {
+		return fail(mapErr(err))
+	}
+	report(driver.Progress{Phase: "done", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
+	return s.generation(ctx, projectName, n)
+}
+
+// RemoveGeneration implements driver.Backend.
+func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
+	ps, err := s.projects(ctx, projectName)
+	if err != nil {
+		return err
+	}
+	p := ps[projectName]
+	if p == nil {
+		return fmt.Errorf("%w: golden %q", driver.ErrNotFound, projectName)
+	}
+	for _, l := range p.lineages {
+		for _, g := range l.gens {
+			if g.Number != n {
+				continue
+			}
+			if len(g.Dependents) > 0 {
+				return fmt.Errorf("%w: generation %d of %q is the origin of %s", driver.ErrGenerationInUse, n, projectName, strings.Join(g.Dependents, ", "))
+			}
+			if err := s.destroy(ctx, g.Source, false); err != nil {
+				return err
+			}
+			if len(l.gens) == 1 { // its last generation: the lineage itself is now dead weight
+				return s.destroy(ctx, l.name, true)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: golden %q has no generation %d", driver.ErrNotFound, projectName, n)
+}
+
+// RemoveGolden implements driver.Backend.
+func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
+	ps, err := s.projects(ctx, projectName)
+	if err != nil {
+		return err
+	}
+	p := ps[projectName]
+	if p == nil {
+		return fmt.Errorf("%w: golden %q does not exist", driver.ErrNotFound, projectName)
+	}
+	var deps []string
+	for _, l := range p.lineages {
+		for _, g := range l.gens {
+			deps = append(deps, g.Dependents...)
+		}
+	}
+	if len(deps) > 0 {
+		return fmt.Errorf("%w: volumes %s were cloned from it; remove them first", driver.ErrHasDependents, strings.Join(deps, ", "))
+	}
+	return s.destroy(ctx, s.projectDataset(projectName), true)
+}
+
+// cleanGoldens repairs the golden tree after a crash: it unmounts leftover import mounts, wipes
+// lineages whose import or promotion never completed, and rolls forward the two steps that are
+// safe to finish (a clone waiting for its zfs promote, an import waiting for its snapshot).
+func (s *Store) cleanGoldens(ctx context.Context) error {
+	if mounts, err := xfsutil.MountsUnder(s.cfg.WorkDir); err == nil {
+		for _, m := range mounts {
+			if m.Mountpoint == filepath.Clean(s.cfg.WorkDir) {
+				continue
+			}
+			s.log.WithField("mountpoint", m.Mountpoint).Warn("unmounting a golden left mounted by an interrupted import")
+			if err := xfsutil.UnmountRetry(ctx, m.Mountpoint, 10); err != nil {
+				return err
+			}
+			_ = os.Remove(m.Mountpoint)
+		}
+	}
+	ps, err := s.projects(ctx, "")
+	if err != nil {
+		return err
+	}
+	for _, p := range ps {
+		for _, l := range p.lineages {
+			log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": l.name})
+			switch {
+			case l.state != "ready":
+				log.Warn("wiping a golden whose import or promotion did not complete")
+				if err := s.destroy(ctx, l.name, true); err != nil {
+					return err
+				}
+			case inside(s.volRoot(), l.origin):
+				log.Warn("finishing an interrupted promotion (zfs promote)")
+				if err := s.zfs.Promote(ctx, l.name); err != nil {
+					return mapErr(err)
+				}
+			case len(l.gens) == 0 && l.origin == "":
+				log.Warn("finishing an interrupted import (its copy completed; taking the snapshot)")
+				if err := s.zfs.Snapshot(ctx, genSnapshot(l.name, l.first), nil); err != nil {
+					return mapErr(err)
+				}
+			}
+		}
+	}
+	return nil
+}

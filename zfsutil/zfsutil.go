@@ -1,0 +1,346 @@
+// Package zfsutil is the only place zgolden runs the zfs and zpool commands; it turns their failures
+// into sentinel errors once, so callers use errors.Is instead of matching stderr.
+package zfsutil
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	gozfs "github.com/mistifyio/go-zfs/v3"
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/internal/command"
+)
+
+// Sentinel errors for the failures callers act on.
+var (
+	ErrNotFound      = errors.New("dataset does not exist")
+	ErrExists        = errors.New("dataset already exists")
+	ErrBusy          = errors.New("dataset is busy")
+	ErrNoSpace       = errors.New("out of space in the pool")
+	ErrHasDependents = errors.New("dataset has dependent clones or children")
+	ErrNoZFS         = errors.New("the ZFS kernel module or tools are not available")
+)
+
+// stderr fragments, as printed by OpenZFS 2.x, mapped to the sentinel errors above.
+var classes = []struct {
+	fragment string
+	kind     error
+}{
+	{"dataset does not exist", ErrNotFound},
+	{"could not find any snapshots", ErrNotFound},
+	{"no such pool", ErrNotFound},
+	{"dataset already exists", ErrExists},
+	{"dataset is busy", ErrBusy},
+	{"pool or dataset is busy", ErrBusy},
+	{"out of space", ErrNoSpace},
+	{"insufficient replicas", ErrNoSpace},
+	{"dependent clones", ErrHasDependents},
+	{"has children", ErrHasDependents},
+	{"modules are not loaded", ErrNoZFS},
+	{"failed to initialize the libzfs library", ErrNoZFS},
+	{"/dev/zfs", ErrNoZFS},
+}
+
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	var cerr *command.Error
+	var zerr *gozfs.Error
+	switch {
+	case errors.As(err, &cerr):
+	case errors.As(err, &zerr):
+		cerr = &command.Error{Argv: strings.Fields(zerr.Debug), Stderr: zerr.Stderr, Err: zerr.Err}
+	default:
+		if errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "executable file not found") {
+			return fmt.Errorf("%w: %v", ErrNoZFS, err)
+		}
+		return err
+	}
+	low := strings.ToLower(cerr.Stderr)
+	for _, c := range classes {
+		if strings.Contains(low, c.fragment) {
+			cerr.Kind = c.kind
+			break
+		}
+	}
+	return cerr
+}
+
+// ZFS runs zfs and zpool. Its zero value is not usable; call New.
+type ZFS struct {
+	log *logrus.Entry
+}
+
+// New returns a runner that logs each command at debug level.
+func New(log *logrus.Entry) *ZFS {
+	gozfs.SetLogger(cmdLogger{log})
+	return &ZFS{log: log}
+}
+
+type cmdLogger struct{ log *logrus.Entry }
+
+func (l cmdLogger) Log(cmd []string) { l.log.WithField("cmd", cmd).Debug("zfs") }
+
+func (z *ZFS) run(ctx context.Context, args ...string) ([]byte, error) {
+	z.log.WithField("argv", args).Debug("zfs")
+	out, err := command.Run(ctx, "zfs", args...)
+	return out, classify(err)
+}
+
+// Props is a set of ZFS properties. User properties (zgolden:*) are the plugin's source of truth.
+type Props map[string]string
+
+func (p Props) args() []string {
+	keys := make([]string, 0, len(p))
+	for k := range p {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // stable argv makes logs and tests comparable
+	args := make([]string, 0, 2*len(keys))
+	for _, k := range keys {
+		args = append(args, "-o", k+"="+p[k])
+	}
+	return args
+}
+
+// CreateVolume makes a sparse zvol: refreservation=none is what `zfs create -s` sets, and it keeps
+// hundreds of 100 GB volumes from reserving space they never write.
+func (z *ZFS) CreateVolume(ctx context.Context, name string, size uint64, props Props) error {
+	p := Props{"refreservation": "none"}
+	for k, v := range props {
+		p[k] = v
+	}
+	_, err := gozfs.CreateVolume(name, size, p)
+	return classify(err)
+}
+
+// CreateFilesystem makes a filesystem dataset.
+func (z *ZFS) CreateFilesystem(ctx context.Context, name string, props Props) error {
+	_, err := gozfs.CreateFilesystem(name, props)
+	return classify(err)
+}
+
+// Clone clones snapshot into dest, with props set atomically in the same transaction, so a clone is
+// never seen without its zgolden:* metadata.
+func (z *ZFS) Clone(ctx context.Context, snapshot, dest string, props Props) error {
+	args := append([]string{"clone"}, props.args()...)
+	_, err := z.run(ctx, append(args, snapshot, dest)...)
+	return err
+}
+
+// Snapshot takes ds@snap with props set atomically on the snapshot.
+func (z *ZFS) Snapshot(ctx context.Context, snapshot string, props Props) error {
+	args := append([]string{"snapshot"}, props.args()...)
+	_, err := z.run(ctx, append(args, snapshot)...)
+	return err
+}
+
+// Destroy destroys one dataset or snapshot. With recursive it also destroys the dataset's own
+// snapshots (-r); it never destroys dependent clones (-R), so a golden cannot take volumes with it.
+func (z *ZFS) Destroy(ctx context.Context, name string, recursive bool) error {
+	flags := gozfs.DestroyDefault
+	if recursive {
+		flags |= gozfs.DestroyRecursive
+	}
+	return classify((&gozfs.Dataset{Name: name}).Destroy(flags))
+}
+
+// Set sets properties on a dataset or snapshot in one command.
+func (z *ZFS) Set(ctx context.Context, name string, props Props) error {
+	if len(props) == 0 {
+		return nil
+	}
+	args := []string{"set"}
+	for _, kv := range props.args() {
+		if kv != "-o" {
+			args = append(args, kv)
+		}
+	}
+	_, err := z.run(ctx, append(args, name)...)
+	return err
+}
+
+// Inherit removes a user property from a dataset.
+func (z *ZFS) Inherit(ctx context.Context, name, prop string) error {
+	_, err := z.run(ctx, "inherit", prop, name)
+	return err
+}
+
+// Promote makes a clone independent of its origin (one level only).
+func (z *ZFS) Promote(ctx context.Context, name string) error {
+	_, err := z.run(ctx, "promote", name)
+	return err
+}
+
+// Rename renames a dataset or a snapshot.
+func (z *ZFS) Rename(ctx context.Context, from, to string) error {
+	_, err := z.run(ctx, "rename", from, to)
+	return err
+}
+
+// Exists reports whether a dataset or snapshot exists.
+func (z *ZFS) Exists(ctx context.Context, name string) (bool, error) {
+	_, err := z.run(ctx, "list", "-H", "-o", "name", name)
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Row is one dataset from List: its properties by name ("-" values become "").
+type Row map[string]string
+
+// Uint parses a numeric property; missing or "-" is 0.
+func (r Row) Uint(prop string) uint64 {
+	n, _ := strconv.ParseUint(r[prop], 10, 64)
+	return n
+}
+
+// List lists root and its descendants of the given types ("volume", "filesystem", "snapshot"),
+// with exact (-p) values of props. One zfs process serves the whole tree, so start-up stays one
+// command however many volumes exist.
+func (z *ZFS) List(ctx context.Context, root string, types []string, props []string) ([]Row, error) {
+	cols := append([]string{"name"}, props...)
+	out, err := z.run(ctx, "list", "-H", "-p", "-r", "-t", strings.Join(types, ","), "-o", strings.Join(cols, ","), root)
+	if err != nil {
+		return nil, err
+	}
+	var rows []Row
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 64*1024), 4*1024*1024)
+	for sc.Scan() {
+		f := strings.Split(sc.Text(), "\t")
+		if len(f) != len(cols) {
+			return nil, fmt.Errorf("zfs list: unexpected line %q", sc.Text())
+		}
+		row := Row{}
+		for i, c := range cols {
+			if f[i] != "-" {
+				row[c] = f[i]
+			}
+		}
+		rows = append(rows, row)
+	}
+	return rows, sc.Err()
+}
+
+// Get returns props of a single dataset or snapshot.
+func (z *ZFS) Get(ctx context.Context, name string, props ...string) (Row, error) {
+	out, err := z.run(ctx, "get", "-H", "-p", "-o", "property,value", strings.Join(props, ","), name)
+	if err != nil {
+		return nil, err
+	}
+	row := Row{"name": name}
+	for _, line := range strings.Split(strings.TrimRight(string(out), "\n"), "\n") {
+		k, v, ok := strings.Cut(line, "\t")
+		if ok && v != "-" {
+			row[k] = v
+		}
+	}
+	return row, nil
+}
+
+// Send streams snapshot (incrementally from base, if base is not empty) into Receive at dest.
+// The receive is unmounted (-u) and is created atomically: dest@snap appears only when the whole
+// stream has arrived, which is what lets a racing Create see the old or the new generation only.
+func (z *ZFS) SendReceive(ctx context.Context, base, snapshot, dest string) error {
+	sendArgs := []string{"send"}
+	if base != "" {
+		sendArgs = append(sendArgs, "-i", base)
+	}
+	sendArgs = append(sendArgs, snapshot)
+	pr, pw := io.Pipe()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sendErr := make(chan error, 1)
+	go func() {
+		_, err := command.RunIO(ctx, nil, pw, "zfs", sendArgs...)
+		pw.CloseWithError(err)
+		sendErr <- err
+	}()
+	z.log.WithFields(logrus.Fields{"send": sendArgs, "dest": dest}).Debug("zfs send | zfs receive")
+	_, recvErr := command.RunIO(ctx, pr, nil, "zfs", "receive", "-u", dest)
+	if recvErr != nil {
+		cancel()
+		pr.CloseWithError(recvErr)
+	}
+	if err := <-sendErr; err != nil && recvErr == nil {
+		return classify(err)
+	}
+	return classify(recvErr)
+}
+
+// DevicePath is where udev links a zvol's block device.
+func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", dataset) }
+
+// WaitDevice waits for a zvol's device node. zfs create and zfs clone return before udev has made
+// /dev/zvol/... (openzfs #7875), so every caller that needs the device polls with a bound.
+func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Duration) (string, error) {
+	path := DevicePath(dataset)
+	deadline := time.Now().Add(timeout)
+	delay := 5 * time.Millisecond
+	for {
+		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
+			return path, nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("zvol device %s did not appear within %s: is udev running (systemd-udevd) and are zvol rules installed?", path, timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(delay):
+		}
+		if delay < 100*time.Millisecond {
+			delay *= 2
+		}
+	}
+}
+
+// DDTEntries returns the number of dedup-table entries in pool, from `zpool status -D`.
+func (z *ZFS) DDTEntries(ctx context.Context, pool string) (uint64, error) {
+	out, err := command.Run(ctx, "zpool", "status", "-D", pool)
+	if err != nil {
+		return 0, classify(err)
+	}
+	return ParseDDTEntries(string(out))
+}
+
+// ParseDDTEntries reads the entry count from `zpool status -D` output: "dedup: no DDT entries" is 0,
+// otherwise "dedup: DDT entries N, size ...".
+func ParseDDTEntries(status string) (uint64, error) {
+	for _, line := range strings.Split(status, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "dedup:") {
+			continue
+		}
+		if strings.Contains(line, "no DDT entries") {
+			return 0, nil
+		}
+		f := strings.Fields(strings.TrimPrefix(line, "dedup:"))
+		for i := 0; i+2 < len(f); i++ {
+			if f[i] == "DDT" && f[i+1] == "entries" {
+				return strconv.ParseUint(strings.TrimSuffix(f[i+2], ","), 10, 64)
+			}
+		}
+	}
+	return 0, fmt.Errorf("zpool status -D: no dedup line in output")
+}
+
+// PoolOf returns the pool name of a dataset.
+func PoolOf(dataset string) string {
+	pool, _, _ := strings.Cut(dataset, "/")
+	return pool
+}
