@@ -1,0 +1,287 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+)
+
+func newTestDriver(t *testing.T, f *fakeBackend, stateDir string) *Driver {
+	t.Helper()
+	if stateDir == "" {
+		stateDir = t.TempDir()
+	}
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	// The fake backend mounts nothing, so the mount root only needs to be a directory.
+	d, err := New(context.Background(), Config{Backend: f, MountRoot: filepath.Join(stateDir, "mnt"), StateDir: stateDir, Log: logrus.NewEntry(l)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func TestParseCreate(t *testing.T) {
+	ok := []struct {
+		name string
+		opts map[string]string
+		want Spec
+	}{
+		{"v", nil, Spec{Name: "v", Kind: KindBlock}},
+		{"a.b-c_1", map[string]string{"golden": "prj_x"}, Spec{Name: "a.b-c_1", Golden: "prj_x", Kind: KindBlock}},
+		{"v", map[string]string{"golden": "p", "generation": "3", "size": "20G", "type": "fs", "cold": "deny"},
+			Spec{Name: "v", Golden: "p", Generation: 3, Size: 20 << 30, Kind: KindFS, RequireGolden: true}},
+		{strings.Repeat("f", 64), nil, Spec{Name: strings.Repeat("f", 64), Kind: KindBlock}}, // docker's generated names
+	}
+	for _, c := range ok {
+		got, err := ParseCreate(c.name, c.opts)
+		if err != nil || got != c.want {
+			t.Errorf("ParseCreate(%q, %v) = %+v, %v; want %+v", c.name, c.opts, got, err, c.want)
+		}
+	}
+	bad := []struct {
+		name, wantMsg string
+		opts          map[string]string
+	}{
+		{"", "empty", nil},
+		{"-x", "not allowed", nil},
+		{"a/b", "not allowed", nil},
+		{"a..b", "not allowed", nil},
+		{"a@b", "not allowed", nil},
+		{strings.Repeat("x", 97), "limit is 96", nil},
+		{"v", `unknown option(s) "dedup", "mountpoint"`, map[string]string{"mountpoint": "/", "dedup": "on"}},
+		{"v", "needs golden", map[string]string{"generation": "1"}},
+		{"v", "positive integer", map[string]string{"golden": "p", "generation": "0"}},
+		{"v", "must be block or fs", map[string]string{"type": "zvol"}},
+		{"v", "golden project name", map[string]string{"golden": "a/b"}},
+		{"v", "allow or deny", map[string]string{"golden": "p", "cold": "maybe"}},
+	}
+	for _, c := range bad {
+		_, err := ParseCreate(c.name, c.opts)
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.wantMsg) {
+			t.Errorf("ParseCreate(%q, %v) error = %v; want ErrInvalid mentioning %q", c.name, c.opts, err, c.wantMsg)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{
+		"1G": 1 << 30, "512M": 512 << 20, "512MiB": 512 << 20, "1.5T": 3 << 39, "20gb": 20 << 30,
+		"1073741824": 1 << 30, " 2G ": 2 << 30, "1024P": 1 << 60,
+	} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "0G", "-1G", "1Q", "G", "1.1B", "100M", "99999999999999999999G", "1025P", "18446744073709551615"} {
+		if got, err := ParseSize(in); !errors.Is(err, ErrInvalid) {
+			t.Errorf("ParseSize(%q) = %d, %v; want ErrInvalid", in, got, err)
+		}
+	}
+}
+
+// FuzzParseCreate checks that whatever Docker sends, an accepted name is safe as a dataset
+// component and a directory name, and an accepted size is in range.
+func FuzzParseCreate(f *testing.F) {
+	for _, s := range []string{"v", "../x", "a/b", "a@b", "prj_x", "a\x00b", "ü", "1G", "-1G", "1e9G"} {
+		f.Add(s, s, s)
+	}
+	f.Fuzz(func(t *testing.T, name, golden, size string) {
+		spec, err := ParseCreate(name, map[string]string{"golden": golden, "size": size})
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error %v is not ErrInvalid", err)
+			}
+			return
+		}
+		for _, s := range []string{spec.Name, spec.Golden} {
+			if s == "" || strings.ContainsAny(s, "/@% \x00\n") || strings.Contains(s, "..") || filepath.Base(s) != s {
+				t.Fatalf("accepted unsafe name %q", s)
+			}
+		}
+		if spec.Size < MinSize || spec.Size > MaxSize {
+			t.Fatalf("accepted size %d out of range", spec.Size)
+		}
+	})
+}
+
+func FuzzParseSize(f *testing.F) {
+	for _, s := range []string{"1G", "1.5T", "0", "-1", "99999999999999999999P", "1.00000000000000000001G"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := ParseSize(s)
+		if err == nil && (n < MinSize || n > MaxSize) {
+			t.Fatalf("ParseSize(%q) = %d out of range", s, n)
+		}
+	})
+}
+
+func TestMountRefcount(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	ctx := context.Background()
+	if err := d.Create(ctx, "v", nil); err != nil {
+		t.Fatal(err)
+	}
+	mp, err := d.Mount(ctx, "v", "a")
+	if err != nil || mp != d.mountpoint("v") {
+		t.Fatalf("Mount = %q, %v", mp, err)
+	}
+	for _, id := range []string{"b", "a", "b"} { // repeats count once
+		if _, err := d.Mount(ctx, "v", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(t, d.Unmount(ctx, "v", "a"))
+	must(t, d.Unmount(ctx, "v", "a")) // repeated: no-op
+	must(t, d.Unmount(ctx, "v", "zzz"))
+	if ok, _ := f.Mounted(mp); !ok {
+		t.Fatal("unmounted while b holds the volume")
+	}
+	if err := d.Remove(ctx, "v"); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Remove while mounted: %v", err)
+	}
+	must(t, d.Unmount(ctx, "v", "b"))
+	want := []string{"create v", "mount v", "unmount v"}
+	if !slices.Equal(f.actions, want) {
+		t.Fatalf("actions = %q, want %q (one mount, one unmount)", f.actions, want)
+	}
+	must(t, d.Remove(ctx, "v"))
+	if len(d.List()) != 0 {
+		t.Fatal("volume still listed after Remove")
+	}
+}
+
+func TestMountFailureRollsBackReference(t *testing.T) {
+	f := newFake()
+	state := t.TempDir()
+	d := newTestDriver(t, f, state)
+	ctx := context.Background()
+	must(t, d.Create(ctx, "v", nil))
+	f.failOn["mount v"] = errors.New("boom")
+	if _, err := d.Mount(ctx, "v", "a"); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Fatalf("Mount error = %v", err)
+	}
+	if in, _ := d.Get(ctx, "v"); in.Mounts != 0 {
+		t.Fatalf("failed mount left %d references", in.Mounts)
+	}
+	if _, err := os.Stat(filepath.Join(state, "mounts", "v.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("failed mount left a saved reference: %v", err)
+	}
+}
+
+func TestCreateFailureRegistersNothing(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	f.failOn["create v"] = fmt.Errorf("out of space: %w", ErrNoSpace)
+	err := d.Create(context.Background(), "v", nil)
+	if !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), `create volume "v"`) {
+		t.Fatalf("Create error = %v", err)
+	}
+	if len(d.List()) != 0 {
+		t.Fatal("a failed Create is listed")
+	}
+}
+
+func TestRecoverReconcilesReferencesAndMounts(t *testing.T) {
+	f := newFake()
+	state := t.TempDir()
+	d := newTestDriver(t, f, state)
+	ctx := context.Background()
+	for _, n := range []string{"held", "stale", "orphan"} {
+		must(t, d.Create(ctx, n, nil))
+	}
+	_, err := d.Mount(ctx, "held", "c1")
+	must(t, err)
+	_, err = d.Mount(ctx, "stale", "c2")
+	must(t, err)
+	// What a crash or a reboot can leave: stale's mount gone with its reference still saved,
+	// orphan mounted with no reference saved, and references of a volume that no longer exists.
+	delete(f.mounts, d.mountpoint("stale"))
+	f.mounts[d.mountpoint("orphan")] = "orphan"
+	must(t, refStore{dir: filepath.Join(state, "mounts")}.save("gone", map[string]struct{}{"x": {}}))
+
+	d2 := newTestDriver(t, f, state) // restart
+	byName := map[string]Info{}
+	for _, in := range d2.List() {
+		byName[in.Name] = in
+	}
+	if byName["held"].Mounts != 1 || byName["stale"].Mounts != 0 || byName["orphan"].Mounts != 0 {
+		t.Fatalf("recovered mounts: %+v", byName)
+	}
+	if ok, _ := f.Mounted(d.mountpoint("orphan")); ok {
+		t.Fatal("a mount nobody holds was left mounted")
+	}
+	if _, err := os.Stat(filepath.Join(state, "mounts", "gone.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("references of a removed volume were kept")
+	}
+	must(t, d2.Unmount(ctx, "held", "c1"))
+	if ok, _ := f.Mounted(d.mountpoint("held")); ok {
+		t.Fatal("unmount with the pre-restart ID did not unmount")
+	}
+}
+
+// TestConcurrentOperations runs random operations on a few names from many goroutines (run it
+// with -race) and then checks the invariant: a volume is mounted exactly when callers hold it.
+func TestConcurrentOperations(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	ctx := context.Background()
+	names := []string{"a", "b", "c"}
+	var wg sync.WaitGroup
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func(seed int64) {
+			defer wg.Done()
+			r := rand.New(rand.NewSource(seed))
+			for i := 0; i < 300; i++ {
+				n := names[r.Intn(len(names))]
+				id := fmt.Sprintf("id%d", r.Intn(4))
+				switch r.Intn(6) {
+				case 0:
+					_ = d.Create(ctx, n, nil)
+				case 1:
+					_ = d.Remove(ctx, n)
+				case 2:
+					_, _ = d.Mount(ctx, n, id)
+				case 3:
+					_ = d.Unmount(ctx, n, id)
+				case 4:
+					_, _ = d.Get(ctx, n)
+				case 5:
+					_ = d.List()
+				}
+			}
+		}(int64(g))
+	}
+	wg.Wait()
+	for _, in := range d.List() {
+		mounted, _ := f.Mounted(d.mountpoint(in.Name))
+		if mounted != (in.Mounts > 0) {
+			t.Errorf("%s: mounted=%v but %d callers hold it", in.Name, mounted, in.Mounts)
+		}
+		if _, ok := f.vols[in.Name]; !ok {
+			t.Errorf("%s is listed but the backend does not have it", in.Name)
+		}
+	}
+	if len(f.vols) != len(d.List()) {
+		t.Errorf("backend has %d volumes, driver lists %d", len(f.vols), len(d.List()))
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}

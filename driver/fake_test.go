@@ -1,0 +1,119 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// fakeBackend is an in-memory Backend that records what it was asked to do, with a fake mount
+// table, so driver logic can be tested without root. Real storage is covered by drivertest.
+type fakeBackend struct {
+	mu      sync.Mutex
+	vols    map[string]Volume
+	mounts  map[string]string // target -> volume
+	actions []string
+	failOn  map[string]error // action name -> error to return once
+}
+
+func newFake() *fakeBackend {
+	return &fakeBackend{vols: map[string]Volume{}, mounts: map[string]string{}, failOn: map[string]error{}}
+}
+
+func (f *fakeBackend) record(action string) error {
+	f.actions = append(f.actions, action)
+	for k, err := range f.failOn {
+		if k == action {
+			delete(f.failOn, k)
+			return err
+		}
+	}
+	return nil
+}
+
+func (f *fakeBackend) Name() string { return "fake" }
+
+func (f *fakeBackend) Load(context.Context) ([]Volume, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []Volume
+	for _, v := range f.vols {
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+func (f *fakeBackend) Create(_ context.Context, spec Spec) (Volume, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.record("create " + spec.Name); err != nil {
+		return Volume{}, err
+	}
+	if _, ok := f.vols[spec.Name]; ok {
+		return Volume{}, fmt.Errorf("fake: %s exists", spec.Name)
+	}
+	v := Volume{Name: spec.Name, Kind: spec.Kind, Golden: spec.Golden, Size: spec.Size, CreatedAt: time.Now(), Source: "fake/" + spec.Name}
+	f.vols[spec.Name] = v
+	return v, nil
+}
+
+func (f *fakeBackend) Remove(_ context.Context, v Volume) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.record("remove " + v.Name); err != nil {
+		return err
+	}
+	for _, name := range f.mounts {
+		if name == v.Name {
+			return fmt.Errorf("fake: %s is mounted: %w", v.Name, ErrBusy)
+		}
+	}
+	delete(f.vols, v.Name)
+	return nil
+}
+
+func (f *fakeBackend) Mount(_ context.Context, v Volume, target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.record("mount " + v.Name); err != nil {
+		return err
+	}
+	if _, ok := f.mounts[target]; ok {
+		return fmt.Errorf("fake: %s already mounted", target)
+	}
+	f.mounts[target] = v.Name
+	return nil
+}
+
+func (f *fakeBackend) Unmount(_ context.Context, v Volume, target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.record("unmount " + v.Name); err != nil {
+		return err
+	}
+	if _, ok := f.mounts[target]; !ok {
+		return fmt.Errorf("fake: %s not mounted", target)
+	}
+	delete(f.mounts, target)
+	return nil
+}
+
+func (f *fakeBackend) Mounted(target string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.mounts[target]
+	return ok, nil
+}
+
+func (f *fakeBackend) Usage(context.Context, Volume) (Usage, error) { return Usage{Size: 1}, nil }
+func (f *fakeBackend) Goldens(context.Context) ([]Golden, error)    { return nil, nil }
+func (f *fakeBackend) Promote(context.Context, Volume, string, string) (Generation, error) {
+	return Generation{}, ErrUnsupported
+}
+func (f *fakeBackend) Import(context.Context, string, Kind, string, func(Progress)) (Generation, error) {
+	return Generation{}, ErrUnsupported
+}
+func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return ErrUnsupported }
+func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return ErrUnsupported }
+func (f *fakeBackend) Status(context.Context) (map[string]any, error)      { return map[string]any{}, nil }
