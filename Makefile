@@ -1,0 +1,69 @@
+# zgolden: Docker volumes that are instant ZFS clones of a golden snapshot.
+# `make help` lists the targets.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+GO      ?= go
+BIN     := bin/zgolden
+LDFLAGS := -s -w -X main.version=$(VERSION)
+# Extra flags for `make run`, such as SERVE_ARGS="--parent tank/zgolden".
+SERVE_ARGS ?=
+FUZZTIME ?= 20s
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## build bin/zgolden (static)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./plugin
+
+.PHONY: run
+run: ## as root: install what the plugin needs and run it (ZFS if a pool is imported, else the reflink store)
+	@[ "$$(id -u)" = 0 ] || { echo "make run: run as root (sudo make run): the plugin makes block devices and mounts"; exit 1; }
+	bash tests/setup/run-deps.sh
+	$(MAKE) build
+	exec $(BIN) serve $(SERVE_ARGS)
+
+.PHONY: test
+test: ## everything: unit, fuzz, host integration, Docker end-to-end, and the ZFS guest suite
+	bash tests/setup/host-deps.sh
+	$(MAKE) verify
+	$(MAKE) test-unit
+	$(MAKE) fuzz
+	$(MAKE) test-host
+	$(MAKE) test-vm
+
+.PHONY: test-unit
+test-unit: ## quick: unit tests with fakes, race detector on, no root needed
+	$(GO) test -race -short -count=1 ./...
+
+.PHONY: test-host
+test-host: ## as root: real XFS, loop devices, reflink store and the host's Docker engine
+	bash tests/setup/docker-engine.sh
+	$(MAKE) build
+	@mkdir -p build
+	rc=0; ZGOLDEN_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m -v ./... 2>&1 | tee build/test-host.log || rc=$$?; \
+	  bash tests/summarize.sh host build/test-host.log && exit $$rc
+
+.PHONY: test-vm
+test-vm: ## as root: the same packages inside a qemu guest with the real zfs kernel module
+	bash tests/vm/run.sh
+
+.PHONY: fuzz
+fuzz: ## fuzz name, option and size parsing for FUZZTIME each
+	$(GO) test -run '^$$' -fuzz '^FuzzParseCreate$$' -fuzztime $(FUZZTIME) ./driver/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseSize$$' -fuzztime $(FUZZTIME) ./driver/
+
+.PHONY: verify
+verify: ## gofmt, go vet and a tidy go.mod
+	@out=$$(gofmt -l $$(git ls-files '*.go')); [ -z "$$out" ] || { echo "gofmt needed: $$out"; exit 1; }
+	$(GO) vet ./...
+	$(GO) mod tidy -diff
+
+.PHONY: clean
+clean: ## remove build outputs
+	rm -rf bin build

@@ -1,0 +1,103 @@
+package harness
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// Image names the tests import; there is no registry, so they come from rootfs tarballs.
+const (
+	BusyboxImage = "zgolden-test/busybox:latest"
+	DindImage    = "zgolden-test/dind:latest"
+)
+
+var (
+	engineOnce sync.Once
+	engineErr  string
+	imagesOnce sync.Once
+	imagesErr  string
+)
+
+// repoRoot finds the repository from a test's working directory (its package directory).
+func repoRoot() string {
+	dir, _ := os.Getwd()
+	for d := dir; d != "/"; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d
+		}
+	}
+	return dir
+}
+
+// Docker makes sure a real Docker engine answers (starting Debian's dockerd on the host when
+// needed) and that the test images exist. Without root, a docker client or dockerd, the test is
+// skipped with the reason; a set-up that should work but fails fails the test.
+func Docker(t testing.TB) {
+	t.Helper()
+	RequireRoot(t)
+	RequireTools(t, "docker")
+	engineOnce.Do(func() {
+		if _, err := Output("docker", "info"); err == nil {
+			return
+		}
+		if InGuest() {
+			engineErr = "the guest's dockerd is not answering (see the guest console log)"
+			return
+		}
+		if out, err := Output("bash", filepath.Join(repoRoot(), "tests/setup/docker-engine.sh")); err != nil {
+			engineErr = "tests/setup/docker-engine.sh: " + err.Error() + "\n" + out
+		}
+	})
+	if engineErr != "" {
+		t.Fatalf("Docker engine: %s", engineErr)
+	}
+	imagesOnce.Do(func() { imagesErr = importImages() })
+	if imagesErr != "" {
+		t.Fatalf("test images: %s", imagesErr)
+	}
+}
+
+// importImages imports the busybox and Docker-in-Docker rootfs tarballs, from $ZGOLDEN_IMAGES
+// (baked into the guest) or from tests/setup/images.sh's cache (built on first use).
+func importImages() string {
+	tars := map[string]string{}
+	if dir := os.Getenv("ZGOLDEN_IMAGES"); dir != "" {
+		tars[BusyboxImage] = filepath.Join(dir, "busybox.tar")
+		tars[DindImage] = filepath.Join(dir, "dind.tar")
+	} else {
+		out, err := exec.Command("bash", filepath.Join(repoRoot(), "tests/setup/images.sh")).Output()
+		if err != nil {
+			return "tests/setup/images.sh: " + err.Error()
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			switch k, v, _ := strings.Cut(line, "="); k {
+			case "busybox":
+				tars[BusyboxImage] = v
+			case "dind":
+				tars[DindImage] = v
+			}
+		}
+	}
+	for image, tar := range tars {
+		if _, err := Output("docker", "image", "inspect", image); err == nil {
+			continue
+		}
+		if out, err := Output("docker", "import", tar, image); err != nil {
+			return "docker import " + tar + ": " + err.Error() + "\n" + out
+		}
+	}
+	if len(tars) != 2 {
+		return "images.sh did not name both tarballs"
+	}
+	return ""
+}
+
+// DockerCmd runs the real docker command line and fails the test with its output on error.
+func DockerCmd(t testing.TB, args ...string) string {
+	t.Helper()
+	return strings.TrimSpace(Run(t, "docker", args...))
+}

@@ -1,0 +1,159 @@
+// Package harness gives zgolden's integration tests real systems: root and tool gating that skips
+// with a reason, loop-backed filesystems, per-test ZFS datasets in the guest's pool, the real
+// Docker engine with locally imported images, and the plugin as a separate process.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// RequireRoot skips the test, saying why, unless it runs as root outside -short mode.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("integration test: skipped in -short mode (make test-unit); run make test-host or make test")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("integration test: needs root for loop devices, mounts and block devices; run as root (make test-host)")
+	}
+}
+
+// RequireTools skips the test, naming the missing tool and its package, unless all are installed.
+func RequireTools(t testing.TB, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("integration test: %s is not installed (run tests/setup/host-deps.sh)", tool)
+		}
+	}
+}
+
+// InGuest reports whether the tests run inside the qemu ZFS guest.
+func InGuest() bool { return os.Getenv("ZGOLDEN_IN_GUEST") == "1" }
+
+// ID returns a short random identifier for names that must not collide between tests.
+func ID() string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Run runs an argv command and fails the test with its output if it fails.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := Output(name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// Output runs an argv command with a generous bound and returns its combined output.
+func Output(name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	var buf bytes.Buffer
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	err := cmd.Run()
+	return buf.String(), err
+}
+
+// LoopFS makes a sparse image of size bytes in a temporary directory, formats it with fstype
+// ("xfs" with reflink, or "btrfs"), loop-mounts it and returns the mountpoint. It is unmounted
+// (which detaches the loop device) and deleted when the test ends, even when it fails.
+func LoopFS(t testing.TB, fstype string, size int64) string {
+	t.Helper()
+	RequireRoot(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, fstype+".img")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	switch fstype {
+	case "xfs":
+		RequireTools(t, "mkfs.xfs")
+		Run(t, "mkfs.xfs", "-q", "-m", "reflink=1", img)
+	case "btrfs":
+		RequireTools(t, "mkfs.btrfs")
+		Run(t, "mkfs.btrfs", "-q", img)
+	default:
+		t.Fatalf("LoopFS: unsupported filesystem %q", fstype)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	Run(t, "mount", "-o", "loop", img, mnt)
+	t.Cleanup(func() {
+		if out, err := Output("umount", mnt); err != nil {
+			t.Errorf("cleanup: umount %s: %v\n%s", mnt, err, out)
+		}
+	})
+	return mnt
+}
+
+// ZFSParent returns a fresh dataset name under the guest's test pool for this test, which the
+// test's code may create, and destroys it (recursively) when the test ends. Outside the guest, or
+// without the zfs tools and module, the test is skipped with the reason.
+func ZFSParent(t testing.TB) string {
+	t.Helper()
+	parent := RequireZFS(t) + "/t" + ID()
+	t.Cleanup(func() {
+		// Give udev a moment to let go of zvols it is still probing, then destroy.
+		for i := 0; i < 20; i++ {
+			out, err := Output("zfs", "destroy", "-r", parent)
+			if err == nil || strings.Contains(out, "does not exist") {
+				return
+			}
+			if i == 19 {
+				t.Errorf("cleanup: zfs destroy -r %s: %v\n%s", parent, err, out)
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	})
+	return parent
+}
+
+// RequireZFS skips the test, saying why, unless a real ZFS test pool is available, and returns
+// the pool's name.
+func RequireZFS(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	pool := os.Getenv("ZGOLDEN_TEST_ZPOOL")
+	if pool == "" {
+		t.Skip("ZFS test: ZGOLDEN_TEST_ZPOOL is not set; these run in the qemu guest with the real zfs module (make test-vm)")
+	}
+	RequireTools(t, "zfs", "zpool")
+	if _, err := os.Stat("/dev/zfs"); err != nil {
+		t.Skip("ZFS test: /dev/zfs is missing (no zfs kernel module)")
+	}
+	return pool
+}
+
+// ZFSInventory lists every dataset and snapshot under parent except parent itself, sorted.
+func ZFSInventory(t testing.TB, parent string) []string {
+	t.Helper()
+	out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
+	var names []string
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if l != "" && l != parent {
+			names = append(names, l)
+		}
+	}
+	return names
+}

@@ -1,0 +1,156 @@
+package harness
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Plugin is a `zgolden serve` process registered with Docker as a legacy plugin under a name of
+// its own, so tests do not share state through Docker's plugin cache.
+type Plugin struct {
+	Name        string // the --driver name Docker knows it by
+	Socket      string
+	AdminSocket string
+	args        []string
+	t           testing.TB
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	logs *lockedBuffer
+	done chan struct{}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Binary returns the zgolden binary under test ($ZGOLDEN_BIN, as make test-host and the guest
+// set it), skipping the test when there is none.
+func Binary(t testing.TB) string {
+	t.Helper()
+	bin := os.Getenv("ZGOLDEN_BIN")
+	if bin == "" {
+		bin = filepath.Join(repoRoot(), "bin/zgolden")
+	}
+	if _, err := os.Stat(bin); err != nil {
+		t.Skipf("no zgolden binary at %s: run make build (or set ZGOLDEN_BIN)", bin)
+	}
+	return bin
+}
+
+// StartPlugin starts `zgolden serve` with args plus a private socket, state dir and mount root
+// (unless args set them), waits until it answers, and stops it (SIGTERM) when the test ends.
+func StartPlugin(t testing.TB, args ...string) *Plugin {
+	t.Helper()
+	RequireRoot(t)
+	name := "zgt" + ID()
+	state := filepath.Join("/run/zgolden-test", name)
+	p := &Plugin{
+		Name: name, Socket: "/run/docker/plugins/" + name + ".sock", AdminSocket: filepath.Join(state, "admin.sock"), t: t,
+		args: append([]string{"serve", "--socket", "/run/docker/plugins/" + name + ".sock", "--state-dir", state,
+			"--mount-root", filepath.Join("/var/lib/zgolden-test", name, "mounts"), "--log-level", "debug"}, args...),
+	}
+	p.Start()
+	t.Cleanup(func() {
+		p.Stop(syscall.SIGTERM)
+		if t.Failed() {
+			t.Logf("plugin %s log:\n%s", name, p.Logs())
+		}
+	})
+	return p
+}
+
+// Start (re)starts the plugin process and waits for both sockets.
+func (p *Plugin) Start() {
+	p.t.Helper()
+	p.mu.Lock()
+	p.logs = &lockedBuffer{}
+	p.cmd = exec.Command(Binary(p.t), p.args...)
+	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
+	p.cmd.Env = append(os.Environ(), "ZGOLDEN_ADMIN_SOCKET="+p.AdminSocket)
+	if err := p.cmd.Start(); err != nil {
+		p.mu.Unlock()
+		p.t.Fatal(err)
+	}
+	p.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); close(done) }(p.cmd, p.done)
+	done := p.done
+	p.mu.Unlock()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		select {
+		case <-done:
+			p.t.Fatalf("zgolden serve exited at start-up:\n%s", p.Logs())
+		default:
+		}
+		if dial(p.Socket) && dial(p.AdminSocket) {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("zgolden serve did not answer within 60s:\n%s", p.Logs())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func dial(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// Stop sends sig (SIGKILL to simulate a crash) and waits for the process to exit.
+func (p *Plugin) Stop(sig syscall.Signal) {
+	p.mu.Lock()
+	cmd, done := p.cmd, p.done
+	p.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+}
+
+// Logs returns what the plugin printed since its last start.
+func (p *Plugin) Logs() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.logs == nil {
+		return ""
+	}
+	return p.logs.String()
+}
+
+// Admin runs the zgolden admin command line against this plugin.
+func (p *Plugin) Admin(t testing.TB, args ...string) (string, error) {
+	t.Helper()
+	return Output(Binary(t), append(args, "--admin-socket", p.AdminSocket)...)
+}

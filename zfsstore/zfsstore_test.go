@@ -1,0 +1,252 @@
+package zfsstore_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/driver/drivertest"
+	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/zfsstore"
+	"github.com/zgolden/zgolden/zfsutil"
+)
+
+func open(t *testing.T, parent, workDir string, adopt bool) (*zfsstore.Store, error) {
+	t.Helper()
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	return zfsstore.New(context.Background(), zfsstore.Config{
+		Parent: parent, WorkDir: workDir, DefaultSize: 1 << 30, Discard: true, Adopt: adopt, Log: logrus.NewEntry(l),
+	})
+}
+
+func mustOpen(t *testing.T, parent, workDir string) *zfsstore.Store {
+	t.Helper()
+	s, err := open(t, parent, workDir, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestConformance runs the backend-independent suite on real ZFS (in the qemu guest).
+func TestConformance(t *testing.T) {
+	pool := harness.RequireZFS(t)
+	drivertest.Run(t, func(t *testing.T) drivertest.Env {
+		parent := harness.ZFSParent(t)
+		work := t.TempDir()
+		return drivertest.Env{
+			Open:      func(t *testing.T) driver.Backend { return mustOpen(t, parent, work) },
+			Inventory: func(t *testing.T) []string { return harness.ZFSInventory(t, parent) },
+			AfterRemove: func(t *testing.T) {
+				z := zfsutil.New(logrus.NewEntry(logrus.New()))
+				n, err := z.DDTEntries(context.Background(), pool)
+				if err != nil || n != 0 {
+					t.Fatalf("zpool status -D %s: %d DDT entries (%v); zgolden must never create dedup-table entries", pool, n, err)
+				}
+			},
+		}
+	})
+}
+
+func zget(t *testing.T, ds, prop string) string {
+	t.Helper()
+	return strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-p", "-o", "value", prop, ds))
+}
+
+// TestVolumeProperties checks what every volume gets whatever the pool says: dedup=off even under
+// a dedup=on parent, sparse (no refreservation), the 8K volblocksize, and its zgolden:* state.
+func TestVolumeProperties(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	harness.Run(t, "zfs", "create", "-o", "dedup=on", parent)
+	s := mustOpen(t, parent, t.TempDir())
+	ctx := context.Background()
+	v, err := s.Create(ctx, driver.Spec{Name: "v1", Kind: driver.KindBlock, Size: 2 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds := parent + "/vol/v1"
+	for prop, want := range map[string]string{
+		"dedup": "off", "refreservation": "0", "volblocksize": "8192", "volsize": "2147483648",
+		"zgolden:state": "ready", "zgolden:kind": "block", "compression": "lz4",
+	} {
+		if got := zget(t, ds, prop); got != want {
+			t.Errorf("%s %s = %q, want %q", ds, prop, got, want)
+		}
+	}
+	if v.Source != ds || v.Size != 2<<30 {
+		t.Errorf("Create returned %+v", v)
+	}
+	// The XFS inside has d_type (ftype=1), which Docker's overlay2 requires.
+	out := harness.Run(t, "xfs_db", "-r", "-c", "version", zfsutil.DevicePath(ds))
+	if !strings.Contains(out, "FTYPE") {
+		t.Errorf("xfs_db version = %q, want FTYPE (ftype=1)", out)
+	}
+	if err := s.Remove(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRefusesForeignParent: a parent dataset holding things zgolden did not create is refused
+// unless adopted, so a typo in --parent cannot hand zgolden someone else's datasets.
+func TestRefusesForeignParent(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	harness.Run(t, "zfs", "create", parent)
+	harness.Run(t, "zfs", "create", parent+"/someone-elses")
+	if _, err := open(t, parent, t.TempDir(), false); err == nil || !strings.Contains(err.Error(), "--adopt") {
+		t.Fatalf("New on a foreign parent: err = %v, want a refusal naming --adopt", err)
+	}
+	if _, err := open(t, parent, t.TempDir(), true); err != nil {
+		t.Fatalf("New with Adopt: %v", err)
+	}
+	if got := harness.ZFSInventory(t, parent); !slices.Contains(got, parent+"/someone-elses") {
+		t.Fatalf("adopting destroyed a foreign dataset: %v", got)
+	}
+}
+
+// TestLoadRepairsInterruptedWork fabricates what a crash at each step leaves in ZFS and checks
+// that Load removes half-made things and rolls forward the steps that are safe to finish.
+func TestLoadRepairsInterruptedWork(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	work := t.TempDir()
+	s := mustOpen(t, parent, work)
+	ctx := context.Background()
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	if _, err := s.Import(ctx, "prj", driver.KindBlock, src, nil); err != nil {
+		t.Fatal(err)
+	}
+	// A Create that died after `zfs create` but before its state became ready.
+	harness.Run(t, "zfs", "create", "-s", "-V", "1G", "-o", "zgolden:state=creating", parent+"/vol/halfmade")
+	// An import that died mid-copy: its lineage is still marked importing.
+	harness.Run(t, "zfs", "create", "-p", "-s", "-V", "1G", "-o", "zgolden:state=importing", parent+"/golden/other/g1")
+	harness.Run(t, "zfs", "set", "zgolden:kind=block", parent+"/golden/other")
+	// An import that died after its completion marker, before its snapshot.
+	harness.Run(t, "zfs", "create", "-p", "-s", "-V", "1G", "-o", "zgolden:state=ready", parent+"/golden/third/g1")
+	harness.Run(t, "zfs", "set", "zgolden:kind=block", parent+"/golden/third")
+	// A promotion that died between its snapshot and the send: a volume with a snapshot.
+	if _, err := s.Create(ctx, driver.Spec{Name: "session", Kind: driver.KindBlock, Golden: "prj"}); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "zfs", "snapshot", parent+"/vol/session@gen2")
+	// A clone+promote that died before `zfs promote`.
+	if _, err := s.Create(ctx, driver.Spec{Name: "coldvol", Kind: driver.KindBlock}); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "zfs", "snapshot", parent+"/vol/coldvol@gen1")
+	harness.Run(t, "zfs", "create", "-o", "zgolden:kind=block", "-o", "canmount=off", parent+"/golden/fourth")
+	harness.Run(t, "zfs", "clone", "-o", "zgolden:state=ready", parent+"/vol/coldvol@gen1", parent+"/golden/fourth/g1")
+
+	s2 := mustOpen(t, parent, work) // the restart
+	vols, err := s2.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, v := range vols {
+		names = append(names, v.Name)
+	}
+	slices.Sort(names)
+	if !slices.Equal(names, []string{"coldvol", "session"}) {
+		t.Fatalf("Load returned %v, want [coldvol session] (halfmade destroyed)", names)
+	}
+	inv := harness.ZFSInventory(t, parent)
+	for _, gone := range []string{parent + "/vol/halfmade", parent + "/golden/other/g1", parent + "/vol/session@gen2"} {
+		if slices.Contains(inv, gone) {
+			t.Errorf("%s survived Load", gone)
+		}
+	}
+	for _, kept := range []string{parent + "/golden/third/g1@gen1", parent + "/golden/fourth/g1@gen1"} {
+		if !slices.Contains(inv, kept) {
+			t.Errorf("%s was not rolled forward; inventory %v", kept, inv)
+		}
+	}
+	if origin := zget(t, parent+"/vol/coldvol", "origin"); origin != parent+"/golden/fourth/g1@gen1" {
+		t.Errorf("after the rolled-forward promote, coldvol's origin is %q", origin)
+	}
+	gs, err := s2.Goldens(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range gs {
+		if g.Importing {
+			t.Errorf("golden %s still marked importing after Load", g.Project)
+		}
+	}
+}
+
+// TestRemoveIsNotBlockedByUdev: destroy right after a create and a mount cycle, the moment udev
+// and blkid are probing the device, must succeed (retrying "dataset is busy"; pitfalls #8).
+func TestRemoveRightAfterUnmount(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	s := mustOpen(t, parent, t.TempDir())
+	ctx := context.Background()
+	for i := 0; i < 5; i++ {
+		v, err := s.Create(ctx, driver.Spec{Name: "quick", Kind: driver.KindBlock})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mp := filepath.Join(t.TempDir(), "m")
+		if err := s.Mount(ctx, v, mp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(mp, "f"), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Unmount(ctx, v, mp); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Remove(ctx, v); err != nil {
+			t.Fatalf("round %d: Remove right after unmount: %v", i, err)
+		}
+	}
+}
+
+// TestCreateGrowsClone: -o size larger than the golden grows the clone's zvol and its XFS.
+func TestCreateGrowsClone(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	s := mustOpen(t, parent, t.TempDir())
+	ctx := context.Background()
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	g, err := s.Import(ctx, "prj", driver.KindBlock, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := uint64(3 << 30)
+	v, err := s.Create(ctx, driver.Spec{Name: "big", Kind: driver.KindBlock, Golden: "prj", Size: big})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Size != big || v.Generation != g.Number {
+		t.Fatalf("grown clone = %+v", v)
+	}
+	mp := filepath.Join(t.TempDir(), "m")
+	if err := s.Mount(ctx, v, mp); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Unmount(ctx, v, mp)
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(mp, &st); err != nil {
+		t.Fatal(err)
+	}
+	if size := st.Blocks * uint64(st.Bsize); size < 2900<<20 { // the golden's XFS is 1 GiB
+		t.Fatalf("XFS was not grown to the 3 GiB zvol: %d bytes", size)
+	}
+	drivertest.CheckTree(t, mp)
+	_, err = s.Create(ctx, driver.Spec{Name: "small", Kind: driver.KindBlock, Golden: "prj", Size: 512 << 20})
+	if !errors.Is(err, driver.ErrInvalid) {
+		t.Fatalf("a clone smaller than its golden: err = %v, want ErrInvalid", err)
+	}
+	if slices.Contains(harness.ZFSInventory(t, parent), parent+"/vol/small") {
+		t.Fatal("a failed Create left its clone behind")
+	}
+}
