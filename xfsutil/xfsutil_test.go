@@ -1,0 +1,167 @@
+package xfsutil_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/zgolden/zgolden/driver/drivertest"
+	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/xfsutil"
+)
+
+// image makes a sparse image file formatted by xfsutil.Mkfs, and a reflink copy of it, which
+// carries the same XFS UUID as a zvol clone carries its golden's.
+func images(t *testing.T) (orig, clone string) {
+	t.Helper()
+	harness.RequireRoot(t)
+	harness.RequireTools(t, "mkfs.xfs", "xfs_freeze", "losetup")
+	dir := harness.LoopFS(t, "xfs", 4<<30) // XFS with reflink=1, so the copy is a reflink
+	orig = filepath.Join(dir, "orig.img")
+	f, err := os.Create(orig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(1 << 30); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := xfsutil.Mkfs(context.Background(), orig, "zgolden"); err != nil {
+		t.Fatal(err)
+	}
+	clone = filepath.Join(dir, "clone.img")
+	harness.Run(t, "cp", "--reflink=always", orig, clone)
+	return orig, clone
+}
+
+func mountLoop(t *testing.T, img string, opts []string) (string, error) {
+	t.Helper()
+	mp := filepath.Join(t.TempDir(), "m")
+	err := xfsutil.Mount(context.Background(), img, mp, append([]string{"loop"}, opts...))
+	if err == nil {
+		t.Cleanup(func() {
+			if err := xfsutil.Unmount(context.Background(), mp); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		})
+	}
+	return mp, err
+}
+
+// TestDuplicateUUIDNeedsNouuid proves pitfall #1 on the real kernel: a second XFS with the same
+// UUID does not mount without nouuid, and does with zgolden's mount options.
+func TestDuplicateUUIDNeedsNouuid(t *testing.T) {
+	orig, clone := images(t)
+	if _, err := mountLoop(t, orig, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mountLoop(t, clone, nil); err == nil {
+		t.Fatal("the kernel mounted a second XFS with the same UUID without nouuid; the test proves nothing")
+	}
+	mp, err := mountLoop(t, clone, xfsutil.MountOptions(true))
+	if err != nil {
+		t.Fatalf("mount with nouuid,discard: %v", err)
+	}
+	m, err := xfsutil.MountedAt(mp)
+	if err != nil || m == nil || m.FSType != "xfs" || !strings.Contains(m.Options, "nouuid") || !strings.Contains(m.Options, "discard") {
+		t.Fatalf("mount table entry = %+v, %v", m, err)
+	}
+}
+
+// TestMkfsForOverlay2 checks the filesystem Mkfs makes: d_type (ftype=1), which overlay2 needs,
+// and 4096-byte sectors and blocks (pitfalls #14).
+func TestMkfsForOverlay2(t *testing.T) {
+	orig, _ := images(t)
+	mp, err := mountLoop(t, orig, xfsutil.MountOptions(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := harness.Run(t, "xfs_info", mp)
+	for _, want := range []string{"ftype=1", "sectsz=4096", "bsize=4096"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("xfs_info lacks %s:\n%s", want, out)
+		}
+	}
+}
+
+// TestBusyUnmountIsReported: a held file makes Unmount fail with ErrBusy and leaves the
+// filesystem mounted (no lazy detach, pitfalls #8).
+func TestBusyUnmountIsReported(t *testing.T) {
+	orig, _ := images(t)
+	mp := filepath.Join(t.TempDir(), "m")
+	ctx := context.Background()
+	if err := xfsutil.Mount(ctx, orig, mp, []string{"loop", "nouuid"}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(mp, "held"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = xfsutil.UnmountRetry(ctx, mp, 2)
+	if !errors.Is(err, xfsutil.ErrBusy) || !strings.Contains(err.Error(), "fuser") {
+		t.Fatalf("busy unmount: err = %v, want ErrBusy with advice", err)
+	}
+	if m, _ := xfsutil.MountedAt(mp); m == nil {
+		t.Fatal("a busy unmount detached the filesystem")
+	}
+	f.Close()
+	if err := xfsutil.Unmount(ctx, mp); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := xfsutil.MountedAt(mp); m != nil {
+		t.Fatal("still mounted")
+	}
+}
+
+// TestFreezeThaw: a frozen filesystem is read-only-consistent and thaws back to writable.
+func TestFreezeThaw(t *testing.T) {
+	orig, _ := images(t)
+	mp, err := mountLoop(t, orig, xfsutil.MountOptions(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := xfsutil.Freeze(ctx, mp); err != nil {
+		t.Fatal(err)
+	}
+	if err := xfsutil.Freeze(ctx, mp); err == nil {
+		t.Error("freezing a frozen filesystem succeeded; the freeze did not take")
+	}
+	if err := xfsutil.Thaw(ctx, mp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(mp, "after-thaw"), []byte("x"), 0o644); err != nil {
+		t.Fatalf("write after thaw: %v", err)
+	}
+}
+
+// TestCopyTreePreservesEverything: cp -a semantics (hard links, symlinks, xattrs, ownership,
+// modes, sparse files) into a fresh XFS, with progress reported.
+func TestCopyTreePreservesEverything(t *testing.T) {
+	orig, _ := images(t)
+	mp, err := mountLoop(t, orig, xfsutil.MountOptions(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	size, err := xfsutil.Scan(context.Background(), src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if size.Files < drivertest.TreeFiles || size.Bytes < 64<<20 {
+		t.Fatalf("Scan = %+v", size)
+	}
+	var lastFiles int64
+	err = xfsutil.CopyTree(context.Background(), src, mp, func(files, bytes int64) { lastFiles = files })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lastFiles < drivertest.TreeFiles {
+		t.Fatalf("progress reported %d inodes, want at least %d", lastFiles, drivertest.TreeFiles)
+	}
+	drivertest.CheckTree(t, mp)
+}
