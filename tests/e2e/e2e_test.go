@@ -1,0 +1,282 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/zgolden/zgolden/driver/drivertest"
+	"github.com/zgolden/zgolden/tests/harness"
+)
+
+// backend starts the plugin on the real backend of this machine: ZFS in the guest, the reflink
+// store on the host. leaks lists what the backend holds (datasets, or images and loop devices).
+type backend struct {
+	p     *harness.Plugin
+	leaks func(t *testing.T) []string
+	pool  string
+}
+
+func startBackend(t *testing.T) *backend {
+	t.Helper()
+	harness.Docker(t)
+	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
+		parent := harness.ZFSParent(t)
+		b := &backend{pool: harness.RequireZFS(t)}
+		b.p = harness.StartPlugin(t, "--backend", "zfs", "--parent", parent)
+		b.leaks = func(t *testing.T) []string {
+			var out []string
+			for _, ds := range harness.ZFSInventory(t, parent) {
+				if ds != parent+"/vol" && ds != parent+"/golden" {
+					out = append(out, ds)
+				}
+			}
+			return out
+		}
+		return b
+	}
+	root := filepath.Join(t.TempDir(), "root")
+	b := &backend{}
+	b.p = harness.StartPlugin(t, "--backend", "reflink", "--root", root, "--store-size", "8G")
+	b.leaks = func(t *testing.T) []string {
+		var out []string
+		_ = filepath.WalkDir(filepath.Join(root, "store", "volumes"), func(p string, d os.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				out = append(out, p)
+			}
+			return nil
+		})
+		for _, l := range strings.Split(harness.Run(t, "losetup", "-a"), "\n") {
+			if strings.Contains(l, filepath.Join(root, "store", "volumes")) {
+				out = append(out, l)
+			}
+		}
+		return out
+	}
+	return b
+}
+
+func (b *backend) docker(t *testing.T, args ...string) string {
+	t.Helper()
+	return harness.DockerCmd(t, args...)
+}
+
+// volume creates a volume through docker and removes it (and its containers) at the end.
+func (b *backend) volume(t *testing.T, name string, opts ...string) {
+	t.Helper()
+	args := []string{"volume", "create", "--driver", b.p.Name}
+	for _, o := range opts {
+		args = append(args, "-o", o)
+	}
+	b.docker(t, append(args, name)...)
+	t.Cleanup(func() { _, _ = harness.Output("docker", "volume", "rm", "-f", name) })
+}
+
+func (b *backend) container(t *testing.T, name string, args ...string) {
+	t.Helper()
+	b.docker(t, append([]string{"run", "-d", "--name", name}, args...)...)
+	t.Cleanup(func() { _, _ = harness.Output("docker", "rm", "-f", name) })
+}
+
+func (b *backend) importGolden(t *testing.T, project string) {
+	t.Helper()
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	if out, err := b.p.Admin(t, "golden", "import", src, "--project", project); err != nil {
+		t.Fatalf("zgolden golden import: %v\n%s", err, out)
+	}
+}
+
+type inspect struct {
+	Name       string
+	Driver     string
+	Mountpoint string
+	Status     map[string]any
+}
+
+func (b *backend) inspect(t *testing.T, name string) inspect {
+	t.Helper()
+	var out []inspect
+	if err := json.Unmarshal([]byte(b.docker(t, "volume", "inspect", name)), &out); err != nil || len(out) != 1 {
+		t.Fatalf("docker volume inspect %s: %v", name, err)
+	}
+	return out[0]
+}
+
+// TestGoldenClonesThroughDocker is the main job: a golden, two volumes cloned from it through
+// `docker volume create`, containers on both at once with isolated writes, a Docker daemon
+// inside one (overlay2 on the clone's XFS), and `docker volume rm` leaving nothing behind.
+func TestGoldenClonesThroughDocker(t *testing.T) {
+	b := startBackend(t)
+	b.importGolden(t, "prj_x")
+	b.volume(t, "zg-a", "golden=prj_x")
+	b.volume(t, "zg-b", "golden=prj_x")
+
+	b.container(t, "zg-ca", "-v", "zg-a:/data", harness.BusyboxImage, "sleep", "600")
+	b.container(t, "zg-cb", "-v", "zg-b:/data", harness.BusyboxImage, "sleep", "600")
+	for _, c := range []string{"zg-ca", "zg-cb"} {
+		if got := b.docker(t, "exec", c, "cat", "/data/README"); got != "golden content" {
+			t.Fatalf("%s reads %q from the golden's README", c, got)
+		}
+		if got := b.docker(t, "exec", c, "readlink", "/data/link"); got != "layers/d01/f0001" {
+			t.Fatalf("%s: symlink reads %q", c, got)
+		}
+		if n := b.docker(t, "exec", c, "sh", "-c", "ls /data/layers/*/ | grep -c '^f'"); n != fmt.Sprint(drivertest.TreeFiles) {
+			t.Fatalf("%s sees %s golden files, want %d", c, n, drivertest.TreeFiles)
+		}
+	}
+	b.docker(t, "exec", "zg-ca", "sh", "-c", "echo only-a > /data/mine")
+	if _, err := harness.Output("docker", "exec", "zg-cb", "cat", "/data/mine"); err == nil {
+		t.Fatal("a write in volume zg-a is visible in zg-b")
+	}
+
+	in := b.inspect(t, "zg-a")
+	if in.Driver != b.p.Name || in.Status["golden"] != "prj_x" || in.Status["generation"] != float64(1) || in.Status["mounted"] != true {
+		t.Fatalf("docker volume inspect zg-a = %+v", in)
+	}
+	for _, k := range []string{"created", "written_bytes", "logical_bytes", "origin", "size"} {
+		if _, ok := in.Status[k]; !ok {
+			t.Errorf("docker volume inspect Status lacks %q: %v", k, in.Status)
+		}
+	}
+
+	// Docker-in-Docker: the clone is /var/lib/docker of an inner engine, which must pick
+	// overlay2 on xfs (it refuses overlay2 on a filesystem without d_type).
+	b.docker(t, "rm", "-f", "zg-cb")
+	b.container(t, "zg-dind", "--privileged", "-v", "zg-b:/var/lib/docker", harness.DindImage, "dind-dockerd")
+	var info string
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		out, err := harness.Output("docker", "exec", "zg-dind", "docker", "info", "--format", "{{.Driver}} {{json .DriverStatus}}")
+		if err == nil {
+			info = strings.TrimSpace(out)
+			break
+		}
+		if time.Now().After(deadline) {
+			logs, _ := harness.Output("docker", "logs", "zg-dind")
+			t.Fatalf("the inner dockerd never became ready: %v\n%s\n%s", err, out, logs)
+		}
+		time.Sleep(time.Second)
+	}
+	if !strings.HasPrefix(info, "overlay2 ") || !strings.Contains(info, `["Backing Filesystem","xfs"]`) {
+		t.Fatalf("inner docker info = %q; want overlay2 backed by xfs", info)
+	}
+	// The inner engine runs a container from an image it imports onto the clone.
+	b.docker(t, "exec", "zg-dind", "docker", "import", "/zgolden-images/busybox.tar", "inner:latest")
+	if got := b.docker(t, "exec", "zg-dind", "docker", "run", "--rm", "--network", "none", "inner:latest", "echo", "inner-ok"); got != "inner-ok" {
+		t.Fatalf("inner container said %q", got)
+	}
+
+	b.docker(t, "rm", "-f", "zg-ca", "zg-dind")
+	b.docker(t, "volume", "rm", "zg-a", "zg-b")
+	if left := b.leaks(t); len(left) > 0 && !onlyGoldens(left) {
+		t.Fatalf("left behind after docker volume rm: %v", left)
+	}
+	assertNoMounts(t, b.p.Name)
+	if b.pool != "" {
+		if out := harness.Run(t, "zpool", "status", "-D", b.pool); !strings.Contains(out, "no DDT entries") {
+			t.Fatalf("zpool status -D shows dedup-table entries:\n%s", out)
+		}
+	}
+}
+
+// onlyGoldens reports whether what is left is only the golden itself (which volume rm keeps).
+func onlyGoldens(left []string) bool {
+	for _, l := range left {
+		if !strings.Contains(l, "/golden") {
+			return false
+		}
+	}
+	return true
+}
+
+func assertNoMounts(t *testing.T, pluginName string) {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if strings.Contains(l, pluginName+"/mounts/") {
+			t.Fatalf("a volume is still mounted: %s", l)
+		}
+	}
+}
+
+// TestRestartWithMountedVolumes: kill -9 the plugin while a container uses a volume, start it
+// again: Docker still lists every volume, the container keeps its data, stopping it unmounts, and
+// removal works.
+func TestRestartWithMountedVolumes(t *testing.T) {
+	b := startBackend(t)
+	b.importGolden(t, "prj")
+	b.volume(t, "zg-live", "golden=prj")
+	b.volume(t, "zg-idle")
+	b.container(t, "zg-user", "-v", "zg-live:/data", harness.BusyboxImage, "sleep", "600")
+	b.docker(t, "exec", "zg-user", "sh", "-c", "echo before > /data/marker")
+
+	b.p.Stop(syscall.SIGKILL)
+	b.p.Start()
+
+	ls := strings.Fields(b.docker(t, "volume", "ls", "-q", "--filter", "driver="+b.p.Name))
+	slices.Sort(ls)
+	if !slices.Equal(ls, []string{"zg-idle", "zg-live"}) {
+		t.Fatalf("after kill -9 and restart, docker volume ls = %v", ls)
+	}
+	if got := b.docker(t, "exec", "zg-user", "cat", "/data/marker"); got != "before" {
+		t.Fatalf("container lost its data across the plugin restart: %q", got)
+	}
+	if in := b.inspect(t, "zg-live"); in.Status["mounted"] != true || in.Status["mounts"] != float64(1) {
+		t.Fatalf("after restart, inspect = %+v", in.Status)
+	}
+	b.docker(t, "rm", "-f", "zg-user") // Docker unmounts with the ID it mounted with before the restart
+	if in := b.inspect(t, "zg-live"); in.Status["mounted"] != false {
+		t.Fatalf("after the container stopped, inspect = %+v", in.Status)
+	}
+	assertNoMounts(t, b.p.Name)
+	// A second container mounts again after the restart (nouuid on a remount).
+	b.container(t, "zg-user2", "-v", "zg-live:/data", harness.BusyboxImage, "sleep", "600")
+	if got := b.docker(t, "exec", "zg-user2", "cat", "/data/marker"); got != "before" {
+		t.Fatalf("remount after restart reads %q", got)
+	}
+	b.docker(t, "rm", "-f", "zg-user2")
+	b.docker(t, "volume", "rm", "zg-live", "zg-idle")
+	if left := b.leaks(t); len(left) > 0 && !onlyGoldens(left) {
+		t.Fatalf("left behind: %v", left)
+	}
+}
+
+// TestDockerErrorsAreClear: what a user mistypes reaches `docker volume create` as an error that
+// says what is allowed, and creates nothing.
+func TestDockerErrorsAreClear(t *testing.T) {
+	b := startBackend(t)
+	cases := []struct {
+		opts []string
+		want string
+	}{
+		{[]string{"-o", "mountpoint=/etc"}, "unknown option"},
+		{[]string{"-o", "dedup=on"}, "unknown option"},
+		{[]string{"-o", "size=-1G"}, "not a size"},
+		{[]string{"-o", "size=10Q"}, "unknown unit"},
+		{[]string{"-o", "golden=../../etc"}, "not allowed"},
+		{[]string{"-o", "golden=prj", "-o", "generation=7"}, "generation"},
+	}
+	for _, c := range cases {
+		args := append([]string{"volume", "create", "--driver", b.p.Name}, c.opts...)
+		out, err := harness.Output("docker", append(args, "zg-bad")...)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("docker volume create %v: err=%v output=%q; want an error mentioning %q", c.opts, err, out, c.want)
+		}
+	}
+	if ls := b.docker(t, "volume", "ls", "-q", "--filter", "driver="+b.p.Name); ls != "" {
+		t.Fatalf("failed creates left volumes: %q", ls)
+	}
+	if left := b.leaks(t); len(left) > 0 {
+		t.Fatalf("failed creates left objects: %v", left)
+	}
+}
