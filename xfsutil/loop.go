@@ -1,0 +1,113 @@
+package xfsutil
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+)
+
+// Loop is one attached loop device and the file behind it, as the kernel reports it in
+// /sys/block/loopN/loop/backing_file.
+type Loop struct {
+	Device      string // /dev/loopN
+	BackingFile string // the file's current path (the kernel follows renames)
+	Deleted     bool   // the file was unlinked while still attached
+}
+
+const deletedSuffix = " (deleted)"
+
+// Loops lists every attached loop device. Devices that detach while it reads are skipped.
+func Loops() ([]Loop, error) {
+	paths, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Loop, 0, len(paths))
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			if detached(err) {
+				continue // detached meanwhile
+			}
+			return nil, err
+		}
+		backing := strings.TrimSuffix(string(data), "\n")
+		l := Loop{Device: "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(p)))}
+		l.BackingFile, l.Deleted = strings.CutSuffix(backing, deletedSuffix)
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+// detached recognises what reading a loop device's sysfs attributes returns while the kernel
+// tears it down, which it does asynchronously after the last close: ENOENT, ENXIO or ENODEV.
+func detached(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENODEV)
+}
+
+// LoopMountpoints returns where dev is mounted in this mount namespace.
+func LoopMountpoints(dev string) ([]string, error) {
+	mounts, err := mountinfo.GetMounts(func(i *mountinfo.Info) (skip, stop bool) {
+		return i.Source != dev, false
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(mounts))
+	for _, m := range mounts {
+		out = append(out, m.Mountpoint)
+	}
+	return out, nil
+}
+
+// LoopBackingFile returns the file behind dev, or "" when dev is not attached.
+func LoopBackingFile(dev string) (string, error) {
+	data, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+	if detached(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), deletedSuffix), nil
+}
+
+// DetachLoop detaches dev if, and only if, it is still backed by backing; it reports whether it
+// did. The kernel finishes the detach asynchronously, after this returns. The device is opened first and its backing file checked afterwards: while the device is held
+// open it cannot be detached and attached to another file (LOOP_SET_FD needs an unbound device and
+// autoclear waits for the last close), so a device that losetup or autoclear reused in between is
+// never detached by mistake. If something else still has the device open (a mount in another
+// mount namespace, say), the kernel only marks it to detach on its last close instead of pulling it
+// from under its user.
+func DetachLoop(dev, backing string) (bool, error) {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if detached(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("open %s to detach it: %w", dev, err)
+	}
+	defer unix.Close(fd)
+	cur, err := LoopBackingFile(dev)
+	if err != nil {
+		return false, err
+	}
+	if cur != backing {
+		return false, nil
+	}
+	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil {
+		if detached(err) {
+			return false, nil // detached meanwhile
+		}
+		if errors.Is(err, unix.EBUSY) {
+			return false, fmt.Errorf("%w: detach %s (%s): %v", ErrBusy, dev, backing, err)
+		}
+		return false, fmt.Errorf("detach %s (%s): %w", dev, backing, err)
+	}
+	return true, nil
+}
