@@ -1,0 +1,553 @@
+package reflinkstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/xfsutil"
+)
+
+// project is one directory goldens/PROJECT and its generation images.
+type project struct {
+	name      string
+	dir       string
+	kind      driver.Kind
+	gens      []driver.Generation // complete generations, oldest first
+	lastGen   int                 // highest number handed out, from attrLastGen
+	maxTemp   int                 // highest number of a temporary generation image
+	importing bool                // an import's temporary image is there
+}
+
+// maxGeneration is the highest generation number ever handed out in the project, so that numbers
+// only grow: a deleted generation's number is never reused for different content.
+func (p *project) maxGeneration() int {
+	n := max(p.lastGen, p.maxTemp)
+	if len(p.gens) > 0 {
+		n = max(n, p.gens[len(p.gens)-1].Number)
+	}
+	return n
+}
+
+// readProject reads one project, or returns nil when it does not exist. withUsage adds each
+// generation's FIEMAP accounting, which costs a walk of its extents.
+func (s *Store) readProject(name string, withUsage bool) (*project, error) {
+	dir, err := s.projectDir(name)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Lstat(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("%s is not a directory; zgolden did not make it, so remove it by hand", dir)
+	}
+	dm, err := readMeta(dir)
+	if err != nil {
+		return nil, err
+	}
+	p := &project{name: name, dir: dir, kind: driver.Kind(dm[attrKind]), lastGen: dm.int(attrLastGen)}
+	if p.kind == "" {
+		p.kind = driver.KindBlock
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		path := filepath.Join(dir, e.Name())
+		if !e.Type().IsRegular() {
+			continue
+		}
+		if isTemp(e.Name()) {
+			if n, ok := tempGeneration(e.Name()); ok {
+				p.maxTemp = max(p.maxTemp, n)
+			}
+			if m, err := readMeta(path); err == nil && m[attrState] == stateImporting {
+				p.importing = true
+			}
+			continue
+		}
+		n, ok := parseGen(e.Name())
+		if !ok {
+			continue
+		}
+		m, err := readMeta(path)
+		if err != nil {
+			return nil, err
+		}
+		if m[attrState] != stateReady {
+			continue // not made by zgolden: images only get this name complete
+		}
+		g := driver.Generation{
+			Project: name, Number: n, Kind: p.kind, CreatedAt: m.time(attrCreated),
+			Source: path, FromVolume: m[attrFrom],
+		}
+		if withUsage {
+			if f, err := os.Open(path); err == nil {
+				if ext, err := xfsutil.FileExtents(f); err == nil {
+					g.Used, g.Referenced = ext.Exclusive(), ext.Allocated
+				}
+				f.Close()
+			}
+		}
+		p.gens = append(p.gens, g)
+	}
+	sort.Slice(p.gens, func(i, j int) bool { return p.gens[i].Number < p.gens[j].Number })
+	return p, nil
+}
+
+// projects reads every project.
+func (s *Store) projects(withUsage bool) ([]*project, error) {
+	entries, err := os.ReadDir(s.goldensDir())
+	if err != nil {
+		return nil, err
+	}
+	var out []*project
+	for _, e := range entries {
+		if !e.IsDir() || driver.ValidateProject(e.Name()) != nil {
+			continue
+		}
+		p, err := s.readProject(e.Name(), withUsage)
+		if err != nil {
+			return nil, err
+		}
+		if p != nil {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+// dependents maps project and generation to the volumes cloned from it, from the volumes'
+// attributes: reflinks themselves record no origin.
+func (s *Store) dependents() (map[string]map[int][]string, error) {
+	entries, err := os.ReadDir(s.volumesDir())
+	if err != nil {
+		return nil, err
+	}
+	deps := map[string]map[int][]string{}
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), imgExt)
+		if !ok || isTemp(e.Name()) || driver.ValidateName(name) != nil {
+			continue
+		}
+		m, err := readMeta(filepath.Join(s.volumesDir(), e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		n := m.int(attrGeneration)
+		if m[attrState] != stateReady || m[attrGolden] == "" || n == 0 {
+			continue
+		}
+		if deps[m[attrGolden]] == nil {
+			deps[m[attrGolden]] = map[int][]string{}
+		}
+		deps[m[attrGolden]][n] = append(deps[m[attrGolden]][n], name)
+	}
+	return deps, nil
+}
+
+// Goldens implements driver.Backend.
+func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
+	ps, err := s.projects(true)
+	if err != nil {
+		return nil, err
+	}
+	deps, err := s.dependents()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]driver.Golden, 0, len(ps))
+	for _, p := range ps {
+		for i := range p.gens {
+			p.gens[i].Dependents = deps[p.name][p.gens[i].Number]
+		}
+		out = append(out, driver.Golden{Project: p.name, Kind: p.kind, Generations: p.gens, Importing: p.importing})
+	}
+	return out, nil
+}
+
+// pickGeneration returns the generation to clone: number n, or the newest when n is 0. It returns
+// nil, nil when the project has no golden (a cold start).
+func (s *Store) pickGeneration(name string, n int, kind driver.Kind) (*driver.Generation, error) {
+	p, err := s.readProject(name, false)
+	if err != nil {
+		return nil, err
+	}
+	if p == nil || len(p.gens) == 0 {
+		if n > 0 {
+			return nil, fmt.Errorf("%w: golden %q has no generations, so generation=%d does not exist", driver.ErrNotFound, name, n)
+		}
+		return nil, nil
+	}
+	if p.kind != kind {
+		return nil, fmt.Errorf("%w: golden %q holds type=%s volumes; pass -o type=%s", driver.ErrInvalid, name, p.kind, p.kind)
+	}
+	if n == 0 {
+		return &p.gens[len(p.gens)-1], nil
+	}
+	have := make([]string, len(p.gens))
+	for i, g := range p.gens {
+		if g.Number == n {
+			return &g, nil
+		}
+		have[i] = strconv.Itoa(g.Number)
+	}
+	return nil, fmt.Errorf("%w: golden %q has no generation %d (it has %s)", driver.ErrNotFound, name, n, strings.Join(have, ", "))
+}
+
+// ensureProject returns the project, creating its directory if needed; created says whether it did.
+func (s *Store) ensureProject(name string, kind driver.Kind) (p *project, created bool, err error) {
+	p, err = s.readProject(name, false)
+	if err != nil {
+		return nil, false, err
+	}
+	if p != nil {
+		if p.kind != kind {
+			return nil, false, fmt.Errorf("%w: golden %q holds type=%s data, not %s", driver.ErrInvalid, name, p.kind, kind)
+		}
+		return p, false, nil
+	}
+	dir, err := s.projectDir(name)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, false, mapErr(err)
+	}
+	if err := setAttr(dir, attrKind, string(kind)); err != nil {
+		s.removeProjectDir(dir)
+		return nil, false, err
+	}
+	return &project{name: name, dir: dir, kind: kind}, true, syncDir(s.goldensDir())
+}
+
+// removeProjectDir deletes a project directory that a failed Promote or Import created, if it is
+// still empty.
+func (s *Store) removeProjectDir(dir string) {
+	if err := s.checkInside(dir); err == nil {
+		_ = os.Remove(dir) // fails, harmlessly, when anything is in it
+	}
+}
+
+// reserveGeneration hands out the project's next generation number and records it on the project
+// directory before anything is made, so a number is never used twice even if its generation is
+// later deleted or never completes.
+func (s *Store) reserveGeneration(p *project) (int, error) {
+	n := p.maxGeneration() + 1
+	if err := setAttr(p.dir, attrLastGen, strconv.Itoa(n)); err != nil {
+		return 0, err
+	}
+	p.lastGen = n
+	return n, nil
+}
+
+// Promote implements driver.Backend: the volume's image is reflinked to a temporary generation
+// image and renamed into place. A reflink copies no dependency, so the generation never pins the
+// volume and the volume can be removed at once (no clone chains, pitfalls #9).
+func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
+	img, err := s.volumeImage(v.Name)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	if err := driver.ValidateProject(projectName); err != nil {
+		return driver.Generation{}, err
+	}
+	if v.Kind != driver.KindBlock {
+		return driver.Generation{}, fmt.Errorf("%w: type=%s volumes need the ZFS backend", driver.ErrUnsupported, v.Kind)
+	}
+	src, err := os.Open(img)
+	if err != nil {
+		return driver.Generation{}, fmt.Errorf("image of volume %q: %w", v.Name, mapErr(err))
+	}
+	defer src.Close()
+	vm, err := readMeta(img)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	p, created, err := s.ensureProject(projectName, v.Kind)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	n, err := s.reserveGeneration(p)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "image": img, "project": projectName, "generation": n})
+	fail := func(tmp *os.File, err error) (driver.Generation, error) {
+		if tmp != nil {
+			s.discard(log, tmp)
+		}
+		if created {
+			s.removeProjectDir(p.dir)
+		}
+		return driver.Generation{}, err
+	}
+	tmp, err := newTemp(p.dir, genPrefix+strconv.Itoa(n))
+	if err != nil {
+		return fail(nil, mapErr(err))
+	}
+	if err := s.cloneConsistent(ctx, log, tmp, src, mountpoint); err != nil {
+		return fail(tmp, err)
+	}
+	m := meta{
+		attrKind: string(v.Kind), attrState: stateReady, attrFrom: v.Name,
+		attrCreated: strconv.FormatInt(time.Now().Unix(), 10),
+	}
+	if vm[attrGrow] == yes { // never mounted since it was grown: its clones must grow the XFS
+		m[attrGrow] = yes
+	}
+	if err := setAttrs(tmp, m); err != nil {
+		return fail(tmp, mapErr(err))
+	}
+	if err := commit(tmp, genImage(p.dir, n)); err != nil {
+		return fail(tmp, mapErr(err))
+	}
+	tmp.Close()
+	log.WithField("frozen", mountpoint != "").Info("promote: reflinked the volume into a new generation")
+	return s.generation(projectName, n)
+}
+
+// cloneConsistent reflinks src into dst. A mounted XFS is synced and frozen around the reflink,
+// so clones of the generation mount without log replay (pitfalls #2); it is thawed whatever
+// happens. Freezing flushes the volume's XFS through its loop device into the image's page cache,
+// and FICLONE writes the image's dirty pages back before sharing its extents.
+func (s *Store) cloneConsistent(ctx context.Context, log *logrus.Entry, dst, src *os.File, mountpoint string) error {
+	if mountpoint == "" {
+		return mapErr(xfsutil.Clone(dst, src))
+	}
+	if err := xfsutil.Sync(mountpoint); err != nil {
+		return fmt.Errorf("sync %s before the reflink: %w", mountpoint, mapErr(err))
+	}
+	if err := xfsutil.Freeze(ctx, mountpoint); err != nil {
+		return fmt.Errorf("freeze %s before the reflink: %w", mountpoint, mapErr(err))
+	}
+	cerr := xfsutil.Clone(dst, src)
+	// Thaw with a context of its own: a cancelled caller must never leave the volume frozen.
+	tctx, cancel := bounded(ctx, time.Minute)
+	defer cancel()
+	if terr := xfsutil.Thaw(tctx, mountpoint); terr != nil {
+		log.WithError(terr).WithField("mountpoint", mountpoint).Error("could not thaw the volume after its reflink; run xfs_freeze -u on it")
+		if cerr == nil {
+			return fmt.Errorf("thaw %s after the reflink: %w", mountpoint, terr)
+		}
+	}
+	return mapErr(cerr)
+}
+
+// generation returns one complete generation with its usage and dependents.
+func (s *Store) generation(projectName string, n int) (driver.Generation, error) {
+	p, err := s.readProject(projectName, true)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	if p != nil {
+		for _, g := range p.gens {
+			if g.Number == n {
+				deps, err := s.dependents()
+				if err != nil {
+					return driver.Generation{}, err
+				}
+				g.Dependents = deps[projectName][n]
+				return g, nil
+			}
+		}
+	}
+	return driver.Generation{}, fmt.Errorf("generation %d of golden %q vanished right after it was made", n, projectName)
+}
+
+// Import implements driver.Backend: a new image, formatted, mounted in the work directory and
+// filled by cp -a, then unmounted, marked complete (state=ready, the completion marker) and
+// renamed into place. Until the marker is set, a crash leaves a temporary image that Load wipes.
+func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind, src string, progress func(driver.Progress)) (driver.Generation, error) {
+	if err := driver.ValidateProject(projectName); err != nil {
+		return driver.Generation{}, err
+	}
+	if kind == "" {
+		kind = driver.KindBlock
+	}
+	if kind != driver.KindBlock {
+		return driver.Generation{}, fmt.Errorf("%w: type=%s goldens need the ZFS backend; import with type=block", driver.ErrUnsupported, kind)
+	}
+	fi, err := os.Stat(src)
+	if err != nil || !fi.IsDir() {
+		return driver.Generation{}, fmt.Errorf("%w: import source %q is not a directory", driver.ErrInvalid, src)
+	}
+	report := func(p driver.Progress) {
+		if progress != nil {
+			progress(p)
+		}
+	}
+	report(driver.Progress{Phase: "scanning"})
+	size, err := xfsutil.Scan(ctx, src)
+	if err != nil {
+		return driver.Generation{}, fmt.Errorf("scan %s: %w", src, err)
+	}
+	p, created, err := s.ensureProject(projectName, kind)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	n, err := s.reserveGeneration(p)
+	if err != nil {
+		return driver.Generation{}, err
+	}
+	tmp, err := newTemp(p.dir, genPrefix+strconv.Itoa(n))
+	if err != nil {
+		if created {
+			s.removeProjectDir(p.dir)
+		}
+		return driver.Generation{}, mapErr(err)
+	}
+	log := s.log.WithFields(logrus.Fields{"project": projectName, "image": tmp.Name(), "generation": n})
+	fail := func(err error) (driver.Generation, error) {
+		s.discard(log, tmp)
+		if created {
+			s.removeProjectDir(p.dir)
+		}
+		return driver.Generation{}, err
+	}
+	// Marked importing first, so golden ls shows the import while it runs.
+	err = setAttrs(tmp, meta{
+		attrKind: string(kind), attrState: stateImporting, attrFrom: "import:" + src,
+		attrCreated: strconv.FormatInt(time.Now().Unix(), 10),
+	})
+	if err != nil {
+		return fail(mapErr(err))
+	}
+	report(driver.Progress{Phase: "formatting", FilesTotal: size.Files, BytesTotal: size.Bytes})
+	// Room for the tree twice over (XFS metadata, and growth in later generations); sparse, so
+	// only what is written is allocated.
+	if err := s.format(ctx, tmp, max(s.cfg.DefaultSize, roundUp(uint64(size.Bytes)*2, 1<<30))); err != nil {
+		return fail(err)
+	}
+	dir := filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n))
+	if err := xfsutil.Mount(ctx, tmp.Name(), dir, []string{"loop", "nouuid"}); err != nil {
+		if rerr := s.releaseLoops(tmp.Name()); rerr != nil {
+			log.WithError(rerr).Error("could not detach the loop device after a failed mount")
+		}
+		_ = os.Remove(dir)
+		return fail(mapErr(err))
+	}
+	copyErr := xfsutil.CopyTree(ctx, src, dir, func(files, bytes int64) {
+		report(driver.Progress{Phase: "copying", FilesDone: files, FilesTotal: size.Files, BytesDone: bytes, BytesTotal: size.Bytes})
+	})
+	if copyErr == nil {
+		report(driver.Progress{Phase: "syncing", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
+		copyErr = xfsutil.Sync(dir)
+	}
+	uctx, cancel := bounded(ctx, time.Minute)
+	defer cancel()
+	if uerr := xfsutil.UnmountRetry(uctx, dir, 10); uerr != nil {
+		// The image is still mounted: deleting it now would leave a mounted, deleted image.
+		// Load unmounts the work directory and deletes the temporary image at the next start.
+		tmp.Close()
+		log.WithError(uerr).Error("could not unmount the import; it is cleaned up at the next start")
+		return driver.Generation{}, mapErr(errors.Join(copyErr, uerr))
+	}
+	_ = os.Remove(dir)
+	if err := s.releaseLoops(tmp.Name()); err != nil {
+		log.WithError(err).Error("could not detach the import's loop device")
+	}
+	if copyErr != nil {
+		// A copy that fails because the store is full shows up as an I/O error inside the
+		// image's XFS, not as ENOSPC: say so when the store is nearly out of space.
+		if free, _, err := xfsutil.FreeSpace(s.storeDir); err == nil && free < 64<<20 {
+			copyErr = noSpace(fmt.Errorf("%v (the store has only %d bytes free)", copyErr, free))
+		}
+		return fail(mapErr(copyErr))
+	}
+	// The completion marker: from here a crash rolls forward (see cleanTemps).
+	if err := setAttrs(tmp, meta{attrState: stateReady}); err != nil {
+		return fail(mapErr(err))
+	}
+	if err := commit(tmp, genImage(p.dir, n)); err != nil {
+		return fail(mapErr(err))
+	}
+	tmp.Close()
+	report(driver.Progress{Phase: "done", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
+	return s.generation(projectName, n)
+}
+
+// RemoveGeneration implements driver.Backend.
+func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
+	s.gens.Lock()
+	defer s.gens.Unlock()
+	p, err := s.readProject(projectName, false)
+	if err != nil {
+		return err
+	}
+	if p == nil {
+		return fmt.Errorf("%w: golden %q does not exist", driver.ErrNotFound, projectName)
+	}
+	for _, g := range p.gens {
+		if g.Number != n {
+			continue
+		}
+		deps, err := s.dependents()
+		if err != nil {
+			return err
+		}
+		if d := deps[projectName][n]; len(d) > 0 {
+			return fmt.Errorf("%w: generation %d of %q is the origin of %s", driver.ErrGenerationInUse, n, projectName, strings.Join(d, ", "))
+		}
+		if err := s.removeFile(g.Source); err != nil {
+			return err
+		}
+		s.log.WithFields(logrus.Fields{"project": projectName, "generation": n, "image": g.Source}).Info("generation removed")
+		return syncDir(p.dir)
+	}
+	return fmt.Errorf("%w: golden %q has no generation %d", driver.ErrNotFound, projectName, n)
+}
+
+// RemoveGolden implements driver.Backend.
+func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
+	s.gens.Lock()
+	defer s.gens.Unlock()
+	p, err := s.readProject(projectName, false)
+	if err != nil {
+		return err
+	}
+	if p == nil {
+		return fmt.Errorf("%w: golden %q does not exist", driver.ErrNotFound, projectName)
+	}
+	deps, err := s.dependents()
+	if err != nil {
+		return err
+	}
+	var names []string
+	for _, d := range deps[projectName] {
+		names = append(names, d...)
+	}
+	if len(names) > 0 {
+		sort.Strings(names)
+		return fmt.Errorf("%w: volumes %s were cloned from it; remove them first", driver.ErrHasDependents, strings.Join(names, ", "))
+	}
+	// An import's image is attached while it copies; the driver refuses RemoveGolden during its
+	// own imports, so this only catches one from elsewhere.
+	if loops, err := s.loopsUnder(p.dir); err != nil {
+		return err
+	} else if len(loops) > 0 {
+		return fmt.Errorf("%w: %s is attached to %s; wait for the import to finish", driver.ErrBusy, loops[0].BackingFile, loops[0].Device)
+	}
+	if err := s.checkInside(p.dir); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(p.dir); err != nil {
+		return mapErr(err)
+	}
+	return syncDir(s.goldensDir())
+}
