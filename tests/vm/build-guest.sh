@@ -6,7 +6,9 @@
 # The guest is the dind rootfs from tests/setup/images.sh (minbase bookworm + docker.io +
 # iptables) plus GUEST_PKGS below, the DKMS-built zfs modules of the host (zfs-dkms built
 # them for the guest kernel; the host kernel cannot load modules), tests/vm/guest-init.sh as
-# /sbin/zgolden-init, and both image tarballs under /zgolden-images/.
+# /sbin/zgolden-init, and both image tarballs under /zgolden-images/; both are also preloaded
+# in the guest engine as zgolden/busybox:latest and zgolden/dind:latest (importing dind.tar
+# under TCG takes minutes).
 #
 # The guest kernel version is resolved from linux-image-amd64, as host-deps.sh does.
 # Cache: CACHE_DIR (default ${ZGOLDEN_CACHE:-/var/cache/zgolden-test}) / guest-<key>/, where
@@ -127,6 +129,36 @@ rm -f "$r/etc/resolv.conf"
 touch "$r/etc/resolv.conf" # the guest has no network; docker wants the file
 mkdir -p "$r/zgolden-images" "$r/payload" "$r/var/lib/docker"
 cp "$busybox_tar" "$dind_tar" "$r/zgolden-images/"
+
+# Preload both images into the guest engine's data root. Under TCG, `docker import` of the
+# 470 MB dind.tar takes well over 2 minutes in the guest (5 s here), so the guest boots with
+# zgolden/busybox:latest and zgolden/dind:latest already present. The guest's own dockerd
+# does the import, in the chroot, on a private socket, with no networking and no containers.
+zg_log "preloading zgolden/busybox:latest and zgolden/dind:latest into the guest's /var/lib/docker"
+zg_chroot "$r" /bin/bash -euc '
+	sock=unix:///tmp/zg-build-docker.sock
+	# dockerd refuses to start without cgroups ("Devices cgroup is not mounted"); cgroup2
+	# mounts anywhere, even on a host with a v1 hierarchy, and only in this namespace.
+	mount -t cgroup2 none /sys/fs/cgroup
+	dockerd --data-root /var/lib/docker --exec-root /tmp/zg-exec --pidfile /tmp/zg-dockerd.pid \
+		-H "$sock" --storage-driver overlay2 --bridge=none --iptables=false --ip6tables=false \
+		>/tmp/zg-dockerd.log 2>&1 &
+	pid=$!
+	stop() {
+		kill -TERM "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+		# dockerd stops the containerd it started; make sure, by its pid file.
+		c=$(cat /tmp/zg-exec/containerd/containerd.pid 2>/dev/null || true)
+		if [ -n "$c" ] && kill -0 "$c" 2>/dev/null; then kill -TERM "$c"; sleep 2; fi
+	}
+	trap stop EXIT
+	for _ in $(seq 60); do docker -H "$sock" info >/dev/null 2>&1 && break; sleep 1; done
+	docker -H "$sock" info >/dev/null 2>&1 || { tail -n 30 /tmp/zg-dockerd.log; exit 1; }
+	docker -H "$sock" import /zgolden-images/busybox.tar zgolden/busybox:latest
+	docker -H "$sock" import /zgolden-images/dind.tar zgolden/dind:latest
+	docker -H "$sock" images
+' >&2
+printf 'zgolden/busybox:latest\tbusybox.tar\nzgolden/dind:latest\tdind.tar\n' >"$r/zgolden-images/preloaded"
 zg_slim "$r"
 # debootstrap's static /dev nodes are hidden by devtmpfs in the guest anyway.
 rm -rf "${r:?}/dev/"*

@@ -7,6 +7,10 @@
 # every test binary listed in /payload/tests/manifest, writes results to /payload/results/,
 # and reboots (qemu runs with -no-reboot, so that ends qemu; sysrq "o" hangs qemu here).
 #
+# Tests get ZGOLDEN_TEST_ZPOOL=zgt, ZGOLDEN_BIN=/payload/bin/zgolden, ZGOLDEN_IMAGES=/zgolden-images
+# (busybox.tar, dind.tar), ZGOLDEN_IN_GUEST=1, and the tags of the same images already loaded in
+# the guest's engine: ZGOLDEN_BUSYBOX_IMAGE=zgolden/busybox:latest, ZGOLDEN_DIND_IMAGE=zgolden/dind:latest.
+#
 # Disks (virtio, in this order, with serials so udev names them): zgroot (/, vda),
 # zgpool (vdb), zgpayload (vdc). /payload/zgolden-vm.env (written by run.sh) may set
 # TEST_TIMEOUT (go duration), TEST_RUN (a -test.run pattern) and EXTRA_ENV (lines K=V).
@@ -141,7 +145,8 @@ say "dockerd ready ($(docker info --format '{{.ServerVersion}} {{.Driver}}' 2>/d
 # --- tests ----------------------------------------------------------------------------------
 envv=(PATH="$PATH" HOME=/root LANG=C.UTF-8 TMPDIR=/tmp
 	ZGOLDEN_TEST_ZPOOL="$POOL" ZGOLDEN_BIN=/payload/bin/zgolden
-	ZGOLDEN_IMAGES=/zgolden-images ZGOLDEN_IN_GUEST=1)
+	ZGOLDEN_IMAGES=/zgolden-images ZGOLDEN_IN_GUEST=1
+	ZGOLDEN_BUSYBOX_IMAGE=zgolden/busybox:latest ZGOLDEN_DIND_IMAGE=zgolden/dind:latest)
 while IFS= read -r kv; do
 	[ -n "$kv" ] && envv+=("$kv")
 done <<<"$EXTRA_ENV"

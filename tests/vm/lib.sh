@@ -47,6 +47,10 @@ zg_chroot() {
 	local archives="${ZG_APT_ARCHIVES:-}"
 	unshare -m --propagation private -- /bin/bash -euc '
 		root="$1"; archives="$2"; shift 2
+		# Make the root a mount point, as on a real system: the chrootarchive of dockerd (docker
+		# import) remounts / with MS_SLAVE|MS_REC and gets EINVAL on a plain directory.
+		# (No apostrophes in this single-quoted script.)
+		mount --bind "$root" "$root"
 		mount -t proc proc "$root/proc"
 		mount -t sysfs sysfs "$root/sys"
 		mount --bind /dev "$root/dev"

@@ -114,7 +114,7 @@ zg_log "module $module: $(wc -l <"$payload/tests/manifest") test binaries"
 # The source tree (tracked and new files, not ignored ones), so tests run from their package
 # dir and find their testdata; the guest also has git.
 git ls-files -z --cached --others --exclude-standard |
-	tar --null -T - --no-recursion --ignore-failed-read -cf - 2>/dev/null | tar -C "$payload/src" -xf - ||
+	tar --null --no-recursion --ignore-failed-read -cf - -T - 2>/dev/null | tar -C "$payload/src" -xf - ||
 	zg_log "WARNING: copying the source tree was incomplete"
 
 {

@@ -13,7 +13,7 @@ import (
 	"time"
 )
 
-const cmdTimeout = 2 * time.Minute
+const cmdTimeout = 5 * time.Minute
 
 // pool returns the pool the guest made, or skips the test on a host without one.
 func pool(t *testing.T) string {
@@ -234,5 +234,97 @@ func TestZvolXFSClones(t *testing.T) {
 	status := must(t, "zpool", "status", "-D", p)
 	if !strings.Contains(status, "no DDT entries") {
 		t.Fatalf("zpool status -D %s does not report \"no DDT entries\":\n%s", p, status)
+	}
+}
+
+// TestDockerImages proves the guest's Docker engine and the images from
+// tests/setup/images.sh work, and that the dind image runs a real inner engine whose
+// /var/lib/docker is XFS on a zvol: the shape the e2e tests use.
+func TestDockerImages(t *testing.T) {
+	p := pool(t)
+	images := os.Getenv("ZGOLDEN_IMAGES")
+	if images == "" {
+		t.Skip("ZGOLDEN_IMAGES is not set")
+	}
+	tag := fmt.Sprintf("%d-%d", os.Getpid(), time.Now().UnixNano())
+	bbImg, dindImg := "vmsmoke-busybox:"+tag, "vmsmoke-dind:"+tag
+	ctr := "vmsmoke-dind-" + tag
+	vol := p + "/vmsmoke-dind-" + tag
+	dir, err := os.MkdirTemp("", "vmsmoke-dind-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mounted := false
+	t.Cleanup(func() {
+		_, _ = run("docker", "rm", "-f", ctr)
+		_, _ = run("docker", "rmi", "-f", bbImg)
+		if strings.HasPrefix(dindImg, "vmsmoke-") {
+			_, _ = run("docker", "rmi", "-f", dindImg)
+		}
+		if mounted {
+			if err := retry("umount", dir); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+		if _, err := run("zfs", "list", "-H", "-o", "name", vol); err == nil {
+			if err := retry("zfs", "destroy", "-R", vol); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+
+	must(t, "docker", "import", filepath.Join(images, "busybox.tar"), bbImg)
+	if out := must(t, "docker", "run", "--rm", bbImg, "echo", "busybox-ok"); strings.TrimSpace(out) != "busybox-ok" {
+		t.Fatalf("busybox image printed %q", out)
+	}
+
+	must(t, "zfs", "create", "-s", "-V", "4G", "-o", "volblocksize=8K", "-o", "dedup=off", vol)
+	waitDev(t, "/dev/zvol/"+vol)
+	must(t, "mkfs.xfs", "-q", "/dev/zvol/"+vol)
+	must(t, "mount", "-t", "xfs", "-o", "discard", "/dev/zvol/"+vol, dir)
+	mounted = true
+
+	// The guest boots with dind preloaded (build-guest.sh): importing its 470 MB under TCG
+	// takes minutes. Import only when it is missing.
+	if pre := os.Getenv("ZGOLDEN_DIND_IMAGE"); pre != "" {
+		if _, err := run("docker", "image", "inspect", pre); err == nil {
+			dindImg = pre
+		} else {
+			t.Logf("preloaded %s missing (%v); importing", pre, err)
+		}
+	}
+	if strings.HasPrefix(dindImg, "vmsmoke-") {
+		must(t, "docker", "import", filepath.Join(images, "dind.tar"), dindImg)
+	}
+	must(t, "docker", "run", "-d", "--privileged", "--name", ctr, "-v", dir+":/var/lib/docker", dindImg, "dind-dockerd")
+	start := time.Now()
+	for {
+		out, err := run("docker", "exec", ctr, "docker", "info", "--format", "{{.Driver}} {{.ServerVersion}}")
+		if err == nil {
+			t.Logf("inner engine ready after %.1fs: %s", time.Since(start).Seconds(), strings.TrimSpace(out))
+			break
+		}
+		if time.Since(start) > 90*time.Second {
+			logs, _ := run("docker", "logs", "--tail", "30", ctr)
+			t.Fatalf("inner dockerd not ready within 90s: %v\n%s", err, logs)
+		}
+		time.Sleep(time.Second)
+	}
+	must(t, "docker", "exec", ctr, "docker", "import", "/zgolden-images/busybox.tar", "bb")
+	out := must(t, "docker", "exec", ctr, "docker", "run", "--rm", "--network", "none", "bb", "echo", "inner-ok")
+	if strings.TrimSpace(out) != "inner-ok" {
+		t.Fatalf("inner container printed %q", out)
+	}
+	if out, err := run("docker", "exec", ctr, "docker", "run", "--rm", "bb", "echo", "inner-default-net-ok"); err != nil {
+		t.Logf("inner container on the default network (not needed by the tests): %v", err)
+	} else {
+		t.Logf("inner container on the default network: %s", strings.TrimSpace(out))
+	}
+	// The inner engine's data is on the zvol's XFS.
+	if _, err := os.Stat(filepath.Join(dir, "overlay2")); err != nil {
+		t.Fatalf("the inner engine did not use the XFS volume: %v", err)
 	}
 }
