@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"time"
@@ -204,7 +205,11 @@ func (d *Driver) reclaimProject(ctx context.Context, project string, keep int) (
 			if i >= len(g.Generations)-keep || len(gen.Dependents) > 0 {
 				continue
 			}
-			if err := d.backend.RemoveGeneration(ctx, project, gen.Number); err != nil {
+			err := d.backend.RemoveGeneration(ctx, project, gen.Number)
+			if errors.Is(err, ErrGenerationInUse) {
+				continue // a Create cloned it after we listed it: it is in use now, which is fine
+			}
+			if err != nil {
 				return removed, fmt.Errorf("reclaim generation %d of golden %q: %w", gen.Number, project, err)
 			}
 			d.log.WithFields(logrus.Fields{"project": project, "generation": gen.Number, "bytes": gen.Used}).Info("reclaimed unused golden generation")

@@ -529,3 +529,19 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	}
 	return st, nil
 }
+
+// DefaultParent picks POOL/zgolden when ZFS is usable and exactly one pool is imported, so
+// `make run` on a ZFS host needs no flags. It returns "" when there is no single obvious pool.
+func DefaultParent(ctx context.Context) string {
+	if _, err := exec.LookPath("zpool"); err != nil {
+		return ""
+	}
+	if _, err := os.Stat("/dev/zfs"); err != nil {
+		return ""
+	}
+	pools, err := zfsutil.New(logrus.NewEntry(logrus.StandardLogger())).Pools(ctx)
+	if err != nil || len(pools) != 1 {
+		return ""
+	}
+	return pools[0] + "/zgolden"
+}

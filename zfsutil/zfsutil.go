@@ -344,3 +344,16 @@ func PoolOf(dataset string) string {
 	pool, _, _ := strings.Cut(dataset, "/")
 	return pool
 }
+
+// Pools lists the imported pools.
+func (z *ZFS) Pools(ctx context.Context) ([]string, error) {
+	pools, err := gozfs.ListZpools()
+	if err != nil {
+		return nil, classify(err)
+	}
+	names := make([]string, 0, len(pools))
+	for _, p := range pools {
+		names = append(names, p.Name)
+	}
+	return names, nil
+}

@@ -43,6 +43,13 @@ func startBackend(t *testing.T) *backend {
 	}
 	root := filepath.Join(t.TempDir(), "root")
 	b := &backend{}
+	// The store file stays mounted when the plugin stops (volumes live on it); unmount it after
+	// the plugin has stopped, which cleanups registered earlier do.
+	t.Cleanup(func() {
+		if out, err := harness.Output("umount", filepath.Join(root, "store")); err != nil && !strings.Contains(out, "not mounted") {
+			t.Errorf("cleanup: umount the store: %v\n%s", err, out)
+		}
+	})
 	b.p = harness.StartPlugin(t, "--backend", "reflink", "--root", root, "--store-size", "8G")
 	b.leaks = func(t *testing.T) []string {
 		var out []string
@@ -62,14 +69,32 @@ func startBackend(t *testing.T) *backend {
 	return b
 }
 
+// docker runs the docker command line; arguments starting with "zg-" name this test's volumes or
+// containers and are made unique.
 func (b *backend) docker(t *testing.T, args ...string) string {
 	t.Helper()
-	return harness.DockerCmd(t, args...)
+	return harness.DockerCmd(t, b.names(args)...)
 }
+
+func (b *backend) names(args []string) []string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		if strings.HasPrefix(a, "zg-") {
+			a = b.n(a)
+		}
+		out[i] = a
+	}
+	return out
+}
+
+// n makes a volume or container name unique to this plugin instance: Docker remembers volume
+// names per driver, even after a test's plugin is gone.
+func (b *backend) n(name string) string { return b.p.Name + "-" + name }
 
 // volume creates a volume through docker and removes it (and its containers) at the end.
 func (b *backend) volume(t *testing.T, name string, opts ...string) {
 	t.Helper()
+	name = b.n(name)
 	args := []string{"volume", "create", "--driver", b.p.Name}
 	for _, o := range opts {
 		args = append(args, "-o", o)
@@ -80,7 +105,14 @@ func (b *backend) volume(t *testing.T, name string, opts ...string) {
 
 func (b *backend) container(t *testing.T, name string, args ...string) {
 	t.Helper()
-	b.docker(t, append([]string{"run", "-d", "--name", name}, args...)...)
+	name = b.n(name)
+	for i, a := range args { // "vol:/path" names a volume of this test
+		if v, p, ok := strings.Cut(a, ":/"); ok && i > 0 && args[i-1] == "-v" && strings.HasPrefix(v, "zg-") {
+			args[i] = b.n(v) + ":/" + p
+		}
+	}
+	// No test needs a network, and a bridge is one more thing that can be missing.
+	b.docker(t, append([]string{"run", "-d", "--network", "none", "--name", name}, args...)...)
 	t.Cleanup(func() { _, _ = harness.Output("docker", "rm", "-f", name) })
 }
 
@@ -132,7 +164,7 @@ func TestGoldenClonesThroughDocker(t *testing.T) {
 		}
 	}
 	b.docker(t, "exec", "zg-ca", "sh", "-c", "echo only-a > /data/mine")
-	if _, err := harness.Output("docker", "exec", "zg-cb", "cat", "/data/mine"); err == nil {
+	if _, err := harness.Output("docker", b.names([]string{"exec", "zg-cb", "cat", "/data/mine"})...); err == nil {
 		t.Fatal("a write in volume zg-a is visible in zg-b")
 	}
 
@@ -149,17 +181,17 @@ func TestGoldenClonesThroughDocker(t *testing.T) {
 	// Docker-in-Docker: the clone is /var/lib/docker of an inner engine, which must pick
 	// overlay2 on xfs (it refuses overlay2 on a filesystem without d_type).
 	b.docker(t, "rm", "-f", "zg-cb")
-	b.container(t, "zg-dind", "--privileged", "-v", "zg-b:/var/lib/docker", harness.DindImage, "dind-dockerd")
+	b.container(t, "zg-dind", append(harness.DindArgs(t), "-v", "zg-b:/var/lib/docker", harness.DindImage, "dind-dockerd")...)
 	var info string
 	deadline := time.Now().Add(90 * time.Second)
 	for {
-		out, err := harness.Output("docker", "exec", "zg-dind", "docker", "info", "--format", "{{.Driver}} {{json .DriverStatus}}")
+		out, err := harness.Output("docker", b.names([]string{"exec", "zg-dind", "docker", "info", "--format", "{{.Driver}} {{json .DriverStatus}}"})...)
 		if err == nil {
 			info = strings.TrimSpace(out)
 			break
 		}
 		if time.Now().After(deadline) {
-			logs, _ := harness.Output("docker", "logs", "zg-dind")
+			logs, _ := harness.Output("docker", "logs", b.n("zg-dind"))
 			t.Fatalf("the inner dockerd never became ready: %v\n%s\n%s", err, out, logs)
 		}
 		time.Sleep(time.Second)
@@ -225,7 +257,7 @@ func TestRestartWithMountedVolumes(t *testing.T) {
 
 	ls := strings.Fields(b.docker(t, "volume", "ls", "-q", "--filter", "driver="+b.p.Name))
 	slices.Sort(ls)
-	if !slices.Equal(ls, []string{"zg-idle", "zg-live"}) {
+	if !slices.Equal(ls, b.names([]string{"zg-idle", "zg-live"})) {
 		t.Fatalf("after kill -9 and restart, docker volume ls = %v", ls)
 	}
 	if got := b.docker(t, "exec", "zg-user", "cat", "/data/marker"); got != "before" {
@@ -268,7 +300,7 @@ func TestDockerErrorsAreClear(t *testing.T) {
 	}
 	for _, c := range cases {
 		args := append([]string{"volume", "create", "--driver", b.p.Name}, c.opts...)
-		out, err := harness.Output("docker", append(args, "zg-bad")...)
+		out, err := harness.Output("docker", append(args, b.n("zg-bad"))...)
 		if err == nil || !strings.Contains(out, c.want) {
 			t.Errorf("docker volume create %v: err=%v output=%q; want an error mentioning %q", c.opts, err, out, c.want)
 		}

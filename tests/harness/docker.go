@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -100,4 +101,44 @@ func importImages() string {
 func DockerCmd(t testing.TB, args ...string) string {
 	t.Helper()
 	return strings.TrimSpace(Run(t, "docker", args...))
+}
+
+// DindArgs are the `docker run` flags for a Docker-in-Docker container. Normally --privileged.
+// Where this process's capability bounding set is incomplete (a sandboxed host), runc cannot
+// grant --privileged's full set, so the container gets every capability the host has, no
+// seccomp or AppArmor confinement, all devices, and the host's cgroup mounts, which is what an
+// inner dockerd needs.
+func DindArgs(t testing.TB) []string {
+	t.Helper()
+	if fullCapabilities() {
+		return []string{"--privileged"}
+	}
+	return []string{
+		"--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+		"--security-opt", "apparmor=unconfined", "--security-opt", "seccomp=unconfined",
+		"--security-opt", "systempaths=unconfined", "--device-cgroup-rule", "a *:* rwm",
+		"--tmpfs", "/run", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+	}
+}
+
+func fullCapabilities() bool {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	last, err := os.ReadFile("/proc/sys/kernel/cap_last_cap")
+	if err != nil {
+		return false
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(last)))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
+			bnd, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && bnd == (uint64(1)<<(n+1))-1
+		}
+	}
+	return false
 }

@@ -1,0 +1,189 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+)
+
+// The admin API lives in the serving process so that all locking (per volume, per project)
+// happens in one place; the command line is a thin client. It listens on a root-only socket.
+
+type promoteRequest struct {
+	Volume  string `json:"volume"`
+	Project string `json:"project"`
+}
+
+type promoteResponse struct {
+	Generation driver.Generation   `json:"generation"`
+	Reclaimed  []driver.Generation `json:"reclaimed,omitempty"`
+}
+
+type importRequest struct {
+	Project string `json:"project"`
+	Dir     string `json:"dir"`
+	Type    string `json:"type"`
+}
+
+// importEvent is one line of the NDJSON stream an import answers with.
+type importEvent struct {
+	Progress   *driver.Progress   `json:"progress,omitempty"`
+	Generation *driver.Generation `json:"generation,omitempty"`
+	Error      string             `json:"error,omitempty"`
+}
+
+type reclaimRequest struct {
+	Project string `json:"project"`
+	Keep    int    `json:"keep"`
+}
+
+type errorResponse struct {
+	Error string `json:"error"`
+}
+
+func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry) http.Handler {
+	mux := http.NewServeMux()
+	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin")}
+	mux.HandleFunc("GET /v1/status", a.status)
+	mux.HandleFunc("GET /v1/goldens", a.goldens)
+	mux.HandleFunc("POST /v1/promote", a.promote)
+	mux.HandleFunc("POST /v1/import", a.importGolden)
+	mux.HandleFunc("POST /v1/reclaim", a.reclaim)
+	mux.HandleFunc("DELETE /v1/goldens/{project}", a.removeGolden)
+	return mux
+}
+
+type admin struct {
+	d    *driver.Driver
+	keep int
+	log  *logrus.Entry
+}
+
+func (a *admin) reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		w.WriteHeader(httpStatus(err))
+		v = errorResponse{Error: err.Error()}
+	}
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func httpStatus(err error) int {
+	switch {
+	case errors.Is(err, driver.ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, driver.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, driver.ErrBusy), errors.Is(err, driver.ErrHasDependents), errors.Is(err, driver.ErrImportRunning),
+		errors.Is(err, driver.ErrExists), errors.Is(err, driver.ErrGenerationInUse):
+		return http.StatusConflict
+	case errors.Is(err, driver.ErrNoSpace):
+		return http.StatusInsufficientStorage
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return errors.Join(driver.ErrInvalid, err)
+	}
+	return nil
+}
+
+func (a *admin) status(w http.ResponseWriter, r *http.Request) {
+	st, err := a.d.Status(r.Context())
+	a.reply(w, st, err)
+}
+
+func (a *admin) goldens(w http.ResponseWriter, r *http.Request) {
+	gs, err := a.d.Goldens(r.Context())
+	a.reply(w, gs, err)
+}
+
+func (a *admin) promote(w http.ResponseWriter, r *http.Request) {
+	var req promoteRequest
+	if err := decode(r, &req); err != nil {
+		a.reply(w, nil, err)
+		return
+	}
+	// Promotion must finish or roll back even if the client goes away.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Hour)
+	defer cancel()
+	gen, err := a.d.Promote(ctx, req.Volume, req.Project)
+	if err != nil {
+		a.log.WithError(err).WithFields(logrus.Fields{"volume": req.Volume, "project": req.Project}).Warn("promote failed")
+		a.reply(w, nil, err)
+		return
+	}
+	resp := promoteResponse{Generation: gen}
+	if a.keep > 0 {
+		resp.Reclaimed, err = a.d.Reclaim(ctx, req.Project, a.keep)
+		if err != nil { // the promotion itself succeeded; reclaim is retried at the next one
+			a.log.WithError(err).WithField("project", req.Project).Warn("automatic reclaim after promote failed")
+		}
+	}
+	a.reply(w, resp, nil)
+}
+
+func (a *admin) importGolden(w http.ResponseWriter, r *http.Request) {
+	var req importRequest
+	if err := decode(r, &req); err != nil {
+		a.reply(w, nil, err)
+		return
+	}
+	kind := driver.Kind(req.Type)
+	if kind != "" && kind != driver.KindBlock && kind != driver.KindFS {
+		a.reply(w, nil, errors.Join(driver.ErrInvalid, errors.New("type must be block or fs")))
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	enc := json.NewEncoder(w)
+	flusher, _ := w.(http.Flusher)
+	send := func(ev importEvent) {
+		_ = enc.Encode(ev)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+	var last time.Time
+	// The import stops (and rolls back) if the client disconnects: an operator's Ctrl-C means stop.
+	gen, err := a.d.Import(r.Context(), req.Project, kind, req.Dir, func(p driver.Progress) {
+		if time.Since(last) >= 500*time.Millisecond || p.Phase == "done" {
+			last = time.Now()
+			send(importEvent{Progress: &p})
+		}
+	})
+	if err != nil {
+		a.log.WithError(err).WithFields(logrus.Fields{"project": req.Project, "dir": req.Dir}).Warn("import failed")
+		send(importEvent{Error: err.Error()})
+		return
+	}
+	send(importEvent{Generation: &gen})
+}
+
+func (a *admin) reclaim(w http.ResponseWriter, r *http.Request) {
+	var req reclaimRequest
+	if err := decode(r, &req); err != nil {
+		a.reply(w, nil, err)
+		return
+	}
+	removed, err := a.d.Reclaim(r.Context(), req.Project, req.Keep)
+	if removed == nil {
+		removed = []driver.Generation{}
+	}
+	a.reply(w, removed, err)
+}
+
+func (a *admin) removeGolden(w http.ResponseWriter, r *http.Request) {
+	err := a.d.RemoveGolden(r.Context(), r.PathValue("project"))
+	a.reply(w, map[string]string{"removed": r.PathValue("project")}, err)
+}

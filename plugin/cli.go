@@ -1,0 +1,363 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/zgolden/zgolden/driver"
+)
+
+// cli is what every admin subcommand shares: its flags, the admin socket, --json.
+type cli struct {
+	fs     *flag.FlagSet
+	socket string
+	json   bool
+	args   []string
+}
+
+func newCLI(name, synopsis string) *cli {
+	c := &cli{fs: flag.NewFlagSet("zgolden "+name, flag.ContinueOnError)}
+	def := os.Getenv("ZGOLDEN_ADMIN_SOCKET")
+	if def == "" {
+		def = "/run/zgolden/admin.sock"
+	}
+	c.fs.StringVar(&c.socket, "admin-socket", def, "admin socket of the running zgolden serve ($ZGOLDEN_ADMIN_SOCKET)")
+	c.fs.BoolVar(&c.json, "json", false, "print JSON for scripts")
+	c.fs.Usage = func() {
+		fmt.Fprintf(c.fs.Output(), "Usage: zgolden %s\n\nFlags:\n", synopsis)
+		c.fs.PrintDefaults()
+	}
+	return c
+}
+
+// parse accepts flags before and after positional arguments (`promote VOL --project P`), as
+// docker and zfs users expect.
+func (c *cli) parse(args []string, want int) error {
+	for {
+		if err := c.fs.Parse(args); err != nil {
+			return err
+		}
+		args = c.fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		c.args = append(c.args, args[0])
+		args = args[1:]
+	}
+	if want >= 0 && len(c.args) != want {
+		c.fs.Usage()
+		return fmt.Errorf("expected %d argument(s), got %d", want, len(c.args))
+	}
+	return nil
+}
+
+func (c *cli) client() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", c.socket)
+		},
+	}}
+}
+
+// call sends a request to the admin API and decodes its JSON answer into out.
+func (c *cli) call(method, path string, body, out any) error {
+	resp, err := c.do(method, path, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return decodeReply(resp, out)
+}
+
+func (c *cli) do(method, path string, body any) (*http.Response, error) {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, "http://zgolden"+path, rd)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.client().Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach zgolden serve at %s (is it running, and are you root?): %w", c.socket, err)
+	}
+	return resp, nil
+}
+
+func decodeReply(resp *http.Response, out any) error {
+	if resp.StatusCode >= 300 {
+		var e errorResponse
+		if json.NewDecoder(resp.Body).Decode(&e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("admin API: %s", resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func cmdStatus(args []string) error {
+	c := newCLI("status", "status [--json]")
+	if err := c.parse(args, 0); err != nil {
+		return err
+	}
+	var st map[string]any
+	if err := c.call("GET", "/v1/status", nil, &st); err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(st)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	for _, k := range sortedKeys(st) {
+		v := st[k]
+		if f, ok := v.(float64); ok && strings.HasSuffix(k, "_bytes") {
+			v = humanBytes(uint64(f))
+		}
+		fmt.Fprintf(tw, "%s:\t%v\n", k, v)
+	}
+	return tw.Flush()
+}
+
+func sortedKeys(m map[string]any) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	for i := 1; i < len(keys); i++ {
+		for j := i; j > 0 && keys[j] < keys[j-1]; j-- {
+			keys[j], keys[j-1] = keys[j-1], keys[j]
+		}
+	}
+	return keys
+}
+
+func cmdGoldenList(args []string) error {
+	c := newCLI("golden ls", "golden ls [--json]")
+	if err := c.parse(args, 0); err != nil {
+		return err
+	}
+	var gs []driver.Golden
+	if err := c.call("GET", "/v1/goldens", nil, &gs); err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(gs)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROJECT\tTYPE\tGENERATION\tNEWEST\tVOLUMES\tUNIQUE\tREFERENCED\tCREATED\tFROM")
+	for _, g := range gs {
+		if len(g.Generations) == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t-\t\t\t\t\t\t%s\n", g.Project, g.Kind, map[bool]string{true: "(importing)", false: ""}[g.Importing])
+		}
+		for i, gen := range g.Generations {
+			newest := ""
+			if i == len(g.Generations)-1 {
+				newest = "*"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\t%s\n", g.Project, g.Kind, gen.Number, newest,
+				len(gen.Dependents), humanBytes(gen.Used), humanBytes(gen.Referenced),
+				gen.CreatedAt.Local().Format("2006-01-02 15:04"), gen.FromVolume)
+		}
+	}
+	return tw.Flush()
+}
+
+func cmdGoldenPromote(args []string) error {
+	c := newCLI("golden promote", "golden promote VOLUME --project PRJ [--json]")
+	project := c.fs.String("project", "", "project whose next generation the volume becomes (required)")
+	if err := c.parse(args, 1); err != nil {
+		return err
+	}
+	if *project == "" {
+		return errors.New("golden promote: --project is required")
+	}
+	var resp promoteResponse
+	if err := c.call("POST", "/v1/promote", promoteRequest{Volume: c.args[0], Project: *project}, &resp); err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(resp)
+	}
+	fmt.Printf("volume %s is now generation %d of golden %s\n", c.args[0], resp.Generation.Number, *project)
+	for _, g := range resp.Reclaimed {
+		fmt.Printf("reclaimed unused generation %d (%s)\n", g.Number, humanBytes(g.Used))
+	}
+	return nil
+}
+
+func cmdGoldenImport(args []string) error {
+	c := newCLI("golden import", "golden import DIR --project PRJ [--type block|fs] [--json]")
+	project := c.fs.String("project", "", "project to seed (required)")
+	kind := c.fs.String("type", "block", "block (XFS image or zvol, for /var/lib/docker) or fs (ZFS dataset, for git workspaces)")
+	if err := c.parse(args, 1); err != nil {
+		return err
+	}
+	if *project == "" {
+		return errors.New("golden import: --project is required")
+	}
+	dir, err := filepath.Abs(c.args[0])
+	if err != nil {
+		return err
+	}
+	resp, err := c.do("POST", "/v1/import", importRequest{Project: *project, Dir: dir, Type: *kind})
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return decodeReply(resp, nil)
+	}
+	tty := isTerminal(os.Stderr)
+	pr := &progressPrinter{start: time.Now(), tty: tty}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		var ev importEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return fmt.Errorf("admin API: %w", err)
+		}
+		switch {
+		case ev.Error != "":
+			pr.finish()
+			return errors.New(ev.Error)
+		case ev.Generation != nil:
+			pr.finish()
+			if c.json {
+				return printJSON(ev.Generation)
+			}
+			fmt.Printf("imported %s as generation %d of golden %s in %s\n", dir, ev.Generation.Number, *project, time.Since(pr.start).Round(time.Second))
+			return nil
+		case ev.Progress != nil && !c.json:
+			pr.show(*ev.Progress)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return err
+	}
+	return errors.New("the import ended without a result: check the zgolden serve logs")
+}
+
+// progressPrinter shows an import's progress: a live line on a terminal, a line every 10 s
+// otherwise (for logs).
+type progressPrinter struct {
+	start   time.Time
+	tty     bool
+	printed time.Time
+	live    bool
+}
+
+func (p *progressPrinter) show(pg driver.Progress) {
+	if !p.tty && time.Since(p.printed) < 10*time.Second {
+		return
+	}
+	p.printed = time.Now()
+	line := pg.Phase
+	if pg.BytesTotal > 0 || pg.FilesTotal > 0 {
+		elapsed := time.Since(p.start).Seconds()
+		rate := float64(pg.BytesDone) / max(elapsed, 0.001)
+		frac := fraction(pg)
+		eta := "?"
+		if frac > 0.01 {
+			eta = (time.Duration(elapsed/frac*(1-frac)) * time.Second).Round(time.Second).String()
+		}
+		line = fmt.Sprintf("%s: %d/%d files, %s/%s (%.0f%%), %s/s, ETA %s", pg.Phase, pg.FilesDone, pg.FilesTotal,
+			humanBytes(uint64(max(pg.BytesDone, 0))), humanBytes(uint64(pg.BytesTotal)), frac*100, humanBytes(uint64(rate)), eta)
+	}
+	if p.tty {
+		fmt.Fprintf(os.Stderr, "\r\033[K%s", line)
+		p.live = true
+	} else {
+		fmt.Fprintln(os.Stderr, line)
+	}
+}
+
+// fraction estimates how far a copy is, from bytes when the tree has data and files otherwise.
+func fraction(pg driver.Progress) float64 {
+	f := 0.0
+	if pg.BytesTotal > 0 {
+		f = float64(pg.BytesDone) / float64(pg.BytesTotal)
+	} else if pg.FilesTotal > 0 {
+		f = float64(pg.FilesDone) / float64(pg.FilesTotal)
+	}
+	return min(max(f, 0), 1)
+}
+
+func (p *progressPrinter) finish() {
+	if p.live {
+		fmt.Fprintln(os.Stderr)
+	}
+}
+
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+func cmdGoldenReclaim(args []string) error {
+	c := newCLI("golden reclaim", "golden reclaim [PRJ] [--keep N] [--json]")
+	keep := c.fs.Int("keep", 1, "keep this many newest generations of each project")
+	if err := c.parse(args, -1); err != nil {
+		return err
+	}
+	if len(c.args) > 1 {
+		return errors.New("golden reclaim takes at most one project")
+	}
+	req := reclaimRequest{Keep: *keep}
+	if len(c.args) == 1 {
+		req.Project = c.args[0]
+	}
+	var removed []driver.Generation
+	if err := c.call("POST", "/v1/reclaim", req, &removed); err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(removed)
+	}
+	if len(removed) == 0 {
+		fmt.Println("nothing to reclaim: every older generation is still used by a volume")
+	}
+	for _, g := range removed {
+		fmt.Printf("reclaimed generation %d of %s (%s)\n", g.Number, g.Project, humanBytes(g.Used))
+	}
+	return nil
+}
+
+func cmdGoldenRemove(args []string) error {
+	c := newCLI("golden rm", "golden rm PRJ")
+	if err := c.parse(args, 1); err != nil {
+		return err
+	}
+	var out map[string]string
+	if err := c.call("DELETE", "/v1/goldens/"+c.args[0], nil, &out); err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out)
+	}
+	fmt.Println("removed golden", strconv.Quote(c.args[0]))
+	return nil
+}

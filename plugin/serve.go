@@ -1,0 +1,180 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/docker/go-plugins-helpers/volume"
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/reflinkstore"
+	"github.com/zgolden/zgolden/zfsstore"
+)
+
+func newLogger(c serveConfig) (*logrus.Logger, error) {
+	l := logrus.New()
+	l.SetOutput(os.Stderr)
+	lvl, err := logrus.ParseLevel(c.LogLevel)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level %q: use debug, info, warn or error", c.LogLevel)
+	}
+	l.SetLevel(lvl)
+	switch c.LogFormat {
+	case "json":
+		l.SetFormatter(&logrus.JSONFormatter{})
+	case "text":
+		l.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	default:
+		return nil, fmt.Errorf("--log-format %q: use text or json", c.LogFormat)
+	}
+	return l, nil
+}
+
+// openBackend chooses and opens the backend, saying which and why.
+func openBackend(ctx context.Context, c serveConfig, log *logrus.Entry) (driver.Backend, error) {
+	useZFS := c.Backend == "zfs"
+	if c.Parent == "" && c.Backend != "reflink" {
+		if c.Parent = zfsstore.DefaultParent(ctx); c.Parent != "" {
+			log.WithField("parent", c.Parent).Info("no --parent given: using the only imported pool")
+		}
+	}
+	if c.Backend == "zfs" || c.Backend == "auto" && c.Parent != "" {
+		err := waitForZFS(ctx, c, log)
+		switch {
+		case err == nil:
+			useZFS = true
+		case c.Backend == "zfs":
+			return nil, fmt.Errorf("--backend zfs: %w", err)
+		default:
+			log.WithError(err).Warn("backend auto: ZFS is not usable, falling back to the reflink store")
+		}
+	}
+	if useZFS {
+		log.WithFields(logrus.Fields{"backend": "zfs", "parent": c.Parent}).Info("backend chosen: ZFS zvol clones (the zfs tools, /dev/zfs and the pool are present)")
+		return zfsstore.New(ctx, zfsstore.Config{
+			Parent: c.Parent, Volblocksize: c.Volblocksize, Compression: c.Compression,
+			Discard: c.Discard, DefaultSize: c.DefaultSize, Adopt: c.Adopt,
+			WorkDir: filepath.Join(c.StateDir, "work"), Log: log,
+		})
+	}
+	reason := "no --parent dataset is configured"
+	if c.Backend == "reflink" {
+		reason = "--backend reflink"
+	} else if c.Parent != "" {
+		reason = "ZFS is not usable (see the warning above)"
+	}
+	log.WithFields(logrus.Fields{"backend": "reflink", "root": c.Root, "reason": reason}).Info("backend chosen: reflink image store")
+	return reflinkstore.New(ctx, reflinkstore.Config{
+		Root: c.Root, StoreSize: c.StoreSize, Discard: c.Discard, DefaultSize: c.DefaultSize,
+		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Log: log,
+	})
+}
+
+// waitForZFS checks ZFS's prerequisites, retrying for --wait-pool: at boot the plugin can start
+// before the pool is imported (pitfalls #12).
+func waitForZFS(ctx context.Context, c serveConfig, log *logrus.Entry) error {
+	deadline := time.Now().Add(c.WaitPool)
+	for {
+		err := zfsstore.Check(ctx, c.Parent)
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		log.WithError(err).Info("waiting for ZFS (--wait-pool)")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func serve(args []string) error {
+	c, err := parseServe(args)
+	if err != nil {
+		return err
+	}
+	logger, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	log := logrus.NewEntry(logger)
+	if os.Geteuid() != 0 {
+		return errors.New("zgolden serve must run as root: it creates block devices and mounts filesystems")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	backend, err := openBackend(ctx, c, log)
+	if err != nil {
+		return err
+	}
+	d, err := driver.New(ctx, driver.Config{
+		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir,
+		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Log: log,
+	})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(c.Socket), 0o755); err != nil {
+		return err
+	}
+	pl, err := listenUnix(c.Socket)
+	if err != nil {
+		return fmt.Errorf("plugin socket: %w", err)
+	}
+	al, err := listenUnix(c.AdminSocket)
+	if err != nil {
+		pl.Close()
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	api := &volumeAPI{d: d, log: log}
+	// go-plugins-helpers owns the Docker side's HTTP server; closing its listener stops it.
+	plugin := volume.NewHandler(api)
+	admin := &http.Server{Handler: newAdmin(d, c, log), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 2)
+	go func() { errc <- plugin.Serve(pl) }()
+	go func() { errc <- admin.Serve(al) }()
+	log.WithFields(logrus.Fields{"socket": c.Socket, "admin": c.AdminSocket, "backend": backend.Name()}).Info("zgolden serving")
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down; mounted volumes stay mounted for their containers")
+	case err = <-errc:
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	pl.Close()
+	_ = admin.Shutdown(sctx)
+	os.Remove(c.Socket)
+	os.Remove(c.AdminSocket)
+	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// listenUnix listens on a root-only (0600) socket: whoever can talk to it can destroy volumes.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	old := syscall.Umask(0o177) // the socket is created 0600, with no window where it is wider
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, err
+	}
+	return l, os.Chmod(path, 0o600)
+}
