@@ -15,9 +15,13 @@ import (
 	"github.com/zgolden/zgolden/tests/harness"
 )
 
+// pluginName is the one legacy plugin name this package registers with Docker (see harness.Plugin).
+const pluginName = "zgolden-e2e"
+
 // backend starts the plugin on the real backend of this machine: ZFS in the guest, the reflink
 // store on the host. leaks lists what the backend holds (datasets, or images and loop devices).
 type backend struct {
+	id    string // makes this test's volume and container names unique
 	p     *harness.Plugin
 	leaks func(t *testing.T) []string
 	pool  string
@@ -28,8 +32,8 @@ func startBackend(t *testing.T) *backend {
 	harness.Docker(t)
 	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
 		parent := harness.ZFSParent(t)
-		b := &backend{pool: harness.RequireZFS(t)}
-		b.p = harness.StartPlugin(t, "--backend", "zfs", "--parent", parent)
+		b := &backend{pool: harness.RequireZFS(t), id: harness.ID()}
+		b.p = harness.StartPlugin(t, pluginName, "--backend", "zfs", "--parent", parent)
 		b.leaks = func(t *testing.T) []string {
 			var out []string
 			for _, ds := range harness.ZFSInventory(t, parent) {
@@ -42,7 +46,7 @@ func startBackend(t *testing.T) *backend {
 		return b
 	}
 	root := filepath.Join(t.TempDir(), "root")
-	b := &backend{}
+	b := &backend{id: harness.ID()}
 	// The store file stays mounted when the plugin stops (volumes live on it); unmount it after
 	// the plugin has stopped, which cleanups registered earlier do.
 	t.Cleanup(func() {
@@ -50,7 +54,7 @@ func startBackend(t *testing.T) *backend {
 			t.Errorf("cleanup: umount the store: %v\n%s", err, out)
 		}
 	})
-	b.p = harness.StartPlugin(t, "--backend", "reflink", "--root", root, "--store-size", "8G")
+	b.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", root, "--store-size", "8G")
 	b.leaks = func(t *testing.T) []string {
 		var out []string
 		_ = filepath.WalkDir(filepath.Join(root, "store", "volumes"), func(p string, d os.DirEntry, err error) error {
@@ -89,7 +93,7 @@ func (b *backend) names(args []string) []string {
 
 // n makes a volume or container name unique to this plugin instance: Docker remembers volume
 // names per driver, even after a test's plugin is gone.
-func (b *backend) n(name string) string { return b.p.Name + "-" + name }
+func (b *backend) n(name string) string { return "zg" + b.id + "-" + name }
 
 // volume creates a volume through docker and removes it (and its containers) at the end.
 func (b *backend) volume(t *testing.T, name string, opts ...string) {
@@ -99,8 +103,8 @@ func (b *backend) volume(t *testing.T, name string, opts ...string) {
 	for _, o := range opts {
 		args = append(args, "-o", o)
 	}
-	b.docker(t, append(args, name)...)
 	t.Cleanup(func() { _, _ = harness.Output("docker", "volume", "rm", "-f", name) })
+	b.docker(t, append(args, name)...)
 }
 
 func (b *backend) container(t *testing.T, name string, args ...string) {
@@ -111,9 +115,10 @@ func (b *backend) container(t *testing.T, name string, args ...string) {
 			args[i] = b.n(v) + ":/" + p
 		}
 	}
+	// Registered first: a `docker run` that fails after creating the container leaves it behind.
+	t.Cleanup(func() { _, _ = harness.Output("docker", "rm", "-f", name) })
 	// No test needs a network, and a bridge is one more thing that can be missing.
 	b.docker(t, append([]string{"run", "-d", "--network", "none", "--name", name}, args...)...)
-	t.Cleanup(func() { _, _ = harness.Output("docker", "rm", "-f", name) })
 }
 
 func (b *backend) importGolden(t *testing.T, project string) {
@@ -210,7 +215,7 @@ func TestGoldenClonesThroughDocker(t *testing.T) {
 	if left := b.leaks(t); len(left) > 0 && !onlyGoldens(left) {
 		t.Fatalf("left behind after docker volume rm: %v", left)
 	}
-	assertNoMounts(t, b.p.Name)
+	assertNoMounts(t, b.p.MountRoot)
 	if b.pool != "" {
 		if out := harness.Run(t, "zpool", "status", "-D", b.pool); !strings.Contains(out, "no DDT entries") {
 			t.Fatalf("zpool status -D shows dedup-table entries:\n%s", out)
@@ -228,14 +233,14 @@ func onlyGoldens(left []string) bool {
 	return true
 }
 
-func assertNoMounts(t *testing.T, pluginName string) {
+func assertNoMounts(t *testing.T, mountRoot string) {
 	t.Helper()
 	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range strings.Split(string(data), "\n") {
-		if strings.Contains(l, pluginName+"/mounts/") {
+		if strings.Contains(l, " "+mountRoot+"/") {
 			t.Fatalf("a volume is still mounted: %s", l)
 		}
 	}
@@ -270,7 +275,7 @@ func TestRestartWithMountedVolumes(t *testing.T) {
 	if in := b.inspect(t, "zg-live"); in.Status["mounted"] != false {
 		t.Fatalf("after the container stopped, inspect = %+v", in.Status)
 	}
-	assertNoMounts(t, b.p.Name)
+	assertNoMounts(t, b.p.MountRoot)
 	// A second container mounts again after the restart (nouuid on a remount).
 	b.container(t, "zg-user2", "-v", "zg-live:/data", harness.BusyboxImage, "sleep", "600")
 	if got := b.docker(t, "exec", "zg-user2", "cat", "/data/marker"); got != "before" {

@@ -12,12 +12,17 @@ import (
 	"time"
 )
 
-// Plugin is a `zgolden serve` process registered with Docker as a legacy plugin under a name of
-// its own, so tests do not share state through Docker's plugin cache.
+// Plugin is a `zgolden serve` process registered with Docker as a legacy plugin.
+//
+// Docker never forgets a legacy plugin name it has seen: every later `docker volume rm` of an
+// unknown name, and every `docker volume ls`, tries each known plugin (and every socket file in
+// /run/docker/plugins) with retries for up to 30 s. So each test package uses one fixed name,
+// tests in it run one plugin at a time, and the socket file is removed when a plugin stops.
 type Plugin struct {
 	Name        string // the --driver name Docker knows it by
 	Socket      string
 	AdminSocket string
+	MountRoot   string
 	args        []string
 	t           testing.TB
 
@@ -60,19 +65,20 @@ func Binary(t testing.TB) string {
 
 // StartPlugin starts `zgolden serve` with args plus a private socket, state dir and mount root
 // (unless args set them), waits until it answers, and stops it (SIGTERM) when the test ends.
-func StartPlugin(t testing.TB, args ...string) *Plugin {
+func StartPlugin(t testing.TB, name string, args ...string) *Plugin {
 	t.Helper()
 	RequireRoot(t)
-	name := "zgt" + ID()
-	state := filepath.Join("/run/zgolden-test", name)
+	state := filepath.Join("/run/zgolden-test", name+"-"+ID())
 	p := &Plugin{
-		Name: name, Socket: "/run/docker/plugins/" + name + ".sock", AdminSocket: filepath.Join(state, "admin.sock"), t: t,
+		Name: name, Socket: "/run/docker/plugins/" + name + ".sock", AdminSocket: filepath.Join(state, "admin.sock"),
+		MountRoot: filepath.Join(state, "mounts"), t: t,
 		args: append([]string{"serve", "--socket", "/run/docker/plugins/" + name + ".sock", "--state-dir", state,
-			"--mount-root", filepath.Join("/var/lib/zgolden-test", name, "mounts"), "--log-level", "debug"}, args...),
+			"--mount-root", filepath.Join(state, "mounts"), "--log-level", "debug"}, args...),
 	}
 	p.Start()
 	t.Cleanup(func() {
 		p.Stop(syscall.SIGTERM)
+		_ = os.Remove(p.Socket) // a killed plugin leaves it, and Docker stalls on dead sockets
 		if t.Failed() {
 			t.Logf("plugin %s log:\n%s", name, p.Logs())
 		}

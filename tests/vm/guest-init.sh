@@ -71,7 +71,11 @@ mountpoint -q /dev/pts || mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts 
 mountpoint -q /dev/shm || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 mountpoint -q /run || mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
 mkdir -p /run/lock
-mountpoint -q /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+# /tmp stays on the root disk (as on the host), not tmpfs: the 6.1 kernel's tmpfs has no user.*
+# xattrs (tests copy trees with them from t.TempDir), and tmpfs would eat the guest's RAM.
+# The root image is attached with snapshot=on, so /tmp starts empty every boot.
+mkdir -p /tmp
+chmod 1777 /tmp
 # Docker needs cgroups (pitfall 15); bookworm's runc/containerd handle the unified hierarchy.
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
@@ -85,6 +89,11 @@ say "init started (kernel $(uname -r))"
 echo "$(up)" >/run/zgolden-boot-to-init
 
 ip link set lo up || say "warning: ip link set lo up failed"
+# Nothing creates /dev/loop-control until the loop module is loaded (no systemd here to make
+# static nodes), so load what the tests use up front.
+for m in loop xfs btrfs overlay; do
+	modprobe "$m" || say "warning: modprobe $m failed"
+done
 
 # --- udev -------------------------------------------------------------------------------
 udevd=/lib/systemd/systemd-udevd
