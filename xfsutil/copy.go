@@ -40,7 +40,7 @@ func Scan(ctx context.Context, src string) (TreeSize, error) {
 
 // CopyTree copies the contents of src into dst (an empty, mounted filesystem) with cp -a
 // semantics: ownership, modes, timestamps, hard links, symlinks, xattrs and ACLs are preserved, and
-// sparse files stay sparse. progress, if not nil, is called about once a second with the inodes
+// sparse files stay sparse. The copy is then verified entry by entry (VerifyTree). progress, if not nil, is called about once a second with the inodes
 // and bytes written so far, read from dst's filesystem counters, since cp reports nothing.
 func CopyTree(ctx context.Context, src, dst string, progress func(files, bytes int64)) error {
 	base, _ := usage(dst)
@@ -65,6 +65,10 @@ func CopyTree(ctx context.Context, src, dst string, progress func(files, bytes i
 	// --reflink=never: the source is on another filesystem (or the point is a real copy).
 	_, err := command.Run(ctx, "cp", "-a", "--sparse=always", "--reflink=never", "--no-target-directory", src+"/.", dst)
 	close(done)
+	if err == nil {
+		// Nothing is trusted as a golden (and no source is ever deleted) unless it verifies.
+		err = VerifyTree(ctx, src, dst)
+	}
 	if err == nil && progress != nil {
 		if u, uerr := usage(dst); uerr == nil {
 			progress(u.Files-base.Files, u.Bytes-base.Bytes)

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/xfsutil"
@@ -164,4 +166,44 @@ func TestCopyTreePreservesEverything(t *testing.T) {
 		t.Fatalf("progress reported %d inodes, want at least %d", lastFiles, drivertest.TreeFiles)
 	}
 	drivertest.CheckTree(t, mp)
+}
+
+// TestVerifyTreeCatchesDifferences: each kind of difference VerifyTree is meant to catch fails it.
+func TestVerifyTreeCatchesDifferences(t *testing.T) {
+	harness.RequireRoot(t)
+	for name, spoil := range map[string]func(dst string) error{
+		"missing file": func(d string) error { return os.Remove(filepath.Join(d, "layers/d03/f0003")) },
+		"size":         func(d string) error { return os.WriteFile(filepath.Join(d, "layers/d03/f0003"), []byte("x"), 0o644) },
+		"mode":         func(d string) error { return os.Chmod(filepath.Join(d, "README"), 0o600) },
+		"owner":        func(d string) error { return os.Lchown(filepath.Join(d, "README"), 1, 1) },
+		"symlink": func(d string) error {
+			os.Remove(filepath.Join(d, "link"))
+			return os.Symlink("elsewhere", filepath.Join(d, "link"))
+		},
+		"xattr": func(d string) error {
+			return unix.Setxattr(filepath.Join(d, "README"), "user.zgolden", []byte("other"), 0)
+		},
+		"hard link": func(d string) error {
+			// A separate file identical in everything but its inode.
+			p := filepath.Join(d, "README.hard")
+			tmp := filepath.Join(d, "tmp")
+			harness.Run(t, "cp", "-a", p, tmp)
+			return os.Rename(tmp, p)
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			src, dst := t.TempDir(), t.TempDir()
+			drivertest.MakeTree(t, src)
+			harness.Run(t, "cp", "-a", src+"/.", dst)
+			if err := xfsutil.VerifyTree(context.Background(), src, dst); err != nil {
+				t.Fatalf("an exact copy does not verify: %v", err)
+			}
+			if err := spoil(dst); err != nil {
+				t.Fatal(err)
+			}
+			if err := xfsutil.VerifyTree(context.Background(), src, dst); err == nil {
+				t.Fatalf("VerifyTree accepted a copy with a different %s", name)
+			}
+		})
+	}
 }
