@@ -30,7 +30,12 @@ type Config struct {
 	// ImportWait is how long a Create for a project whose golden is being imported waits for the
 	// import before it fails with a retryable error. Docker gives Create 2 minutes in all.
 	ImportWait time.Duration
-	Log        *logrus.Entry
+	// LegacyGoldens, if set, is a directory pattern such as /srv/golden/{project}: a Create for a
+	// project with no golden but with that directory starts importing it in the background.
+	LegacyGoldens string
+	// LegacyRemove deletes a legacy golden directory once its import is verified and complete.
+	LegacyRemove bool
+	Log          *logrus.Entry
 }
 
 // Driver serves the Docker volume API and the admin commands.
@@ -196,7 +201,7 @@ func (d *Driver) Create(ctx context.Context, name string, opts map[string]string
 		spec.Size = d.cfg.DefaultSize
 	}
 	start := time.Now()
-	v, err := d.backend.Create(ctx, spec)
+	v, err := d.createOrImport(ctx, spec)
 	if err != nil {
 		return fmt.Errorf("create volume %q: %w", name, err)
 	}
@@ -208,6 +213,28 @@ func (d *Driver) Create(ctx context.Context, name string, opts map[string]string
 		"cold_start": v.ColdStart, "took": time.Since(start).Round(time.Millisecond).String(),
 	}).Info("volume created")
 	return nil
+}
+
+// createOrImport creates the volume. With legacy goldens configured, a project without a golden
+// whose legacy directory exists is imported first (in the background, waited for up to
+// ImportWait), so that even the first sessions get clones rather than cold starts.
+func (d *Driver) createOrImport(ctx context.Context, spec Spec) (Volume, error) {
+	if d.cfg.LegacyGoldens == "" || spec.Golden == "" {
+		return d.backend.Create(ctx, spec)
+	}
+	strict := spec
+	strict.RequireGolden = true // find out, without making anything, whether a golden exists
+	v, err := d.backend.Create(ctx, strict)
+	if !errors.Is(err, ErrNoGolden) || !d.autoImport(spec.Golden, spec.Kind) {
+		if errors.Is(err, ErrNoGolden) && !spec.RequireGolden {
+			return d.backend.Create(ctx, spec) // no legacy directory either: a cold start
+		}
+		return v, err
+	}
+	if err := d.waitImport(ctx, spec.Golden); err != nil {
+		return Volume{}, err
+	}
+	return d.backend.Create(ctx, spec)
 }
 
 // Remove destroys an unmounted volume. Removing a volume that does not exist succeeds, so a retry

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sirupsen/logrus"
 )
@@ -283,5 +284,107 @@ func must(t *testing.T, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCreatesWaitForTheirProjectsImportOnly: while a project's golden is being imported, Creates
+// for it wait and then get a clone; Creates for other projects are not blocked; a Create whose
+// wait runs out gets a retryable error naming the progress.
+func TestCreatesWaitForTheirProjectsImportOnly(t *testing.T) {
+	f := newFake()
+	f.importGate = make(chan struct{})
+	d := newTestDriver(t, f, "")
+	d.cfg.ImportWait = time.Minute
+	ctx := context.Background()
+	src := t.TempDir()
+	importDone := make(chan error, 1)
+	go func() {
+		_, err := d.Import(ctx, "p1", KindBlock, src, ImportOptions{}, nil)
+		importDone <- err
+	}()
+	for { // until the import is registered
+		if _, running := d.ImportProgress("p1"); running {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	must(t, d.Create(ctx, "other", map[string]string{"golden": "p2"})) // not blocked
+	created := make(chan error, 1)
+	go func() { created <- d.Create(ctx, "waiter", map[string]string{"golden": "p1"}) }()
+	select {
+	case err := <-created:
+		t.Fatalf("a Create for the importing project returned before the import finished: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(f.importGate)
+	must(t, <-importDone)
+	must(t, <-created)
+	in, err := d.Get(ctx, "waiter")
+	must(t, err)
+	if in.ColdStart || in.Generation != 1 {
+		t.Fatalf("the waiting Create got %+v, want a clone of generation 1", in.Volume)
+	}
+
+	// An import that outlasts ImportWait: a clear, retryable error, and nothing created.
+	f.importGate = make(chan struct{})
+	defer close(f.importGate)
+	d.cfg.ImportWait = 20 * time.Millisecond
+	go func() { _, _ = d.Import(ctx, "p3", KindBlock, src, ImportOptions{}, nil) }()
+	for {
+		if _, running := d.ImportProgress("p3"); running {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	err = d.Create(ctx, "impatient", map[string]string{"golden": "p3"})
+	if !errors.Is(err, ErrImportRunning) || !strings.Contains(err.Error(), "retry") {
+		t.Fatalf("Create during a long import: %v; want ErrImportRunning with advice", err)
+	}
+	if _, ok := f.vols["impatient"]; ok {
+		t.Fatal("the timed-out Create made a volume")
+	}
+}
+
+// TestLegacyGoldenAutoImport: with --legacy-goldens, the first Create for a project that has a
+// legacy directory but no golden imports it and gets a clone; a project without one cold-starts.
+func TestLegacyGoldenAutoImport(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	legacy := t.TempDir()
+	must(t, os.Mkdir(filepath.Join(legacy, "prj_a"), 0o755))
+	d.cfg.LegacyGoldens = filepath.Join(legacy, "{project}")
+	ctx := context.Background()
+	must(t, d.Create(ctx, "first", map[string]string{"golden": "prj_a"}))
+	in, _ := d.Get(ctx, "first")
+	if in.ColdStart || in.Generation != 1 || !slices.Equal(f.imported, []string{filepath.Join(legacy, "prj_a")}) {
+		t.Fatalf("first Create = %+v, imported %v; want a clone of the imported legacy golden", in.Volume, f.imported)
+	}
+	must(t, d.Create(ctx, "second", map[string]string{"golden": "prj_a"}))
+	if len(f.imported) != 1 {
+		t.Fatalf("imported again: %v", f.imported)
+	}
+	must(t, d.Create(ctx, "nolegacy", map[string]string{"golden": "prj_b"}))
+	if in, _ := d.Get(ctx, "nolegacy"); !in.ColdStart {
+		t.Fatalf("a project without a legacy directory: %+v, want a cold start", in.Volume)
+	}
+	err := d.Create(ctx, "deny", map[string]string{"golden": "prj_c", "cold": "deny"})
+	if !errors.Is(err, ErrNoGolden) {
+		t.Fatalf("cold=deny without golden or legacy directory: %v", err)
+	}
+}
+
+// TestImportRefusesOwnDirectories: an import (which may delete its source) can never name
+// zgolden's own mount root or state directory, or /.
+func TestImportRefusesOwnDirectories(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	for _, src := range []string{"/", "relative/dir", d.cfg.MountRoot, d.cfg.StateDir, filepath.Dir(d.cfg.StateDir), filepath.Join(d.cfg.MountRoot, "v")} {
+		_, err := d.Import(context.Background(), "p", KindBlock, src, ImportOptions{RemoveSource: true}, nil)
+		if !errors.Is(err, ErrInvalid) {
+			t.Errorf("Import(%q) = %v, want ErrInvalid", src, err)
+		}
+	}
+	if len(f.imported) != 0 {
+		t.Fatalf("imported %v", f.imported)
 	}
 }

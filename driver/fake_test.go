@@ -15,10 +15,14 @@ type fakeBackend struct {
 	mounts  map[string]string // target -> volume
 	actions []string
 	failOn  map[string]error // action name -> error to return once
+	goldens map[string]int   // project -> newest generation
+	// importGate, when set, holds every Import until it is closed.
+	importGate chan struct{}
+	imported   []string // sources imported
 }
 
 func newFake() *fakeBackend {
-	return &fakeBackend{vols: map[string]Volume{}, mounts: map[string]string{}, failOn: map[string]error{}}
+	return &fakeBackend{vols: map[string]Volume{}, mounts: map[string]string{}, failOn: map[string]error{}, goldens: map[string]int{}}
 }
 
 func (f *fakeBackend) record(action string) error {
@@ -54,6 +58,17 @@ func (f *fakeBackend) Create(_ context.Context, spec Spec) (Volume, error) {
 		return Volume{}, fmt.Errorf("fake: %s exists", spec.Name)
 	}
 	v := Volume{Name: spec.Name, Kind: spec.Kind, Golden: spec.Golden, Size: spec.Size, CreatedAt: time.Now(), Source: "fake/" + spec.Name}
+	if spec.Golden != "" {
+		gen, ok := f.goldens[spec.Golden]
+		switch {
+		case ok:
+			v.Generation = gen
+		case spec.RequireGolden:
+			return Volume{}, fmt.Errorf("fake: %w", ErrNoGolden)
+		default:
+			v.ColdStart = true
+		}
+	}
 	f.vols[spec.Name] = v
 	return v, nil
 }
@@ -111,8 +126,20 @@ func (f *fakeBackend) Goldens(context.Context) ([]Golden, error)    { return nil
 func (f *fakeBackend) Promote(context.Context, Volume, string, string) (Generation, error) {
 	return Generation{}, ErrUnsupported
 }
-func (f *fakeBackend) Import(context.Context, string, Kind, string, func(Progress)) (Generation, error) {
-	return Generation{}, ErrUnsupported
+func (f *fakeBackend) Import(ctx context.Context, project string, _ Kind, src string, progress func(Progress)) (Generation, error) {
+	progress(Progress{Phase: "copying", FilesDone: 1, FilesTotal: 4, BytesDone: 1, BytesTotal: 4})
+	if f.importGate != nil {
+		select {
+		case <-f.importGate:
+		case <-ctx.Done():
+			return Generation{}, ctx.Err()
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.goldens[project]++
+	f.imported = append(f.imported, src)
+	return Generation{Project: project, Number: f.goldens[project]}, nil
 }
 func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return ErrUnsupported }
 func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return ErrUnsupported }

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -50,28 +53,71 @@ func describeProgress(p Progress) string {
 	return p.Phase
 }
 
+// ImportOptions tunes an import.
+type ImportOptions struct {
+	// RemoveSource deletes the source directory once the copy has been verified and snapshotted.
+	RemoveSource bool
+}
+
 // Import seeds project's next generation from the directory src. Creates for the project wait for
 // it (see waitImport); Creates for other projects are never blocked.
-func (d *Driver) Import(ctx context.Context, project string, kind Kind, src string, progress func(Progress)) (Generation, error) {
+func (d *Driver) Import(ctx context.Context, project string, kind Kind, src string, opts ImportOptions, progress func(Progress)) (Generation, error) {
 	if err := ValidateProject(project); err != nil {
 		return Generation{}, err
 	}
-	if kind == "" {
-		kind = KindBlock
+	if err := d.checkImportSource(src); err != nil {
+		return Generation{}, err
 	}
-	d.projects.Lock(project)
-	defer d.projects.Unlock(project)
+	st, ok := d.beginImport(project)
+	if !ok {
+		return Generation{}, fmt.Errorf("golden %q: %w; wait for it to finish", project, ErrImportRunning)
+	}
+	return d.runImport(ctx, st, project, kind, src, opts, progress)
+}
 
-	st := &importState{done: make(chan struct{}), started: time.Now(), progress: Progress{Phase: "starting"}}
+// checkImportSource refuses sources that are not absolute directories, or that hold zgolden's own
+// mounts or state: an import with RemoveSource must never be able to delete those.
+func (d *Driver) checkImportSource(src string) error {
+	if !filepath.IsAbs(src) || filepath.Clean(src) == "/" {
+		return invalidf("import source %q must be an absolute path to a directory other than /", src)
+	}
+	clean := filepath.Clean(src)
+	for _, own := range []string{d.cfg.MountRoot, d.cfg.StateDir} {
+		if clean == own || strings.HasPrefix(own, clean+"/") || strings.HasPrefix(clean, own+"/") {
+			return invalidf("import source %q overlaps zgolden's own directory %s", src, own)
+		}
+	}
+	fi, err := os.Stat(clean)
+	if err != nil || !fi.IsDir() {
+		return invalidf("import source %q is not a directory", src)
+	}
+	return nil
+}
+
+// beginImport registers a running import of project, so Creates wait for it; false if one runs.
+func (d *Driver) beginImport(project string) (*importState, bool) {
 	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, running := d.imports[project]; running {
+		return nil, false
+	}
+	st := &importState{done: make(chan struct{}), started: time.Now(), progress: Progress{Phase: "waiting for the project lock"}}
 	d.imports[project] = st
-	d.mu.Unlock()
+	return st, true
+}
+
+func (d *Driver) runImport(ctx context.Context, st *importState, project string, kind Kind, src string, opts ImportOptions, progress func(Progress)) (Generation, error) {
 	defer func() {
 		d.mu.Lock()
 		delete(d.imports, project)
 		d.mu.Unlock()
 		close(st.done)
 	}()
+	if kind == "" {
+		kind = KindBlock
+	}
+	d.projects.Lock(project)
+	defer d.projects.Unlock(project)
 
 	log := d.log.WithFields(logrus.Fields{"project": project, "src": src})
 	log.Info("golden import started")
@@ -87,7 +133,39 @@ func (d *Driver) Import(ctx context.Context, project string, kind Kind, src stri
 		return Generation{}, fmt.Errorf("import %s as golden %q: %w", src, project, err)
 	}
 	log.WithFields(logrus.Fields{"generation": gen.Number, "took": time.Since(st.started).Round(time.Millisecond).String()}).Info("golden import finished")
+	if opts.RemoveSource {
+		// The backend verified the copy entry by entry before snapshotting it.
+		if err := os.RemoveAll(src); err != nil {
+			return gen, fmt.Errorf("golden %q generation %d is ready, but removing the source %s failed: %w", project, gen.Number, src, err)
+		}
+		log.Info("removed the imported source directory")
+	}
 	return gen, nil
+}
+
+// autoImport starts a background import of project from the legacy golden directory configured
+// by Config.LegacyGoldens, if there is one. It reports whether an import is now running.
+func (d *Driver) autoImport(project string, kind Kind) bool {
+	if d.cfg.LegacyGoldens == "" {
+		return false
+	}
+	src := strings.ReplaceAll(d.cfg.LegacyGoldens, "{project}", project)
+	if d.checkImportSource(src) != nil {
+		return false
+	}
+	st, ok := d.beginImport(project)
+	if !ok {
+		return true // one is already running
+	}
+	d.log.WithFields(logrus.Fields{"project": project, "src": src}).Info("no golden yet, but a legacy golden directory exists: importing it in the background")
+	go func() {
+		// Not tied to the Create that started it: the import outlives Docker's 2-minute call.
+		_, err := d.runImport(context.Background(), st, project, kind, src, ImportOptions{RemoveSource: d.cfg.LegacyRemove}, nil)
+		if err != nil {
+			d.log.WithError(err).WithField("project", project).Error("background import of the legacy golden failed; the next Create retries it")
+		}
+	}()
+	return true
 }
 
 // ImportProgress returns the progress of a running import of project, if there is one.
@@ -219,10 +297,31 @@ func (d *Driver) reclaimProject(ctx context.Context, project string, keep int) (
 	return removed, nil
 }
 
-// RemoveGolden destroys project's golden. It refuses while volumes depend on any generation.
-func (d *Driver) RemoveGolden(ctx context.Context, project string) error {
+// RemoveGolden destroys project's golden. It refuses while volumes depend on any generation,
+// unless force is set: then those volumes are removed first (refused if any is mounted).
+func (d *Driver) RemoveGolden(ctx context.Context, project string, force bool) error {
 	if err := ValidateProject(project); err != nil {
 		return err
+	}
+	if force {
+		// Volumes are removed before the project lock is taken: the lock order is a volume's
+		// lock before a project's, never the reverse.
+		gs, err := d.backend.Goldens(ctx)
+		if err != nil {
+			return err
+		}
+		for _, g := range gs {
+			if g.Project != project {
+				continue
+			}
+			for _, gen := range g.Generations {
+				for _, v := range gen.Dependents {
+					if err := d.Remove(ctx, v); err != nil {
+						return fmt.Errorf("remove golden %q --force: %w", project, err)
+					}
+				}
+			}
+		}
 	}
 	d.projects.Lock(project)
 	defer d.projects.Unlock(project)
@@ -230,9 +329,12 @@ func (d *Driver) RemoveGolden(ctx context.Context, project string) error {
 		return fmt.Errorf("golden %q: %w; wait for it to finish", project, ErrImportRunning)
 	}
 	if err := d.backend.RemoveGolden(ctx, project); err != nil {
+		if errors.Is(err, ErrHasDependents) {
+			err = fmt.Errorf("%w (or pass --force to remove those volumes too)", err)
+		}
 		return fmt.Errorf("remove golden %q: %w", project, err)
 	}
-	d.log.WithField("project", project).Info("golden removed")
+	d.log.WithFields(logrus.Fields{"project": project, "force": force}).Info("golden removed")
 	return nil
 }
 

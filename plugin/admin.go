@@ -26,9 +26,10 @@ type promoteResponse struct {
 }
 
 type importRequest struct {
-	Project string `json:"project"`
-	Dir     string `json:"dir"`
-	Type    string `json:"type"`
+	Project      string `json:"project"`
+	Dir          string `json:"dir"`
+	Type         string `json:"type"`
+	RemoveSource bool   `json:"remove_source"`
 }
 
 // importEvent is one line of the NDJSON stream an import answers with.
@@ -55,7 +56,7 @@ func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry) http.Handler {
 	mux.HandleFunc("POST /v1/promote", a.promote)
 	mux.HandleFunc("POST /v1/import", a.importGolden)
 	mux.HandleFunc("POST /v1/reclaim", a.reclaim)
-	mux.HandleFunc("DELETE /v1/goldens/{project}", a.removeGolden)
+	mux.HandleFunc("DELETE /v1/goldens/{project}", a.removeGolden) // ?force=true also removes dependent volumes
 	return mux
 }
 
@@ -156,7 +157,7 @@ func (a *admin) importGolden(w http.ResponseWriter, r *http.Request) {
 	}
 	var last time.Time
 	// The import stops (and rolls back) if the client disconnects: an operator's Ctrl-C means stop.
-	gen, err := a.d.Import(r.Context(), req.Project, kind, req.Dir, func(p driver.Progress) {
+	gen, err := a.d.Import(r.Context(), req.Project, kind, req.Dir, driver.ImportOptions{RemoveSource: req.RemoveSource}, func(p driver.Progress) {
 		if time.Since(last) >= 500*time.Millisecond || p.Phase == "done" {
 			last = time.Now()
 			send(importEvent{Progress: &p})
@@ -184,6 +185,6 @@ func (a *admin) reclaim(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *admin) removeGolden(w http.ResponseWriter, r *http.Request) {
-	err := a.d.RemoveGolden(r.Context(), r.PathValue("project"))
+	err := a.d.RemoveGolden(r.Context(), r.PathValue("project"), r.URL.Query().Get("force") == "true")
 	a.reply(w, map[string]string{"removed": r.PathValue("project")}, err)
 }

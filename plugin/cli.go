@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -214,6 +215,7 @@ func cmdGoldenImport(args []string) error {
 	c := newCLI("golden import", "golden import DIR --project PRJ [--type block|fs] [--json]")
 	project := c.fs.String("project", "", "project to seed (required)")
 	kind := c.fs.String("type", "block", "block (XFS image or zvol, for /var/lib/docker) or fs (ZFS dataset, for git workspaces)")
+	removeSource := c.fs.Bool("remove-source", false, "delete DIR after the copy has been verified entry by entry and snapshotted")
 	if err := c.parse(args, 1); err != nil {
 		return err
 	}
@@ -224,7 +226,7 @@ func cmdGoldenImport(args []string) error {
 	if err != nil {
 		return err
 	}
-	resp, err := c.do("POST", "/v1/import", importRequest{Project: *project, Dir: dir, Type: *kind})
+	resp, err := c.do("POST", "/v1/import", importRequest{Project: *project, Dir: dir, Type: *kind, RemoveSource: *removeSource})
 	if err != nil {
 		return err
 	}
@@ -347,12 +349,17 @@ func cmdGoldenReclaim(args []string) error {
 }
 
 func cmdGoldenRemove(args []string) error {
-	c := newCLI("golden rm", "golden rm PRJ")
+	c := newCLI("golden rm", "golden rm PRJ [--force]")
+	force := c.fs.Bool("force", false, "also remove every volume cloned from the golden (refused if any is mounted)")
 	if err := c.parse(args, 1); err != nil {
 		return err
 	}
 	var out map[string]string
-	if err := c.call("DELETE", "/v1/goldens/"+c.args[0], nil, &out); err != nil {
+	path := "/v1/goldens/" + url.PathEscape(c.args[0])
+	if *force {
+		path += "?force=true"
+	}
+	if err := c.call("DELETE", path, nil, &out); err != nil {
 		return err
 	}
 	if c.json {

@@ -29,6 +29,8 @@ type serveConfig struct {
 	ImportWait      time.Duration
 	WaitPool        time.Duration
 	KeepGenerations int
+	LegacyGoldens   string
+	LegacyRemove    bool
 	Adopt           bool
 	LogLevel        string
 	LogFormat       string
@@ -99,6 +101,8 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.duration(&c.ImportWait, "import-wait", "ZGOLDEN_IMPORT_WAIT", 90*time.Second, "how long a Create waits for its project's running golden import before failing with a retryable error (Docker allows 2m)")
 	fs.duration(&c.WaitPool, "wait-pool", "ZGOLDEN_WAIT_POOL", 0, "at start-up, wait this long for the ZFS pool to be imported before giving up (for boot ordering)")
 	fs.integer(&c.KeepGenerations, "keep-generations", "ZGOLDEN_KEEP_GENERATIONS", 1, "after a promotion, keep this many newest generations of the project; older ones are reclaimed once no volume uses them (0 disables automatic reclaim)")
+	fs.str(&c.LegacyGoldens, "legacy-goldens", "ZGOLDEN_LEGACY_GOLDENS", "", "directory pattern of file-based goldens, such as /srv/golden/{project}: a Create for a project with no golden imports its directory in the background")
+	fs.boolean(&c.LegacyRemove, "legacy-remove", "ZGOLDEN_LEGACY_REMOVE", false, "delete a legacy golden directory once its import is verified and complete")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
 	fs.str(&c.LogFormat, "log-format", "ZGOLDEN_LOG_FORMAT", "text", "text or json")
@@ -119,6 +123,9 @@ func parseServe(args []string) (serveConfig, error) {
 	case "auto", "zfs", "reflink":
 	default:
 		fs.errs = append(fs.errs, fmt.Sprintf("--backend %q must be auto, zfs or reflink", c.Backend))
+	}
+	if c.LegacyGoldens != "" && (!strings.Contains(c.LegacyGoldens, "{project}") || !strings.HasPrefix(c.LegacyGoldens, "/")) {
+		fs.errs = append(fs.errs, fmt.Sprintf("--legacy-goldens %q must be an absolute path containing {project}", c.LegacyGoldens))
 	}
 	if c.AdminSocket == "" {
 		c.AdminSocket = c.StateDir + "/admin.sock"

@@ -120,6 +120,7 @@ func serve(args []string) error {
 	d, err := driver.New(ctx, driver.Config{
 		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir,
 		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Log: log,
+		LegacyGoldens: c.LegacyGoldens, LegacyRemove: c.LegacyRemove,
 	})
 	if err != nil {
 		return err

@@ -14,6 +14,7 @@ import (
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/reflinkstore"
+	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
@@ -21,14 +22,8 @@ import (
 // integration tests and must never pass without having run.
 func requireHost(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipped: reflinkstore integration tests need root for loop devices and mounts (run them with sudo)")
-	}
-	for _, tool := range []string{"mkfs.xfs", "xfs_growfs", "xfs_freeze", "losetup", "mount", "umount", "cp"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("skipped: %s is not installed (apt-get install xfsprogs util-linux coreutils)", tool)
-		}
-	}
+	harness.RequireRoot(t)
+	harness.RequireTools(t, "mkfs.xfs", "xfs_growfs", "xfs_freeze", "losetup", "mount", "umount", "cp")
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
 		t.Skip("skipped: /dev/loop-control is missing: this host (or container) has no loop devices")
 	}

@@ -42,7 +42,7 @@ func (e *env) importTree(t *testing.T, project string) driver.Generation {
 	src := t.TempDir()
 	drivertest.MakeTree(t, src)
 	var phases []string
-	gen, err := e.d.Import(testCtx(t), project, driver.KindBlock, src, func(p driver.Progress) {
+	gen, err := e.d.Import(testCtx(t), project, driver.KindBlock, src, driver.ImportOptions{}, func(p driver.Progress) {
 		if len(phases) == 0 || phases[len(phases)-1] != p.Phase {
 			phases = append(phases, p.Phase)
 		}
@@ -210,7 +210,7 @@ func lifecycle(t *testing.T, e *env, wantMode string) {
 	if got := e.generations(t, "prj"); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("generations and dependents = %v, want %v", got, want)
 	}
-	if err := e.d.RemoveGolden(testCtx(t), "prj"); !errors.Is(err, driver.ErrHasDependents) {
+	if err := e.d.RemoveGolden(testCtx(t), "prj", false); !errors.Is(err, driver.ErrHasDependents) {
 		t.Fatalf("RemoveGolden with dependents: err = %v, want ErrHasDependents", err)
 	}
 	if err := e.store.RemoveGeneration(testCtx(t), "prj", 1); !errors.Is(err, driver.ErrGenerationInUse) {
@@ -237,7 +237,7 @@ func lifecycle(t *testing.T, e *env, wantMode string) {
 	drivertest.CheckTree(t, mc)
 	e.unmount(t, "c", "cc")
 	e.remove(t, "c")
-	if err := e.d.RemoveGolden(testCtx(t), "prj"); err != nil {
+	if err := e.d.RemoveGolden(testCtx(t), "prj", false); err != nil {
 		t.Fatalf("RemoveGolden: %v", err)
 	}
 	if v, g := e.storeEntries(t, "volumes"), e.storeEntries(t, "goldens"); len(v)+len(g) > 0 {
@@ -501,7 +501,7 @@ func TestNoSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(src, "big"), string(data))
-	_, err = e.d.Import(ctx, "full", driver.KindBlock, src, nil)
+	_, err = e.d.Import(ctx, "full", driver.KindBlock, src, driver.ImportOptions{}, nil)
 	if !errors.Is(err, driver.ErrNoSpace) {
 		t.Fatalf("Import larger than the store: err = %v, want ErrNoSpace", err)
 	}
@@ -602,7 +602,7 @@ func TestInvalidNamesTouchNothing(t *testing.T) {
 	if err := os.Remove(filepath.Join(goldens, "evil")); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.d.RemoveGolden(ctx, "prj"); err != nil {
+	if err := e.d.RemoveGolden(ctx, "prj", false); err != nil {
 		t.Fatal(err)
 	}
 	e.finish(t)

@@ -158,7 +158,7 @@ func (h *harness) importGolden(t *testing.T, project string) driver.Generation {
 	src := t.TempDir()
 	MakeTree(t, src)
 	var calls int
-	gen, err := h.d.Import(ctx(t), project, driver.KindBlock, src, func(driver.Progress) { calls++ })
+	gen, err := h.d.Import(ctx(t), project, driver.KindBlock, src, driver.ImportOptions{}, func(driver.Progress) { calls++ })
 	if err != nil {
 		t.Fatalf("Import: %v", err)
 	}
@@ -183,7 +183,7 @@ func (h *harness) removeAllAndCheckLeaks(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, g := range gs {
-		if err := h.d.RemoveGolden(ctx(t), g.Project); err != nil {
+		if err := h.d.RemoveGolden(ctx(t), g.Project, false); err != nil {
 			t.Fatalf("RemoveGolden(%s): %v", g.Project, err)
 		}
 	}
@@ -596,14 +596,14 @@ func testIdempotent(t *testing.T, h *harness) {
 func testRemoveGolden(t *testing.T, h *harness) {
 	h.importGolden(t, "prj")
 	h.create(t, "dep", map[string]string{"golden": "prj"})
-	if err := h.d.RemoveGolden(ctx(t), "prj"); !errors.Is(err, driver.ErrHasDependents) {
+	if err := h.d.RemoveGolden(ctx(t), "prj", false); !errors.Is(err, driver.ErrHasDependents) {
 		t.Fatalf("RemoveGolden with a dependent volume: err = %v, want ErrHasDependents", err)
 	}
 	mp := h.mount(t, "dep", "c")
 	CheckTree(t, mp)
 	h.unmount(t, "dep", "c")
 	h.remove(t, "dep")
-	if err := h.d.RemoveGolden(ctx(t), "prj"); err != nil {
+	if err := h.d.RemoveGolden(ctx(t), "prj", false); err != nil {
 		t.Fatalf("RemoveGolden without dependents: %v", err)
 	}
 	h.removeAllAndCheckLeaks(t)
