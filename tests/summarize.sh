@@ -10,7 +10,8 @@ skip=$(grep -cE '^\s*--- SKIP' "$log" || true)
 pkgfail=$(grep -cE '^(FAIL\s|panic:|# )' "$log" || true)
 if [ "$skip" -gt 0 ]; then
 	echo "== $label: skipped tests and why"
-	grep -A1 -E '^\s*--- SKIP' "$log" | grep -vE '^--$' | sed 's/^/  /'
+	# go test -v prints the reason on the line before "--- SKIP".
+	grep -B1 -E '^\s*--- SKIP' "$log" | grep -vE '^--$' | paste - - | sed -E 's/^\s*(.*)\t\s*--- SKIP: ([^ ]+).*/  \2: \1/'
 fi
 if [ "$fail" -gt 0 ] || [ "$pkgfail" -gt 0 ]; then
 	echo "== $label: failures"
