@@ -15,6 +15,7 @@ import (
 
 	"github.com/moby/locker"
 	"github.com/sirupsen/logrus"
+	"github.com/zgolden/zgolden/internal/fault"
 )
 
 // Config is the driver's configuration, validated by New.
@@ -35,7 +36,9 @@ type Config struct {
 	LegacyGoldens string
 	// LegacyRemove deletes a legacy golden directory once its import is verified and complete.
 	LegacyRemove bool
-	Log          *logrus.Entry
+	// Faults crashes the process at a named step, for crash tests; nil in production.
+	Faults *fault.Injector
+	Log    *logrus.Entry
 }
 
 // Driver serves the Docker volume API and the admin commands.
@@ -205,6 +208,7 @@ func (d *Driver) Create(ctx context.Context, name string, opts map[string]string
 	if err != nil {
 		return fmt.Errorf("create volume %q: %w", name, err)
 	}
+	d.cfg.Faults.Hit("create:before-reply")
 	d.mu.Lock()
 	d.vols[name] = &volState{Volume: v, ids: map[string]struct{}{}}
 	d.mu.Unlock()
@@ -262,9 +266,11 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 			return fmt.Errorf("remove volume %q: %w", name, err)
 		}
 	}
+	d.cfg.Faults.Hit("remove:after-unmount")
 	if err := d.backend.Remove(ctx, st.Volume); err != nil {
 		return fmt.Errorf("remove volume %q: %w", name, err)
 	}
+	d.cfg.Faults.Hit("remove:after-destroy")
 	d.mu.Lock()
 	delete(d.vols, name)
 	d.mu.Unlock()
@@ -316,6 +322,7 @@ func (d *Driver) Mount(ctx context.Context, name, id string) (string, error) {
 			}
 			return "", fmt.Errorf("mount volume %q: %w", name, err)
 		}
+		d.cfg.Faults.Hit("mount:after-mount")
 		d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source, "mountpoint": target}).Info("volume mounted")
 	}
 	d.mu.Lock()

@@ -132,6 +132,7 @@ func (d *Driver) runImport(ctx context.Context, st *importState, project string,
 	if err != nil {
 		return Generation{}, fmt.Errorf("import %s as golden %q: %w", src, project, err)
 	}
+	d.cfg.Faults.Hit("import:before-reply")
 	log.WithFields(logrus.Fields{"generation": gen.Number, "took": time.Since(st.started).Round(time.Millisecond).String()}).Info("golden import finished")
 	if opts.RemoveSource {
 		// The backend verified the copy entry by entry before snapshotting it.
@@ -213,6 +214,7 @@ func (d *Driver) Promote(ctx context.Context, volume, project string) (Generatio
 	if err != nil {
 		return Generation{}, fmt.Errorf("promote volume %q to golden %q: %w", volume, project, err)
 	}
+	d.cfg.Faults.Hit("promote:before-reply")
 	d.log.WithFields(logrus.Fields{
 		"volume": volume, "project": project, "generation": gen.Number, "frozen": mounted,
 		"took": time.Since(start).Round(time.Millisecond).String(),

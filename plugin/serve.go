@@ -16,6 +16,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/reflinkstore"
 	"github.com/zgolden/zgolden/zfsstore"
 )
@@ -40,7 +41,7 @@ func newLogger(c serveConfig) (*logrus.Logger, error) {
 }
 
 // openBackend chooses and opens the backend, saying which and why.
-func openBackend(ctx context.Context, c serveConfig, log *logrus.Entry) (driver.Backend, error) {
+func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log *logrus.Entry) (driver.Backend, error) {
 	useZFS := c.Backend == "zfs"
 	if c.Parent == "" && c.Backend != "reflink" {
 		if c.Parent = zfsstore.DefaultParent(ctx); c.Parent != "" {
@@ -63,7 +64,7 @@ func openBackend(ctx context.Context, c serveConfig, log *logrus.Entry) (driver.
 		return zfsstore.New(ctx, zfsstore.Config{
 			Parent: c.Parent, Volblocksize: c.Volblocksize, Compression: c.Compression,
 			Discard: c.Discard, DefaultSize: c.DefaultSize, Adopt: c.Adopt,
-			WorkDir: filepath.Join(c.StateDir, "work"), Log: log,
+			WorkDir: filepath.Join(c.StateDir, "work"), Faults: faults, Log: log,
 		})
 	}
 	reason := "no --parent dataset is configured"
@@ -75,7 +76,7 @@ func openBackend(ctx context.Context, c serveConfig, log *logrus.Entry) (driver.
 	log.WithFields(logrus.Fields{"backend": "reflink", "root": c.Root, "reason": reason}).Info("backend chosen: reflink image store")
 	return reflinkstore.New(ctx, reflinkstore.Config{
 		Root: c.Root, StoreSize: c.StoreSize, Discard: c.Discard, DefaultSize: c.DefaultSize,
-		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Log: log,
+		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Faults: faults, Log: log,
 	})
 }
 
@@ -113,14 +114,22 @@ func serve(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	backend, err := openBackend(ctx, c, log)
+	// Fault injection is for crash tests only: an environment variable, never a flag.
+	faults := fault.FromEnv()
+	if !faults.Valid() {
+		return fmt.Errorf("$%s=%q is not a fault point; known points: %v", fault.EnvVar, faults.Point(), fault.Points)
+	}
+	if faults != nil {
+		log.WithField("point", faults.Point()).Warn("fault injection is on: the plugin will SIGKILL itself at this point")
+	}
+	backend, err := openBackend(ctx, c, faults, log)
 	if err != nil {
 		return err
 	}
 	d, err := driver.New(ctx, driver.Config{
 		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir,
 		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Log: log,
-		LegacyGoldens: c.LegacyGoldens, LegacyRemove: c.LegacyRemove,
+		LegacyGoldens: c.LegacyGoldens, LegacyRemove: c.LegacyRemove, Faults: faults,
 	})
 	if err != nil {
 		return err

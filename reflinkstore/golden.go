@@ -304,6 +304,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	if err := s.cloneConsistent(ctx, log, tmp, src, mountpoint); err != nil {
 		return fail(tmp, err)
 	}
+	s.cfg.Faults.Hit("promote:after-copy") // the reflink is the snapshot and the copy at once
 	m := meta{
 		attrKind: string(v.Kind), attrState: stateReady, attrFrom: v.Name,
 		attrCreated: strconv.FormatInt(time.Now().Unix(), 10),
@@ -434,6 +435,7 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	if err := s.format(ctx, tmp, max(s.cfg.DefaultSize, roundUp(uint64(size.Bytes)*2, 1<<30))); err != nil {
 		return fail(err)
 	}
+	s.cfg.Faults.Hit("import:after-create")
 	dir := filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n))
 	if err := xfsutil.Mount(ctx, tmp.Name(), dir, []string{"loop", "nouuid"}); err != nil {
 		if rerr := s.releaseLoops(tmp.Name()); rerr != nil {
@@ -470,10 +472,12 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 		}
 		return fail(mapErr(copyErr))
 	}
+	s.cfg.Faults.Hit("import:after-copy")
 	// The completion marker: from here a crash rolls forward (see cleanTemps).
 	if err := setAttrs(tmp, meta{attrState: stateReady}); err != nil {
 		return fail(mapErr(err))
 	}
+	s.cfg.Faults.Hit("import:after-marker")
 	if err := commit(tmp, genImage(p.dir, n)); err != nil {
 		return fail(mapErr(err))
 	}

@@ -37,6 +37,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
@@ -73,7 +74,9 @@ type Config struct {
 	WorkDir string
 	// Adopt lets the store use a root that already holds files it did not create.
 	Adopt bool
-	Log   *logrus.Entry
+	// Faults crashes the process at a named step, for crash tests; nil in production.
+	Faults *fault.Injector
+	Log    *logrus.Entry
 }
 
 // Store is the reflink backend.

@@ -340,6 +340,7 @@ func (s *Store) createClone(spec driver.Spec, img string, gen *driver.Generation
 	if err := xfsutil.Clone(tmp, src); err != nil {
 		return fail(mapErr(err))
 	}
+	s.cfg.Faults.Hit("create:after-clone") // a temporary image, not yet a volume
 	if grow > 0 {
 		// Only the image grows here (sparse, instant); the XFS inside grows at the first mount,
 		// which is the first time it is mounted anyway.
@@ -373,6 +374,7 @@ func (s *Store) createEmpty(ctx context.Context, img, name string, size uint64, 
 		s.discard(log, tmp)
 		return err
 	}
+	s.cfg.Faults.Hit("create:after-format")
 	if err := setAttrs(tmp, m); err != nil {
 		s.discard(log, tmp)
 		return mapErr(err)

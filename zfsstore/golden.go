@@ -214,6 +214,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	if err := s.snapshotConsistent(ctx, v.Kind, mountpoint, snap); err != nil {
 		return driver.Generation{}, err
 	}
+	s.cfg.Faults.Hit("promote:after-snapshot")
 	row, err := s.zfs.Get(ctx, ds, "origin")
 	if err != nil {
 		s.dropSnapshot(ctx, log, snap)
@@ -241,6 +242,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 			s.dropSnapshot(ctx, log, snap)
 			return driver.Generation{}, mapErr(err)
 		}
+		s.cfg.Faults.Hit("promote:after-copy")
 		s.dropSnapshot(ctx, log, snap)
 	case origin == "":
 		// A volume that is not a clone (a cold start or a plain volume): clone its snapshot and
@@ -252,6 +254,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 			s.dropSnapshot(ctx, log, snap)
 			return driver.Generation{}, mapErr(err)
 		}
+		s.cfg.Faults.Hit("promote:after-copy")
 		if err := s.zfs.Promote(ctx, target); err != nil {
 			s.rollback(ctx, log, target)
 			s.dropSnapshot(ctx, log, snap)
@@ -267,6 +270,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 			s.dropSnapshot(ctx, log, snap)
 			return driver.Generation{}, mapErr(err)
 		}
+		s.cfg.Faults.Hit("promote:after-copy")
 		s.dropSnapshot(ctx, log, snap)
 		if err := s.zfs.Set(ctx, target, zfsutil.Props{propState: "ready", "dedup": "off"}); err != nil {
 			s.rollback(ctx, log, target)
@@ -363,6 +367,7 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	if err := s.createEmpty(ctx, ds, kind, volSize, props); err != nil {
 		return driver.Generation{}, err
 	}
+	s.cfg.Faults.Hit("import:after-create")
 	fail := func(err error) (driver.Generation, error) {
 		s.rollback(ctx, log, ds)
 		return driver.Generation{}, err
@@ -394,10 +399,12 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	if uerr != nil {
 		return fail(mapErr(uerr))
 	}
+	s.cfg.Faults.Hit("import:after-copy")
 	// The completion marker. From here a crash rolls forward: Load snapshots a ready lineage.
 	if err := s.zfs.Set(ctx, ds, zfsutil.Props{propState: "ready"}); err != nil {
 		return fail(mapErr(err))
 	}
+	s.cfg.Faults.Hit("import:after-marker")
 	// The filesystem is unmounted, so the snapshot is consistent without a freeze.
 	if err := s.zfs.Snapshot(ctx, genSnapshot(ds, n), zfsutil.Props{propFrom: "import:" + src}); err != nil {
 		return fail(mapErr(err))

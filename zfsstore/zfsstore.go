@@ -28,6 +28,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
@@ -51,13 +52,14 @@ const (
 
 // Config configures the ZFS store.
 type Config struct {
-	Parent        string        // parent dataset, such as tank/zgolden
-	Volblocksize  string        // for new zvols; 8K (see pitfalls #10)
-	Compression   string        // for new datasets; lz4
-	Discard       bool          // mount XFS with discard
-	DeviceTimeout time.Duration // bound on waiting for /dev/zvol nodes
-	DefaultSize   uint64        // size of a fresh zvol, and of an imported golden at least
-	WorkDir       string        // where imports mount their golden while copying
+	Parent        string          // parent dataset, such as tank/zgolden
+	Volblocksize  string          // for new zvols; 8K (see pitfalls #10)
+	Compression   string          // for new datasets; lz4
+	Discard       bool            // mount XFS with discard
+	DeviceTimeout time.Duration   // bound on waiting for /dev/zvol nodes
+	DefaultSize   uint64          // size of a fresh zvol, and of an imported golden at least
+	WorkDir       string          // where imports mount their golden while copying
+	Faults        *fault.Injector // crash points for tests; nil in production
 	// Adopt lets the store use a parent dataset that already has children it did not create.
 	Adopt bool
 	Log   *logrus.Entry
@@ -343,6 +345,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if err := s.zfs.Clone(ctx, gen.Source, ds, props); err != nil {
 			return v, mapErr(err)
 		}
+		s.cfg.Faults.Hit("create:after-clone")
 		if grow {
 			if err := s.grow(ctx, ds, spec.Size); err != nil {
 				s.rollback(ctx, log, ds)
@@ -361,6 +364,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if err := s.createEmpty(ctx, ds, spec.Kind, spec.Size, props); err != nil {
 			return v, err
 		}
+		s.cfg.Faults.Hit("create:after-format") // made and formatted, still marked creating
 		if err := s.zfs.Set(ctx, ds, zfsutil.Props{propState: "ready"}); err != nil {
 			s.rollback(ctx, log, ds)
 			return v, mapErr(err)
@@ -373,6 +377,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			s.rollback(ctx, log, ds)
 			return v, err
 		}
+		s.cfg.Faults.Hit("create:after-device")
 	}
 	row, err := s.zfs.Get(ctx, ds, volProps...)
 	if err != nil {
