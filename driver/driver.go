@@ -117,8 +117,9 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 //   - the kernel's mount table (what is mounted).
 //
 // References of an unmounted volume are dropped: the host rebooted, or the plugin died between
-// saving a new reference and mounting. A mounted volume with no references is unmounted: the
-// plugin died between unmounting its last reference and saving that.
+// unmounting a volume for its last caller and saving that. A mounted volume with no references
+// is unmounted: the plugin died between mounting a volume and saving its first reference
+// (Docker saw that Mount fail), or the reference file was lost.
 func (d *Driver) recover(ctx context.Context) error {
 	vols, err := d.backend.Load(ctx)
 	if err != nil {
@@ -148,7 +149,7 @@ func (d *Driver) recover(ctx context.Context) error {
 				return err
 			}
 		case len(st.ids) == 0 && mounted:
-			log.Warn("volume is mounted but no container holds it (interrupted unmount); unmounting")
+			log.Warn("volume is mounted but no container holds it (interrupted mount); unmounting")
 			if err := d.backend.Unmount(ctx, v, target); err != nil {
 				return fmt.Errorf("unmount %s left by an interrupted operation: %w", v.Name, err)
 			}
@@ -310,20 +311,25 @@ func (d *Driver) Mount(ctx context.Context, name, id string) (string, error) {
 	}
 	next := copyIDs(st.ids)
 	next[id] = struct{}{}
-	// Save the reference before mounting: if the plugin dies in between, start-up sees a
-	// reference without a mount and drops it. The reverse order could leave a mount nobody owns.
-	if err := d.refs.save(name, next); err != nil {
-		return "", err
-	}
+	// Mount first, save the reference second. If the plugin dies in between, Docker sees the
+	// Mount fail (EOF or connection refused), never starts the container and never calls
+	// Unmount for this ID; start-up then finds a mount with no reference and unmounts it (see
+	// recover). Saving first would leave a reference to a container that never ran, pinning
+	// the volume as "mounted by 1 container" for ever.
 	if !mounted {
 		if err := d.backend.Mount(ctx, st.Volume, target); err != nil {
-			if rerr := d.refs.save(name, st.ids); rerr != nil {
-				d.log.WithError(rerr).WithField("volume", name).Error("could not roll back the mount reference")
-			}
 			return "", fmt.Errorf("mount volume %q: %w", name, err)
 		}
 		d.cfg.Faults.Hit("mount:after-mount")
 		d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source, "mountpoint": target}).Info("volume mounted")
+	}
+	if err := d.refs.save(name, next); err != nil {
+		if !mounted { // nobody else holds it: do not leave a mount without a reference
+			if uerr := d.backend.Unmount(ctx, st.Volume, target); uerr != nil {
+				d.log.WithError(uerr).WithField("volume", name).Error("could not unmount after failing to save the mount reference; it is unmounted at the next start or Remove")
+			}
+		}
+		return "", fmt.Errorf("mount volume %q: save its mount reference: %w", name, err)
 	}
 	d.mu.Lock()
 	st.ids = next
