@@ -149,8 +149,13 @@ func (d *Driver) recover(ctx context.Context) error {
 				return err
 			}
 		case len(st.ids) == 0 && mounted:
-			log.Warn("volume is mounted but no container holds it (interrupted mount); unmounting")
-			if err := d.backend.Unmount(ctx, v, target); err != nil {
+			log.Warn("volume is mounted but no container holds it (interrupted mount or unmount); unmounting")
+			if err := d.backend.Unmount(ctx, v, target); errors.Is(err, ErrBusy) {
+				// A process still uses it (an Unmount failed busy before the restart): one busy
+				// volume must not stop the plugin from serving every other. It stays mounted;
+				// Remove unmounts it, or reports it busy, and the next Mount reuses it.
+				log.WithError(err).Warn("leaving the volume mounted: it is still busy")
+			} else if err != nil {
 				return fmt.Errorf("unmount %s left by an interrupted operation: %w", v.Name, err)
 			}
 		case mounted:
@@ -357,6 +362,7 @@ func (d *Driver) Unmount(ctx context.Context, name, id string) error {
 	next := copyIDs(st.ids)
 	delete(next, id)
 	target := d.mountpoint(name)
+	var unmountErr error
 	if len(next) == 0 {
 		mounted, err := d.backend.Mounted(target)
 		if err != nil {
@@ -364,18 +370,24 @@ func (d *Driver) Unmount(ctx context.Context, name, id string) error {
 		}
 		if mounted {
 			if err := d.backend.Unmount(ctx, st.Volume, target); err != nil {
-				return fmt.Errorf("unmount volume %q: %w", name, err)
+				// The caller's hold is released all the same: Docker ignores a failed Unmount
+				// (the container is gone) and never sends it again, so keeping the ID would pin
+				// the volume as "mounted by 1 container" for ever. The filesystem stays mounted
+				// (never lazily detached); Remove unmounts it, or reports it busy, and the next
+				// Mount reuses it.
+				unmountErr = fmt.Errorf("unmount volume %q: %w", name, err)
+			} else {
+				d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source}).Info("volume unmounted")
 			}
-			d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source}).Info("volume unmounted")
 		}
 	}
 	if err := d.refs.save(name, next); err != nil {
-		return err
+		return errors.Join(unmountErr, err)
 	}
 	d.mu.Lock()
 	st.ids = next
 	d.mu.Unlock()
-	return nil
+	return unmountErr
 }
 
 func copyIDs(ids map[string]struct{}) map[string]struct{} {
