@@ -49,9 +49,16 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 	rc=0; ZGOLDEN_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m -v ./... 2>&1 | tee build/test-host.log || rc=$$?; \
 	  bash tests/summarize.sh host build/test-host.log && exit $$rc
 
+# The packages whose tests need ZFS (the rest run on the host).
+VM_PKGS ?= ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e $(wildcard ./tests/crash ./tests/stress ./tests/hostile)
+
 .PHONY: test-vm
-test-vm: ## as root: the same packages inside a qemu guest with the real zfs kernel module
-	bash tests/vm/run.sh
+test-vm: ## as root: the ZFS packages inside a qemu guest with the real zfs kernel module
+	bash tests/vm/run.sh $(VM_PKGS)
+
+.PHONY: vm-guest
+vm-guest: ## as root: build (or reuse the cached) guest and test images only
+	bash tests/vm/build-guest.sh
 
 .PHONY: fuzz
 fuzz: ## fuzz name, option and size parsing for FUZZTIME each

@@ -155,8 +155,8 @@ func TestGoldenClonesThroughDocker(t *testing.T) {
 	b.volume(t, "zg-a", "golden=prj_x")
 	b.volume(t, "zg-b", "golden=prj_x")
 
-	b.container(t, "zg-ca", "-v", "zg-a:/data", harness.BusyboxImage, "sleep", "600")
-	b.container(t, "zg-cb", "-v", "zg-b:/data", harness.BusyboxImage, "sleep", "600")
+	b.container(t, "zg-ca", "-v", "zg-a:/data", harness.BusyboxImage(), "sleep", "600")
+	b.container(t, "zg-cb", "-v", "zg-b:/data", harness.BusyboxImage(), "sleep", "600")
 	for _, c := range []string{"zg-ca", "zg-cb"} {
 		if got := b.docker(t, "exec", c, "cat", "/data/README"); got != "golden content" {
 			t.Fatalf("%s reads %q from the golden's README", c, got)
@@ -186,7 +186,7 @@ func TestGoldenClonesThroughDocker(t *testing.T) {
 	// Docker-in-Docker: the clone is /var/lib/docker of an inner engine, which must pick
 	// overlay2 on xfs (it refuses overlay2 on a filesystem without d_type).
 	b.docker(t, "rm", "-f", "zg-cb")
-	b.container(t, "zg-dind", append(harness.DindArgs(t), "-v", "zg-b:/var/lib/docker", harness.DindImage, "dind-dockerd")...)
+	b.container(t, "zg-dind", append(harness.DindArgs(t), "-v", "zg-b:/var/lib/docker", harness.DindImage(), "dind-dockerd")...)
 	var info string
 	deadline := time.Now().Add(90 * time.Second)
 	for {
@@ -254,7 +254,7 @@ func TestRestartWithMountedVolumes(t *testing.T) {
 	b.importGolden(t, "prj")
 	b.volume(t, "zg-live", "golden=prj")
 	b.volume(t, "zg-idle")
-	b.container(t, "zg-user", "-v", "zg-live:/data", harness.BusyboxImage, "sleep", "600")
+	b.container(t, "zg-user", "-v", "zg-live:/data", harness.BusyboxImage(), "sleep", "600")
 	b.docker(t, "exec", "zg-user", "sh", "-c", "echo before > /data/marker")
 
 	b.p.Stop(syscall.SIGKILL)
@@ -277,7 +277,7 @@ func TestRestartWithMountedVolumes(t *testing.T) {
 	}
 	assertNoMounts(t, b.p.MountRoot)
 	// A second container mounts again after the restart (nouuid on a remount).
-	b.container(t, "zg-user2", "-v", "zg-live:/data", harness.BusyboxImage, "sleep", "600")
+	b.container(t, "zg-user2", "-v", "zg-live:/data", harness.BusyboxImage(), "sleep", "600")
 	if got := b.docker(t, "exec", "zg-user2", "cat", "/data/marker"); got != "before" {
 		t.Fatalf("remount after restart reads %q", got)
 	}

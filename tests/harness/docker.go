@@ -10,11 +10,20 @@ import (
 	"testing"
 )
 
-// Image names the tests import; there is no registry, so they come from rootfs tarballs.
-const (
-	BusyboxImage = "zgolden-test/busybox:latest"
-	DindImage    = "zgolden-test/dind:latest"
-)
+// The images tests use; there is no registry, so they come from rootfs tarballs. The guest
+// preloads them into its engine at build time (importing the dind tarball under emulation takes
+// minutes) and names them in ZGOLDEN_BUSYBOX_IMAGE and ZGOLDEN_DIND_IMAGE.
+func BusyboxImage() string { return envOr("ZGOLDEN_BUSYBOX_IMAGE", "zgolden-test/busybox:latest") }
+
+// DindImage is the Docker-in-Docker image (see BusyboxImage).
+func DindImage() string { return envOr("ZGOLDEN_DIND_IMAGE", "zgolden-test/dind:latest") }
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
 
 var (
 	engineOnce sync.Once
@@ -67,8 +76,8 @@ func Docker(t testing.TB) {
 func importImages() string {
 	tars := map[string]string{}
 	if dir := os.Getenv("ZGOLDEN_IMAGES"); dir != "" {
-		tars[BusyboxImage] = filepath.Join(dir, "busybox.tar")
-		tars[DindImage] = filepath.Join(dir, "dind.tar")
+		tars[BusyboxImage()] = filepath.Join(dir, "busybox.tar")
+		tars[DindImage()] = filepath.Join(dir, "dind.tar")
 	} else {
 		out, err := exec.Command("bash", filepath.Join(repoRoot(), "tests/setup/images.sh")).Output()
 		if err != nil {
@@ -77,9 +86,9 @@ func importImages() string {
 		for _, line := range strings.Split(string(out), "\n") {
 			switch k, v, _ := strings.Cut(line, "="); k {
 			case "busybox":
-				tars[BusyboxImage] = v
+				tars[BusyboxImage()] = v
 			case "dind":
-				tars[DindImage] = v
+				tars[DindImage()] = v
 			}
 		}
 	}
