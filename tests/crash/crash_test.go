@@ -1,0 +1,531 @@
+package crash
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/zgolden/zgolden/driver/drivertest"
+	"github.com/zgolden/zgolden/internal/fault"
+	"github.com/zgolden/zgolden/tests/harness"
+)
+
+// baseProject is the golden every clone scenario clones; no scenario changes it.
+const baseProject = "base"
+
+// run is one scenario's state: what it made, for its checks and its cleanup.
+type run struct {
+	e          *env
+	vol        string   // the volume the operation works on
+	project    string   // the golden project the operation works on
+	dir        string   // an import's source
+	containers []string // docker containers to remove
+	projects   []string // golden projects to remove
+	n          int      // counter for container names
+}
+
+// scenario drives one operation that can reach a fault point.
+type scenario struct {
+	variant string
+	// prepare runs on the plugin before the fault is armed, so that it can use any operation.
+	prepare func(t *testing.T, s *run)
+	// act is the operation, with the fault armed. It runs in its own goroutine: it must not call
+	// t's fatal methods, and it returns the command's output and error.
+	act func(s *run) (string, error)
+	// retry repeats the operation after the restart; it must succeed.
+	retry func(t *testing.T, s *run) error
+	// after checks what the retried operation produced.
+	after func(t *testing.T, s *run)
+}
+
+func dockerRun(s *run, args ...string) (string, error) {
+	s.n++
+	name := s.e.name(fmt.Sprintf("c%s-%d", strings.ReplaceAll(s.vol, s.e.name(""), ""), s.n))
+	s.containers = append(s.containers, name)
+	return harness.Output("docker", append([]string{"run", "--rm", "--network", "none", "--name", name}, args...)...)
+}
+
+func dockerCreate(s *run, opts ...string) (string, error) {
+	args := []string{"volume", "create", "--driver", s.e.p.Name}
+	for _, o := range opts {
+		args = append(args, "-o", o)
+	}
+	return harness.Output("docker", append(args, s.vol)...)
+}
+
+// scenariosFor lists the operations that can reach point: each point is tried with every
+// variant whose code path might reach it (a clone and a fresh volume for Create, each kind of
+// promotion), and a variant that completes without reaching it counts as not reached.
+func scenariosFor(point string) []scenario {
+	op, _, _ := strings.Cut(point, ":")
+	create := func(opts ...string) func(s *run) (string, error) {
+		return func(s *run) (string, error) { return dockerCreate(s, opts...) }
+	}
+	retryCreate := func(opts ...string) func(t *testing.T, s *run) error {
+		return func(t *testing.T, s *run) error {
+			out, err := dockerCreate(s, opts...)
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		}
+	}
+	promote := func(s *run) (string, error) {
+		return s.e.admin("golden", "promote", s.vol, "--project", s.project)
+	}
+	retryPromote := func(t *testing.T, s *run) error {
+		if out, err := promote(s); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	}
+	hasGeneration := func(t *testing.T, s *run) {
+		for _, g := range s.e.goldens(t) {
+			if g.Project == s.project && len(g.Generations) > 0 {
+				return
+			}
+		}
+		t.Errorf("after the retried operation, golden %q has no generation", s.project)
+	}
+	switch op {
+	case "create":
+		return []scenario{
+			{variant: "clone", act: create("golden=" + baseProject), retry: retryCreate("golden=" + baseProject),
+				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }},
+			{variant: "fresh", act: create(), retry: retryCreate(),
+				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, "") }},
+		}
+	case "mount":
+		runIt := func(s *run) (string, error) {
+			return dockerRun(s, "-v", s.vol+":/data", harness.BusyboxImage(), "sh", "-c", "echo mounted > /data/m && cat /data/m")
+		}
+		return []scenario{{
+			variant: "docker-run",
+			prepare: func(t *testing.T, s *run) { must(t)(dockerCreate(s)) },
+			act:     runIt,
+			retry: func(t *testing.T, s *run) error {
+				if out, err := runIt(s); err != nil || strings.TrimSpace(out) != "mounted" {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
+			after: func(t *testing.T, s *run) {
+				// Every container has exited: nothing may still hold the volume, and Docker
+				// must be able to remove it (a reference left by the crash would pin it).
+				for _, v := range s.e.volumes(t) {
+					if v.Name == s.vol && v.mounts() != 0 {
+						t.Errorf("after the containers exited, %s is still held by %d mount(s)", s.vol, v.mounts())
+					}
+				}
+				if out, err := harness.Output("docker", "volume", "rm", s.vol); err != nil {
+					t.Errorf("docker volume rm after the containers exited: %v: %s", err, out)
+				}
+			},
+		}}
+	case "remove":
+		rm := func(s *run) (string, error) { return harness.Output("docker", "volume", "rm", s.vol) }
+		return []scenario{{
+			variant: "docker-volume-rm",
+			prepare: func(t *testing.T, s *run) {
+				must(t)(dockerCreate(s))
+				s.e.writeMarker(t, s.vol, "promoted-never") // a volume that was used
+			},
+			act: rm,
+			retry: func(t *testing.T, s *run) error {
+				// Docker forgets a volume once its driver no longer has it, so a retry of a
+				// remove that completed is "no such volume"; what counts is that it is gone.
+				if out, err := rm(s); err != nil && !strings.Contains(out, "no such volume") {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
+			after: func(t *testing.T, s *run) {
+				for _, v := range s.e.volumes(t) {
+					if v.Name == s.vol {
+						t.Errorf("the plugin still lists %s after docker volume rm succeeded", s.vol)
+					}
+				}
+				if slices.Contains(s.e.dockerNames(t), s.vol) {
+					t.Errorf("docker still lists %s after docker volume rm succeeded", s.vol)
+				}
+			},
+		}}
+	case "promote":
+		return []scenario{
+			{
+				// A volume that is not a clone: ZFS clones its snapshot and zfs-promotes it.
+				variant: "fresh-volume",
+				prepare: func(t *testing.T, s *run) {
+					must(t)(dockerCreate(s))
+					s.e.writeMarker(t, s.vol, "promoted-fresh")
+				},
+				act: promote, retry: retryPromote, after: hasGeneration,
+			},
+			{
+				// A clone of the project's newest generation: ZFS sends it incrementally into
+				// the same lineage.
+				variant: "incremental",
+				prepare: func(t *testing.T, s *run) {
+					first := *s
+					first.vol = s.vol + "a"
+					must(t)(dockerCreate(&first))
+					s.e.writeMarker(t, first.vol, "promoted-first")
+					must(t)(promote(&first))
+					must(t)(dockerCreate(s, "golden="+s.project))
+					s.e.writeMarker(t, s.vol, "promoted-second")
+				},
+				act: promote, retry: retryPromote, after: hasGeneration,
+			},
+			{
+				// A clone of another golden: ZFS copies it with a full send into a new lineage.
+				variant: "other-golden",
+				prepare: func(t *testing.T, s *run) {
+					must(t)(dockerCreate(s, "golden="+baseProject))
+					s.e.writeMarker(t, s.vol, "promoted-other")
+				},
+				act: promote, retry: retryPromote, after: hasGeneration,
+			},
+		}
+	case "import":
+		imp := func(s *run) (string, error) {
+			return s.e.admin("golden", "import", s.dir, "--project", s.project)
+		}
+		return []scenario{{
+			variant: "directory",
+			prepare: func(t *testing.T, s *run) { makeSmallTree(t, s.dir) },
+			act:     imp,
+			retry: func(t *testing.T, s *run) error {
+				if out, err := imp(s); err != nil {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
+			after: hasGeneration,
+		}}
+	}
+	return nil
+}
+
+// must fails the test when a command it is given fails: must(t)(dockerCreate(s)).
+func must(t *testing.T) func(string, error) {
+	return func(out string, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+	}
+}
+
+// expectDockerVolume checks that Docker knows name as this plugin's volume, cloned from golden.
+func (e *env) expectDockerVolume(t *testing.T, name, golden string) {
+	t.Helper()
+	v, err := e.dockerInspect(t, name)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	if g, _ := v.Status["golden"].(string); v.Driver != e.p.Name || g != golden {
+		t.Errorf("docker volume inspect %s: driver %q, golden %q; want %q, %q", name, v.Driver, g, e.p.Name, golden)
+	}
+}
+
+// restart stops the plugin (it may already be dead) and starts it with the fault point armed,
+// or with none when point is "".
+func (e *env) restart(t *testing.T, point string) {
+	t.Helper()
+	e.p.Stop(syscall.SIGTERM)
+	t.Setenv(fault.EnvVar, point)
+	e.p.Start()
+}
+
+// actAndRecover runs the operation with point armed. If the plugin kills itself there, it is
+// restarted at once without the fault, as a supervisor would, and the operation's command is
+// let finish: Docker may retry its call against the restarted plugin. It returns whether the
+// point was reached and the crashed plugin's log.
+func (e *env) actAndRecover(t *testing.T, point string, act func() (string, error)) (reached bool, crashLog, out string, err error) {
+	t.Helper()
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		o, err := act()
+		done <- result{o, err}
+	}()
+	marker := "fault injection: SIGKILL at " + point
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Minute)
+	for {
+		select {
+		case r := <-done:
+			logs := e.p.Logs()
+			e.restart(t, "")
+			return strings.Contains(logs, marker), logs, r.out, r.err
+		case <-tick.C:
+			if logs := e.p.Logs(); strings.Contains(logs, marker) {
+				e.p.Stop(syscall.SIGKILL) // it is killing itself; wait until it is gone
+				e.restart(t, "")
+				r := <-done
+				return true, logs, r.out, r.err
+			}
+		case <-deadline:
+			t.Fatalf("the operation at %s neither finished nor crashed the plugin in 10 minutes", point)
+		}
+	}
+}
+
+// check asserts every invariant a crash must not break, for the plugin as it is now.
+func (e *env) check(t *testing.T, phase string, s *run, inspect bool) {
+	t.Helper()
+	vols := e.volumes(t)
+	gs := e.goldens(t)
+	got, want := e.inventory(t), e.expected(vols, gs)
+	if l := minus(got, want); len(l) > 0 {
+		t.Errorf("%s: leaked (held by the backend, listed by nobody): %v", phase, l)
+	}
+	if l := minus(want, got); len(l) > 0 {
+		t.Errorf("%s: listed by the plugin but missing from the backend: %v", phase, l)
+	}
+	var names, wantMounts []string
+	for _, v := range vols {
+		names = append(names, v.Name)
+		mp := filepath.Join(e.p.MountRoot, v.Name)
+		if v.mounts() > 0 {
+			wantMounts = append(wantMounts, mp)
+			if v.Mountpoint != mp {
+				t.Errorf("%s: %s is held by %d mount(s) but reports mountpoint %q", phase, v.Name, v.mounts(), v.Mountpoint)
+			}
+		}
+	}
+	slices.Sort(names)
+	slices.Sort(wantMounts)
+	if gotMounts := mountsUnder(t, e.p.MountRoot); !slices.Equal(gotMounts, wantMounts) {
+		t.Errorf("%s: mounts under the mount root %v, but the plugin's references say %v", phase, gotMounts, wantMounts)
+	}
+	if m := mountsUnder(t, filepath.Join(e.stateDir, "work")); len(m) > 0 {
+		t.Errorf("%s: import mounts left in the work directory: %v", phase, m)
+	}
+	if dn := e.dockerNames(t); !slices.Equal(dn, names) {
+		t.Errorf("%s: docker volume ls says %v, the plugin lists %v", phase, dn, names)
+	}
+	var st struct{ Volumes int }
+	if out, err := e.admin("status", "--json"); err != nil || json.Unmarshal([]byte(out), &st) != nil || st.Volumes != len(vols) {
+		t.Errorf("%s: zgolden status disagrees with List (%d volumes): %v\n%s", phase, len(vols), err, out)
+	}
+	for _, v := range vols {
+		e.usable(t, phase, v)
+		if inspect {
+			dv, err := e.dockerInspect(t, v.Name)
+			if err != nil {
+				t.Errorf("%s: %v", phase, err)
+				continue
+			}
+			if m, _ := dv.Status["mounts"].(float64); dv.Driver != e.p.Name || int(m) != v.mounts() || dv.Status["source"] != v.Status["source"] {
+				t.Errorf("%s: docker volume inspect %s = driver %q status %v; the plugin says %v", phase, v.Name, dv.Driver, dv.Status, v.Status)
+			}
+		}
+	}
+	for _, g := range gs {
+		if g.Project == s.project {
+			for _, gen := range g.Generations {
+				e.generationUsable(t, phase, g.Project, gen.Number)
+			}
+		}
+	}
+}
+
+// usable proves a listed volume is complete: it mounts, takes a write, and a clone of the base
+// golden holds the golden's whole tree.
+func (e *env) usable(t *testing.T, phase string, v volume) {
+	t.Helper()
+	id := "check-" + e.id
+	mp, err := e.mount(v.Name, id)
+	if err != nil {
+		t.Errorf("%s: %s is listed but does not mount: %v", phase, v.Name, err)
+		return
+	}
+	defer func() {
+		if err := e.unmount(v.Name, id); err != nil {
+			t.Errorf("%s: unmount %s: %v", phase, v.Name, err)
+		}
+	}()
+	f := filepath.Join(mp, ".crash-check")
+	if err := os.WriteFile(f, []byte(phase), 0o644); err != nil {
+		t.Errorf("%s: %s mounts but takes no write: %v", phase, v.Name, err)
+		return
+	}
+	if got, err := os.ReadFile(f); err != nil || string(got) != phase {
+		t.Errorf("%s: %s read back %q, %v", phase, v.Name, got, err)
+	}
+	if v.str("golden") == baseProject && v.Status["generation"] != nil {
+		drivertest.CheckTree(t, mp)
+	}
+}
+
+// generationUsable clones one generation through the socket and checks its content.
+func (e *env) generationUsable(t *testing.T, phase, project string, n int) {
+	t.Helper()
+	name := e.name(fmt.Sprintf("gen-%s-%d", project, n))
+	opts := map[string]string{"golden": project, "generation": fmt.Sprint(n)}
+	if err := call(e.p.Socket, "Create", map[string]any{"Name": name, "Opts": opts}, nil); err != nil {
+		t.Errorf("%s: generation %d of %s is listed but does not clone: %v", phase, n, project, err)
+		return
+	}
+	defer func() {
+		if err := call(e.p.Socket, "Remove", map[string]string{"Name": name}, nil); err != nil {
+			t.Errorf("%s: remove the clone of generation %d of %s: %v", phase, n, project, err)
+		}
+	}()
+	mp, err := e.mount(name, "gen-check")
+	if err != nil {
+		t.Errorf("%s: a clone of generation %d of %s does not mount: %v", phase, n, project, err)
+		return
+	}
+	check := checkMarker
+	if strings.HasPrefix(project, "imp") {
+		check = checkSmallTree
+	}
+	if err := check(mp); err != nil {
+		t.Errorf("%s: generation %d of %s is incomplete: %v", phase, n, project, err)
+	}
+	if err := e.unmount(name, "gen-check"); err != nil {
+		t.Errorf("%s: unmount the clone of generation %d of %s: %v", phase, n, project, err)
+	}
+}
+
+// cleanup removes what the scenario made (containers, volumes, goldens) and checks that the
+// backend is back where it was before the scenario.
+func (s *run) cleanup(t *testing.T, before []string) {
+	e := s.e
+	for _, c := range s.containers {
+		_, _ = harness.Output("docker", "rm", "-f", c)
+	}
+	for _, name := range e.dockerNames(t) { // only names Docker knows: others cost a global lookup
+		if out, err := harness.Output("docker", "volume", "rm", name); err != nil {
+			t.Errorf("cleanup: docker volume rm %s: %v: %s", name, err, out)
+		}
+	}
+	for _, v := range e.volumes(t) {
+		if err := call(e.p.Socket, "Remove", map[string]string{"Name": v.Name}, nil); err != nil {
+			t.Errorf("cleanup: remove %s: %v", v.Name, err)
+		}
+	}
+	for _, p := range s.projects {
+		if out, err := e.p.Admin(t, "golden", "rm", p, "--force"); err != nil && !strings.Contains(out, "does not exist") {
+			t.Errorf("cleanup: zgolden golden rm %s: %v: %s", p, err, out)
+		}
+	}
+	if after := e.inventory(t); !slices.Equal(after, before) {
+		t.Errorf("cleanup: the backend held %v before the scenario and %v after it", before, after)
+	}
+	if m := mountsUnder(t, e.p.MountRoot); len(m) > 0 {
+		t.Errorf("cleanup: still mounted: %v", m)
+	}
+}
+
+// selectedPoints is fault.Points, or the subset named (by prefix) in ZGOLDEN_CRASH_POINTS.
+func selectedPoints() []string {
+	sel := os.Getenv("ZGOLDEN_CRASH_POINTS")
+	if sel == "" {
+		return fault.Points
+	}
+	var out []string
+	for _, p := range fault.Points {
+		for _, s := range strings.Split(sel, ",") {
+			if s = strings.TrimSpace(s); s != "" && strings.HasPrefix(p, s) {
+				out = append(out, p)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// TestCrashAtEveryFaultPoint kills the plugin (SIGKILL) at each fault point in turn, on this
+// machine's backend, restarts it, and checks: nothing leaked, nothing half-made listed, every
+// listed volume and generation usable, Docker and the plugin agree, the retried operation
+// succeeds, and cleaning up leaves the backend as it was. It reports how many points survived.
+func TestCrashAtEveryFaultPoint(t *testing.T) {
+	e := startEnv(t)
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	if out, err := e.p.Admin(t, "golden", "import", src, "--project", baseProject); err != nil {
+		t.Fatalf("zgolden golden import: %v\n%s", err, out)
+	}
+	points := selectedPoints()
+	var survived, notReached []string
+	var failed []string
+	k := 0
+	for _, point := range points {
+		reachedAny, allPassed := false, true
+		for _, sc := range scenariosFor(point) {
+			k++
+			var reached bool
+			ok := t.Run(point+"/"+sc.variant, func(t *testing.T) {
+				s := &run{e: e, vol: e.name(fmt.Sprintf("v%d", k)), project: fmt.Sprintf("p%d", k), dir: t.TempDir()}
+				if strings.HasPrefix(point, "import") {
+					s.project = fmt.Sprintf("imp%d", k)
+				}
+				s.projects = []string{s.project}
+				before := e.inventory(t)
+				t.Cleanup(func() { s.cleanup(t, before) })
+				if sc.prepare != nil {
+					sc.prepare(t, s)
+				}
+				e.restart(t, point)
+				var crashLog, out string
+				var err error
+				reached, crashLog, out, err = e.actAndRecover(t, point, func() (string, error) { return sc.act(s) })
+				if !reached {
+					if err != nil {
+						t.Fatalf("the operation failed without reaching %s: %v\n%s", point, err, out)
+					}
+					t.Logf("%s: not reached by %s on the %s backend", point, sc.variant, e.backend)
+					return
+				}
+				t.Logf("killed at %s; the interrupted command returned err=%v, %q", point, err, strings.TrimSpace(out))
+				defer func() {
+					if t.Failed() {
+						t.Logf("log of the plugin that crashed:\n%s", crashLog)
+						t.Logf("log of the restarted plugin:\n%s", e.p.Logs())
+					}
+				}()
+				e.check(t, "after the restart", s, false)
+				if err := sc.retry(t, s); err != nil {
+					t.Errorf("retrying the interrupted operation failed: %v", err)
+				}
+				e.check(t, "after the retry", s, true)
+				if sc.after != nil {
+					sc.after(t, s)
+				}
+			})
+			if reached {
+				reachedAny = true
+				allPassed = allPassed && ok
+			} else if !ok {
+				failed = append(failed, point+"/"+sc.variant+" (without a crash)")
+			}
+		}
+		switch {
+		case !reachedAny:
+			notReached = append(notReached, point)
+		case allPassed:
+			survived = append(survived, point)
+		default:
+			failed = append(failed, point)
+		}
+	}
+	t.Logf("%s backend: %d points survived out of %d tried (%d not reached on this backend: %v)",
+		e.backend, len(survived), len(points), len(notReached), notReached)
+	if len(failed) > 0 {
+		t.Errorf("%s backend: fault points that broke an invariant: %v", e.backend, failed)
+	}
+}

@@ -1,0 +1,352 @@
+package crash
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/moby/sys/mountinfo"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/tests/harness"
+)
+
+// pluginName is the one legacy plugin name this package registers with Docker (see harness.Plugin).
+const pluginName = "zgolden-crash"
+
+// env is the plugin on this machine's real backend: ZFS in the guest, the reflink store on the
+// host. Docker remembers volume names per driver, so every name carries the env's random id.
+type env struct {
+	p        *harness.Plugin
+	backend  string // "zfs" or "reflink"
+	id       string
+	parent   string // ZFS parent dataset
+	root     string // reflink store root, symlinks resolved
+	stateDir string
+	bin      string
+}
+
+func startEnv(t *testing.T) *env {
+	t.Helper()
+	harness.Docker(t)
+	e := &env{id: harness.ID(), bin: harness.Binary(t)}
+	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
+		e.backend, e.parent = "zfs", harness.ZFSParent(t)
+		e.p = harness.StartPlugin(t, pluginName, "--backend", "zfs", "--parent", e.parent, "--default-size", "1G")
+	} else {
+		e.backend = "reflink"
+		root, err := filepath.EvalSymlinks(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.root = filepath.Join(root, "root")
+		// The store file stays mounted when the plugin stops; unmount it after the plugin has
+		// stopped, which cleanups registered earlier do.
+		t.Cleanup(func() {
+			if out, err := harness.Output("umount", filepath.Join(e.root, "store")); err != nil && !strings.Contains(out, "not mounted") {
+				t.Errorf("cleanup: umount the store: %v\n%s", err, out)
+			}
+		})
+		e.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", e.root, "--store-size", "8G", "--default-size", "1G")
+	}
+	e.stateDir = filepath.Dir(e.p.AdminSocket)
+	return e
+}
+
+// admin runs the zgolden admin command line against the plugin. Unlike Plugin.Admin it needs no
+// *testing.T, so operations that crash the plugin can run it in their own goroutine.
+func (e *env) admin(args ...string) (string, error) {
+	return harness.Output(e.bin, append(args, "--admin-socket", e.p.AdminSocket)...)
+}
+
+// name makes a volume name unique to this env.
+func (e *env) name(s string) string { return "zc" + e.id + "-" + s }
+
+// --- the plugin's socket, spoken as Docker speaks it ---------------------------------------
+
+// call POSTs one Docker volume plugin request and decodes the reply; a reply's Err is an error.
+func call(socket, method string, req, resp any) error {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	c := &http.Client{Timeout: 3 * time.Minute, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+		},
+	}}
+	r, err := c.Post("http://plugin/VolumeDriver."+method, "application/vnd.docker.plugins.v1.2+json", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	defer r.Body.Close()
+	data, err := io.ReadAll(r.Body)
+	if err != nil {
+		return err
+	}
+	var e struct{ Err string }
+	if json.Unmarshal(data, &e) == nil && e.Err != "" {
+		return errors.New(e.Err)
+	}
+	if r.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: HTTP %d: %s", method, r.StatusCode, data)
+	}
+	if resp != nil {
+		return json.Unmarshal(data, resp)
+	}
+	return nil
+}
+
+type volume struct {
+	Name       string
+	Mountpoint string
+	Status     map[string]any
+}
+
+func (v volume) mounts() int {
+	n, _ := v.Status["mounts"].(float64)
+	return int(n)
+}
+
+func (v volume) str(k string) string {
+	s, _ := v.Status[k].(string)
+	return s
+}
+
+// volumes is the plugin's view: List, then Get of each volume for its status.
+func (e *env) volumes(t *testing.T) []volume {
+	t.Helper()
+	var ls struct{ Volumes []volume }
+	if err := call(e.p.Socket, "List", struct{}{}, &ls); err != nil {
+		t.Fatalf("VolumeDriver.List: %v", err)
+	}
+	out := make([]volume, 0, len(ls.Volumes))
+	for _, v := range ls.Volumes {
+		var g struct{ Volume volume }
+		if err := call(e.p.Socket, "Get", map[string]string{"Name": v.Name}, &g); err != nil {
+			t.Fatalf("VolumeDriver.Get %s (listed): %v", v.Name, err)
+		}
+		out = append(out, g.Volume)
+	}
+	return out
+}
+
+func (e *env) mount(name, id string) (string, error) {
+	var r struct{ Mountpoint string }
+	err := call(e.p.Socket, "Mount", map[string]string{"Name": name, "ID": id}, &r)
+	return r.Mountpoint, err
+}
+
+func (e *env) unmount(name, id string) error {
+	return call(e.p.Socket, "Unmount", map[string]string{"Name": name, "ID": id}, nil)
+}
+
+func (e *env) goldens(t *testing.T) []driver.Golden {
+	t.Helper()
+	out, err := e.p.Admin(t, "golden", "ls", "--json")
+	if err != nil {
+		t.Fatalf("zgolden golden ls: %v\n%s", err, out)
+	}
+	var gs []driver.Golden
+	if err := json.Unmarshal([]byte(out), &gs); err != nil {
+		t.Fatalf("zgolden golden ls --json: %v\n%s", err, out)
+	}
+	return gs
+}
+
+// --- what the backend holds ---------------------------------------------------------------
+
+// inventory lists every object the backend holds: datasets and snapshots under the parent, or
+// the store's image files and directories plus the loop devices attached to them.
+func (e *env) inventory(t *testing.T) []string {
+	t.Helper()
+	if e.backend == "zfs" {
+		return harness.ZFSInventory(t, e.parent)
+	}
+	store := filepath.Join(e.root, "store")
+	var out []string
+	for _, top := range []string{"volumes", "goldens"} {
+		_ = filepath.WalkDir(filepath.Join(store, top), func(p string, d os.DirEntry, err error) error {
+			if err == nil {
+				rel, _ := filepath.Rel(store, p)
+				out = append(out, rel)
+			}
+			return nil
+		})
+	}
+	lo := harness.Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE")
+	for _, l := range strings.Split(lo, "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && strings.HasPrefix(f[1], store+"/") {
+			out = append(out, "loop:"+strings.Join(f[1:], " "))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// expected is what the inventory must hold given the plugin's volumes and goldens: anything
+// more has leaked, anything less is listed but missing.
+func (e *env) expected(vols []volume, gs []driver.Golden) []string {
+	var out []string
+	if e.backend == "zfs" {
+		out = append(out, e.parent+"/vol", e.parent+"/golden")
+		for _, v := range vols {
+			out = append(out, e.parent+"/vol/"+v.Name)
+		}
+		for _, g := range gs {
+			out = append(out, e.parent+"/golden/"+g.Project)
+			for _, gen := range g.Generations {
+				lineage, _, _ := strings.Cut(gen.Source, "@")
+				out = append(out, lineage, gen.Source)
+			}
+		}
+	} else {
+		store := filepath.Join(e.root, "store")
+		out = append(out, "volumes", "goldens")
+		for _, v := range vols {
+			out = append(out, "volumes/"+v.Name+".img")
+			if v.mounts() > 0 {
+				out = append(out, "loop:"+filepath.Join(store, "volumes", v.Name+".img"))
+			}
+		}
+		for _, g := range gs {
+			out = append(out, "goldens/"+g.Project)
+			for _, gen := range g.Generations {
+				rel, _ := filepath.Rel(store, gen.Source)
+				out = append(out, rel)
+			}
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+func minus(a, b []string) []string {
+	var out []string
+	for _, s := range a {
+		if !slices.Contains(b, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// mountsUnder lists the mountpoints at or below dir.
+func mountsUnder(t *testing.T, dir string) []string {
+	t.Helper()
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range ms {
+		out = append(out, m.Mountpoint)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// dockerNames is Docker's view of this plugin's volumes. The driver filter keeps Docker from
+// asking every legacy plugin it ever knew (each dead one costs a 15 s retry).
+func (e *env) dockerNames(t *testing.T) []string {
+	t.Helper()
+	names := strings.Fields(harness.DockerCmd(t, "volume", "ls", "-q", "--filter", "driver="+e.p.Name))
+	slices.Sort(names)
+	return names
+}
+
+type dockerVolume struct {
+	Name   string
+	Driver string
+	Status map[string]any
+}
+
+func (e *env) dockerInspect(t *testing.T, name string) (dockerVolume, error) {
+	t.Helper()
+	out, err := harness.Output("docker", "volume", "inspect", name)
+	if err != nil {
+		return dockerVolume{}, fmt.Errorf("docker volume inspect %s: %v: %s", name, err, out)
+	}
+	var vs []dockerVolume
+	if err := json.Unmarshal([]byte(out), &vs); err != nil || len(vs) != 1 {
+		return dockerVolume{}, fmt.Errorf("docker volume inspect %s: %v: %s", name, err, out)
+	}
+	return vs[0], nil
+}
+
+// --- golden content -------------------------------------------------------------------------
+
+const smallFiles = 12
+
+// makeSmallTree writes a small tree for imports: the crash tests import many times, and what
+// they prove is that an import completes or vanishes, not how cp -a handles a big tree.
+func makeSmallTree(t *testing.T, dir string) {
+	t.Helper()
+	for i := 0; i < smallFiles; i++ {
+		sub := filepath.Join(dir, fmt.Sprintf("d%d", i%3))
+		if err := os.MkdirAll(sub, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%02d", i)), []byte(fmt.Sprintf("small %d\n", i)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("d0/f00", filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func checkSmallTree(dir string) error {
+	for i := 0; i < smallFiles; i++ {
+		p := filepath.Join(dir, fmt.Sprintf("d%d", i%3), fmt.Sprintf("f%02d", i))
+		got, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		if string(got) != fmt.Sprintf("small %d\n", i) {
+			return fmt.Errorf("%s holds %q", p, got)
+		}
+	}
+	if l, err := os.Readlink(filepath.Join(dir, "link")); err != nil || l != "d0/f00" {
+		return fmt.Errorf("symlink: %q, %v", l, err)
+	}
+	return nil
+}
+
+// checkMarker checks what the promote scenarios write into a volume before promoting it.
+func checkMarker(dir string) error {
+	got, err := os.ReadFile(filepath.Join(dir, "marker"))
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(string(got), "promoted-") {
+		return fmt.Errorf("marker holds %q", got)
+	}
+	return nil
+}
+
+// writeMarker mounts name through the socket, writes the promote marker, and unmounts it.
+func (e *env) writeMarker(t *testing.T, name, content string) {
+	t.Helper()
+	mp, err := e.mount(name, "marker-"+e.id)
+	if err != nil {
+		t.Fatalf("mount %s: %v", name, err)
+	}
+	if err := os.WriteFile(filepath.Join(mp, "marker"), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.unmount(name, "marker-"+e.id); err != nil {
+		t.Fatalf("unmount %s: %v", name, err)
+	}
+}
