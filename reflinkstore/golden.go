@@ -55,7 +55,14 @@ func (s *Store) readProject(name string, withUsage bool) (*project, error) {
 	if !fi.IsDir() {
 		return nil, fmt.Errorf("%s is not a directory; zgolden did not make it, so remove it by hand", dir)
 	}
+	// Listings take no lock: a project, generation or volume can be removed between reading a
+	// directory and reading its entries' attributes. What vanished no longer exists, so it is
+	// left out rather than failing the whole listing (and with it golden ls, Reclaim, or the
+	// reply of a Promote that succeeded).
 	dm, err := readMeta(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -64,6 +71,9 @@ func (s *Store) readProject(name string, withUsage bool) (*project, error) {
 		p.kind = driver.KindBlock
 	}
 	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -86,6 +96,9 @@ func (s *Store) readProject(name string, withUsage bool) (*project, error) {
 			continue
 		}
 		m, err := readMeta(path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // reclaimed meanwhile (see above)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -146,6 +159,9 @@ func (s *Store) dependents() (map[string]map[int][]string, error) {
 			continue
 		}
 		m, err := readMeta(filepath.Join(s.volumesDir(), e.Name()))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed since the directory was read: no longer a dependent
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -267,9 +283,6 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	if err := driver.ValidateProject(projectName); err != nil {
 		return driver.Generation{}, err
 	}
-	if v.Kind != driver.KindBlock {
-		return driver.Generation{}, fmt.Errorf("%w: type=%s volumes need the ZFS backend", driver.ErrUnsupported, v.Kind)
-	}
 	src, err := os.Open(img)
 	if err != nil {
 		return driver.Generation{}, fmt.Errorf("image of volume %q: %w", v.Name, mapErr(err))
@@ -380,9 +393,6 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	}
 	if kind == "" {
 		kind = driver.KindBlock
-	}
-	if kind != driver.KindBlock {
-		return driver.Generation{}, fmt.Errorf("%w: type=%s goldens need the ZFS backend; import with type=block", driver.ErrUnsupported, kind)
 	}
 	fi, err := os.Stat(src)
 	if err != nil || !fi.IsDir() {
