@@ -50,7 +50,7 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 	  bash tests/summarize.sh host build/test-host.log && exit $$rc
 
 # The packages whose tests need ZFS (the rest run on the host).
-VM_PKGS ?= ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e $(wildcard ./tests/crash ./tests/stress ./tests/hostile)
+VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e $(wildcard ./tests/crash ./tests/stress ./tests/hostile)
 
 .PHONY: test-vm
 test-vm: ## as root: the ZFS packages inside a qemu guest with the real zfs kernel module

@@ -46,6 +46,17 @@ func (p *project) generations() []driver.Generation {
 	return out
 }
 
+// newestLineage is the lineage started last: after a completed promotion, the root.
+func (p *project) newestLineage() *lineage {
+	var newest *lineage
+	for _, l := range p.lineages {
+		if newest == nil || l.first > newest.first {
+			newest = l
+		}
+	}
+	return newest
+}
+
 func (p *project) maxGeneration() int {
 	n := 0
 	for _, l := range p.lineages {
@@ -196,7 +207,7 @@ func (s *Store) ensureProject(ctx context.Context, ps map[string]*project, name 
 	return &project{name: name, kind: kind}, nil
 }
 
-// Promote implements driver.Backend. See the package doc for why it sends incrementally.
+// Promote implements driver.Backend. See the package doc for why it clones and promotes.
 func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
@@ -209,62 +220,24 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	n := p.maxGeneration() + 1
 	ds := s.volDataset(v.Name)
 	snap := genSnapshot(ds, n)
-	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds, "project": projectName, "generation": n})
+	target := s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
+	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds, "project": projectName, "generation": n, "lineage": target})
 
+	row, err := s.zfs.Get(ctx, ds, "origin")
+	if err != nil {
+		return driver.Generation{}, mapErr(err)
+	}
+	origin := row["origin"]
 	if err := s.snapshotConsistent(ctx, v.Kind, mountpoint, snap); err != nil {
 		return driver.Generation{}, err
 	}
 	s.cfg.Faults.Hit("promote:after-snapshot")
-	row, err := s.zfs.Get(ctx, ds, "origin")
-	if err != nil {
-		s.dropSnapshot(ctx, log, snap)
-		return driver.Generation{}, mapErr(err)
-	}
-	origin := row["origin"]
-	var newest *lineage
-	var newestGen driver.Generation
-	if gens := p.generations(); len(gens) > 0 {
-		newestGen = gens[len(gens)-1]
-		for _, l := range p.lineages {
-			if strings.HasPrefix(newestGen.Source, l.name+"@") {
-				newest = l
-			}
-		}
-	}
-	var target string
-	switch {
-	case newest != nil && origin == newestGen.Source:
-		// The common case: a session built on the newest golden. Only the blocks it changed are
-		// sent, and the generation lands in the same lineage: no new clone dependency.
-		target = newest.name
-		log.WithField("base", origin).Info("promote: incremental send into the newest lineage")
-		if err := s.zfs.SendReceive(ctx, origin, snap, target); err != nil {
-			s.dropSnapshot(ctx, log, snap)
-			return driver.Generation{}, mapErr(err)
-		}
-		s.cfg.Faults.Hit("promote:after-copy")
-		s.dropSnapshot(ctx, log, snap)
-	case origin == "":
-		// A volume that is not a clone (a cold start or a plain volume): clone its snapshot and
-		// promote the clone, which moves the snapshot to the golden in O(1) and turns the volume
-		// into a clone of the golden, one level deep.
-		target = s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
-		log.WithField("lineage", target).Info("promote: clone and zfs promote into a new lineage")
-		if err := s.zfs.Clone(ctx, snap, target, zfsutil.Props{propState: "ready", "dedup": "off"}); err != nil {
-			s.dropSnapshot(ctx, log, snap)
-			return driver.Generation{}, mapErr(err)
-		}
-		s.cfg.Faults.Hit("promote:after-copy")
-		if err := s.zfs.Promote(ctx, target); err != nil {
-			s.rollback(ctx, log, target)
-			s.dropSnapshot(ctx, log, snap)
-			return driver.Generation{}, mapErr(err)
-		}
-	default:
-		// A clone of an older generation or of another golden: a full send makes the new lineage
-		// independent, so dependency chains cannot grow. This copies the volume's data once.
-		target = s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
-		log.WithFields(logrus.Fields{"lineage": target, "origin": origin}).Info("promote: full send into a new lineage (the volume is not a clone of the newest generation)")
+
+	if origin != "" && !inside(s.projectDataset(projectName), origin) {
+		// A clone of another project's golden: promoting it would hand this project that
+		// project's snapshots. A full send makes an independent lineage instead; it copies the
+		// volume's data once.
+		log.WithField("origin", origin).Info("promote: full send into a new lineage (the volume was cloned from another golden)")
 		if err := s.zfs.SendReceive(ctx, "", snap, target); err != nil {
 			s.rollback(ctx, log, target)
 			s.dropSnapshot(ctx, log, snap)
@@ -276,12 +249,67 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 			s.rollback(ctx, log, target)
 			return driver.Generation{}, mapErr(err)
 		}
+	} else {
+		if err := s.zfs.Clone(ctx, snap, target, zfsutil.Props{propState: "ready", "dedup": "off"}); err != nil {
+			s.dropSnapshot(ctx, log, snap)
+			return driver.Generation{}, mapErr(err)
+		}
+		s.cfg.Faults.Hit("promote:after-copy")
+		if err := s.reroot(ctx, log, target); err != nil {
+			return driver.Generation{}, err
+		}
 	}
-	genSnap := genSnapshot(target, n)
-	if err := s.zfs.Set(ctx, genSnap, zfsutil.Props{propFrom: v.Name}); err != nil {
+	if err := s.zfs.Set(ctx, genSnapshot(target, n), zfsutil.Props{propFrom: v.Name}); err != nil {
 		log.WithError(err).Warn("could not record the source volume on the generation")
 	}
 	return s.generation(ctx, projectName, n)
+}
+
+// reroot makes lineage, a fresh clone of a volume's snapshot, the root of its project's golden:
+// the first zfs promote moves the volume's snapshot into it (the volume becomes its clone); if the
+// lineage then hangs off an older lineage of the project, a second promote moves the older
+// generations into it as well. Lineages left without snapshots are destroyed. Load finishes a
+// reroot a crash interrupted, so it is written to be repeatable.
+func (s *Store) reroot(ctx context.Context, log *logrus.Entry, lineage string) error {
+	s.swap.Lock()
+	defer s.swap.Unlock()
+	project := lineage[:strings.LastIndex(lineage, "/")]
+	for i := 0; i < 2; i++ {
+		row, err := s.zfs.Get(ctx, lineage, "origin")
+		if err != nil {
+			return mapErr(err)
+		}
+		origin := row["origin"]
+		if origin == "" || !(inside(s.volRoot(), origin) || inside(project, origin)) {
+			break
+		}
+		log.WithField("origin", origin).Info("promote: zfs promote")
+		if err := s.zfs.Promote(ctx, lineage); err != nil {
+			return mapErr(err)
+		}
+	}
+	rows, err := s.zfs.List(ctx, project, []string{"filesystem", "volume", "snapshot"}, []string{"type"})
+	if err != nil {
+		return mapErr(err)
+	}
+	snaps := map[string]int{}
+	for _, r := range rows {
+		if ds, _, ok := strings.Cut(r["name"], "@"); ok {
+			snaps[ds]++
+		}
+	}
+	for _, r := range rows {
+		name := r["name"]
+		if r["type"] == "snapshot" || name == project || name == lineage || snaps[name] > 0 {
+			continue
+		}
+		// An old lineage whose generations all moved into the new root: an empty clone head.
+		log.WithField("old_lineage", name).Info("promote: destroying the emptied old lineage")
+		if err := s.destroy(ctx, name, false); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // snapshotConsistent snapshots a volume. A mounted XFS is synced and frozen around the snapshot,
@@ -494,10 +522,10 @@ func (s *Store) cleanGoldens(ctx context.Context) error {
 				if err := s.destroy(ctx, l.name, true); err != nil {
 					return err
 				}
-			case inside(s.volRoot(), l.origin):
+			case inside(s.volRoot(), l.origin) || l == p.newestLineage() && inside(s.projectDataset(p.name), l.origin):
 				log.Warn("finishing an interrupted promotion (zfs promote)")
-				if err := s.zfs.Promote(ctx, l.name); err != nil {
-					return mapErr(err)
+				if err := s.reroot(ctx, log, l.name); err != nil {
+					return err
 				}
 			case len(l.gens) == 0 && l.origin == "":
 				log.Warn("finishing an interrupted import (its copy completed; taking the snapshot)")

@@ -10,9 +10,12 @@
 //	PARENT/golden/PROJECT/gN    a lineage: a zvol (or filesystem) whose snapshots @genN are the
 //	                            generations; gN is named after its first generation
 //
-// Promotion appends to the newest lineage with an incremental zfs send/receive when the volume was
-// cloned from the newest generation, so generations share blocks and never form clone chains (a
-// zfs promote only detaches one level; pitfalls #9). Other volumes start a new lineage.
+// Promotion is O(1): the volume's snapshot is cloned into a new lineage and `zfs promote`d, which
+// moves the snapshot (and the volume's history) to the lineage and makes the volume a clone of it.
+// When the volume was itself a clone of this project's golden, the new lineage is promoted once
+// more, which moves the older generations into it too: the newest lineage is always the root,
+// the old one is left without snapshots and is destroyed, and clone chains never grow with
+// promotions (a single zfs promote only detaches one level; pitfalls #9).
 package zfsstore
 
 import (
@@ -23,6 +26,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -70,6 +74,10 @@ type Store struct {
 	cfg Config
 	zfs *zfsutil.ZFS
 	log *logrus.Entry
+	// swap is read-locked by a Create from picking a generation until its clone exists, and
+	// write-locked while a promotion moves generation snapshots between lineages (two zfs
+	// promotes, O(1) each): a racing Create must never look for a snapshot that is moving.
+	swap sync.RWMutex
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -129,7 +137,8 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		cfg.WorkDir = "/run/zgolden/work"
 	}
 	if cfg.DeviceTimeout == 0 {
-		cfg.DeviceTimeout = 30 * time.Second
+		// Docker gives Create 2 minutes; a loaded host's udev can take tens of seconds.
+		cfg.DeviceTimeout = 90 * time.Second
 	}
 	if err := validDataset(cfg.Parent); err != nil {
 		return nil, err
@@ -320,6 +329,8 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 
 	var gen *driver.Generation
 	if spec.Golden != "" {
+		s.swap.RLock()
+		defer s.swap.RUnlock()
 		g, err := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind)
 		if err != nil {
 			return v, err

@@ -15,9 +15,11 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	gozfs "github.com/mistifyio/go-zfs/v3"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/internal/command"
 )
@@ -285,18 +287,28 @@ func (z *ZFS) SendReceive(ctx context.Context, base, snapshot, dest string) erro
 // DevicePath is where udev links a zvol's block device.
 func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", dataset) }
 
-// WaitDevice waits for a zvol's device node. zfs create and zfs clone return before udev has made
-// /dev/zvol/... (openzfs #7875), so every caller that needs the device polls with a bound.
+// WaitDevice waits for a zvol's device node. zfs create and zfs clone return before the zvol's
+// block device exists (ZFS makes it from a task queue) and before udev has linked it under
+// /dev/zvol/ (openzfs #7875), so every caller that needs the device polls with a bound. Under
+// load udev can lag far behind the kernel; after a few seconds without the link, WaitDevice asks
+// the zd devices themselves which dataset they are (the BLKZNAME ioctl that udev's zvol_id uses)
+// and returns the /dev/zdN node directly.
 func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Duration) (string, error) {
 	path := DevicePath(dataset)
-	deadline := time.Now().Add(timeout)
+	start := time.Now()
 	delay := 5 * time.Millisecond
 	for {
 		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
 			return path, nil
 		}
-		if time.Now().After(deadline) {
-			return "", fmt.Errorf("zvol device %s did not appear within %s: is udev running (systemd-udevd) and are zvol rules installed?", path, timeout)
+		if time.Since(start) > 3*time.Second {
+			if dev := findZvolDevice(dataset); dev != "" {
+				z.log.WithFields(logrus.Fields{"dataset": dataset, "device": dev}).Info("udev has not linked the zvol yet; using its device node directly")
+				return dev, nil
+			}
+		}
+		if time.Since(start) > timeout {
+			return "", fmt.Errorf("zvol device %s did not appear within %s: is udev running (systemd-udevd) and are the zvol rules installed?", path, timeout)
 		}
 		select {
 		case <-ctx.Done():
@@ -307,6 +319,40 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 			delay *= 2
 		}
 	}
+}
+
+// blkzname is BLKZNAME, _IOR(0x12, 125, char[256]): a zvol's dataset name (see udev's zvol_id).
+const blkzname = 0x8100127D
+
+// findZvolDevice returns the /dev/zdN node whose zvol is dataset, or "".
+func findZvolDevice(dataset string) string {
+	entries, err := os.ReadDir("/sys/block")
+	if err != nil {
+		return ""
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "zd") {
+			continue
+		}
+		dev := "/dev/" + e.Name()
+		if zvolName(dev) == dataset {
+			return dev
+		}
+	}
+	return ""
+}
+
+func zvolName(dev string) string {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return ""
+	}
+	defer unix.Close(fd)
+	var name [256]byte
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), blkzname, uintptr(unsafe.Pointer(&name[0]))); errno != 0 {
+		return ""
+	}
+	return unix.ByteSliceToString(name[:])
 }
 
 // DDTEntries returns the number of dedup-table entries in pool, from `zpool status -D`.
