@@ -398,6 +398,9 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	if err != nil || !fi.IsDir() {
 		return driver.Generation{}, fmt.Errorf("%w: import source %q is not a directory", driver.ErrInvalid, src)
 	}
+	if err := s.checkImportSource(src); err != nil {
+		return driver.Generation{}, err
+	}
 	report := func(p driver.Progress) {
 		if progress != nil {
 			progress(p)
@@ -494,6 +497,22 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	tmp.Close()
 	report(driver.Progress{Phase: "done", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
 	return s.generation(projectName, n)
+}
+
+// checkImportSource refuses a source that holds the store or lies inside it. The driver only
+// knows the mount root and the state directory; the store's root is this backend's own. Copying
+// it would copy the store into itself (the store file and the very image being written), and an
+// import with --remove-source would then delete every volume and golden.
+func (s *Store) checkImportSource(src string) error {
+	real, err := filepath.EvalSymlinks(src)
+	if err != nil {
+		return fmt.Errorf("%w: import source %q: %v", driver.ErrInvalid, src, err)
+	}
+	root := s.cfg.Root
+	if real == root || strings.HasPrefix(real, root+"/") || strings.HasPrefix(root, real+"/") {
+		return fmt.Errorf("%w: import source %q overlaps the reflink store's root %s, which holds every volume and golden; import a directory outside it", driver.ErrInvalid, src, root)
+	}
+	return nil
 }
 
 // RemoveGeneration implements driver.Backend.
