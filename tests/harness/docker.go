@@ -12,17 +12,19 @@ import (
 
 // The images tests use; there is no registry, so they come from rootfs tarballs. The guest
 // preloads them into its engine at build time (importing the dind tarball under emulation takes
-// minutes) and names them in ZGOLDEN_BUSYBOX_IMAGE and ZGOLDEN_DIND_IMAGE.
-func BusyboxImage() string { return envOr("ZGOLDEN_BUSYBOX_IMAGE", "zgolden-test/busybox:latest") }
+// minutes) and names them in ZGOLDEN_BUSYBOX_IMAGE and ZGOLDEN_DIND_IMAGE. On the host they are
+// imported under a tag naming images.sh's cache key, so a changed image list is re-imported.
+func BusyboxImage() string { return imageName("ZGOLDEN_BUSYBOX_IMAGE", "busybox") }
 
 // DindImage is the Docker-in-Docker image (see BusyboxImage).
-func DindImage() string { return envOr("ZGOLDEN_DIND_IMAGE", "zgolden-test/dind:latest") }
+func DindImage() string { return imageName("ZGOLDEN_DIND_IMAGE", "dind") }
 
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
+func imageName(env, name string) string {
+	if v := os.Getenv(env); v != "" {
 		return v
 	}
-	return def
+	imagesOnce.Do(func() { imagesTag, imagesErr = importImages() })
+	return "zgolden-test/" + name + ":" + imagesTag
 }
 
 var (
@@ -30,6 +32,7 @@ var (
 	engineErr  string
 	imagesOnce sync.Once
 	imagesErr  string
+	imagesTag  string
 )
 
 // repoRoot finds the repository from a test's working directory (its package directory).
@@ -65,45 +68,51 @@ func Docker(t testing.TB) {
 	if engineErr != "" {
 		t.Fatalf("Docker engine: %s", engineErr)
 	}
-	imagesOnce.Do(func() { imagesErr = importImages() })
+	imagesOnce.Do(func() { imagesTag, imagesErr = importImages() })
 	if imagesErr != "" {
 		t.Fatalf("test images: %s", imagesErr)
 	}
 }
 
 // importImages imports the busybox and Docker-in-Docker rootfs tarballs, from $ZGOLDEN_IMAGES
-// (baked into the guest) or from tests/setup/images.sh's cache (built on first use).
-func importImages() string {
+// or from tests/setup/images.sh's cache (built on first use), and returns their tag.
+func importImages() (tag, problem string) {
+	if os.Getenv("ZGOLDEN_BUSYBOX_IMAGE") != "" && os.Getenv("ZGOLDEN_DIND_IMAGE") != "" {
+		return "", "" // preloaded (the guest)
+	}
 	tars := map[string]string{}
 	if dir := os.Getenv("ZGOLDEN_IMAGES"); dir != "" {
-		tars[BusyboxImage()] = filepath.Join(dir, "busybox.tar")
-		tars[DindImage()] = filepath.Join(dir, "dind.tar")
+		tars["busybox"] = filepath.Join(dir, "busybox.tar")
+		tars["dind"] = filepath.Join(dir, "dind.tar")
 	} else {
 		out, err := exec.Command("bash", filepath.Join(repoRoot(), "tests/setup/images.sh")).Output()
 		if err != nil {
-			return "tests/setup/images.sh: " + err.Error()
+			return "", "tests/setup/images.sh: " + err.Error()
 		}
 		for _, line := range strings.Split(string(out), "\n") {
-			switch k, v, _ := strings.Cut(line, "="); k {
-			case "busybox":
-				tars[BusyboxImage()] = v
-			case "dind":
-				tars[DindImage()] = v
+			if k, v, ok := strings.Cut(line, "="); ok && (k == "busybox" || k == "dind") {
+				tars[k] = v
 			}
 		}
 	}
-	for image, tar := range tars {
+	if len(tars) != 2 {
+		return "", "images.sh did not name both tarballs"
+	}
+	// The cache directory is named images-<key>; its key becomes the tag.
+	tag = strings.TrimPrefix(filepath.Base(filepath.Dir(tars["dind"])), "images-")
+	if tag == "" || strings.ContainsAny(tag, "/:") {
+		tag = "latest"
+	}
+	for name, tar := range tars {
+		image := "zgolden-test/" + name + ":" + tag
 		if _, err := Output("docker", "image", "inspect", image); err == nil {
 			continue
 		}
 		if out, err := Output("docker", "import", tar, image); err != nil {
-			return "docker import " + tar + ": " + err.Error() + "\n" + out
+			return "", "docker import " + tar + ": " + err.Error() + "\n" + out
 		}
 	}
-	if len(tars) != 2 {
-		return "images.sh did not name both tarballs"
-	}
-	return ""
+	return tag, ""
 }
 
 // DockerCmd runs the real docker command line and fails the test with its output on error.

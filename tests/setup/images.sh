@@ -4,7 +4,7 @@
 #
 #   busybox.tar  Debian's static busybox (/bin/busybox plus a symlink for every applet):
 #                enough for `docker run IMG sh -c ...`.
-#   dind.tar     debootstrap --variant=minbase bookworm + docker.io + iptables: a real
+#   dind.tar     debootstrap --variant=minbase bookworm + docker.io + iptables + git: a real
 #                Docker-in-Docker image. Run it --privileged with a volume at /var/lib/docker
 #                and a command, e.g. `dind-dockerd &` (see below). It also holds
 #                /zgolden-images/busybox.tar so the inner engine can import a shell image.
@@ -33,7 +33,7 @@ command -v debootstrap >/dev/null || zg_die "debootstrap missing: run tests/setu
 	zg_die "busybox-static missing: run tests/setup/host-deps.sh"
 
 # The packages the dind image gets on top of minbase.
-DIND_PKGS=(docker.io iptables)
+DIND_PKGS=(docker.io iptables git)
 
 cache=$(zg_cache_dir "${1:-}")
 bbver=$(dpkg-query -W -f='${Version}' busybox-static)
