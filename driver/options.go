@@ -113,7 +113,18 @@ func ParseCreate(name string, opts map[string]string) (Spec, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return spec, invalidf("unknown option(s) %s; zgolden accepts:%s", quoteAll(unknown), OptionHelp())
+		// Name a few, not all: the message goes to the docker command line and the plugin's
+		// log, and a request with thousands of keys must not turn into a megabyte-long error.
+		more := ""
+		if n := len(unknown); n > maxListed {
+			unknown, more = unknown[:maxListed], fmt.Sprintf(" and %d more", n-maxListed)
+		}
+		for i, k := range unknown {
+			if len(k) > 64 {
+				unknown[i] = k[:64] + "..."
+			}
+		}
+		return spec, invalidf("unknown option(s) %s%s; zgolden accepts:%s", quoteAll(unknown), more, OptionHelp())
 	}
 	if g, ok := opts["golden"]; ok {
 		if err := ValidateProject(g); err != nil {
@@ -160,6 +171,9 @@ func ParseCreate(name string, opts map[string]string) (Spec, error) {
 	}
 	return spec, nil
 }
+
+// maxListed is how many unknown options an error names.
+const maxListed = 5
 
 func quoteAll(s []string) string {
 	q := make([]string, len(s))
