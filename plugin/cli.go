@@ -354,6 +354,11 @@ func cmdGoldenRemove(args []string) error {
 	if err := c.parse(args, 1); err != nil {
 		return err
 	}
+	// Checked here too: the server would refuse the name, but "." and ".." never reach it (the
+	// HTTP router cleans them out of the path and answers a bare 404).
+	if err := driver.ValidateProject(c.args[0]); err != nil {
+		return err
+	}
 	var out map[string]string
 	path := "/v1/goldens/" + url.PathEscape(c.args[0])
 	if *force {
