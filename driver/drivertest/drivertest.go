@@ -51,6 +51,8 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"CreateIsIdempotent", testIdempotent},
 		{"RemoveGoldenRefusesDependents", testRemoveGolden},
 		{"ConcurrentCreates", testConcurrentCreates},
+		{"CreatesDuringPromotion", testCreatesDuringPromotion},
+		{"ImportBlocksOnlyItsProject", testImportBlocksOnlyItsProject},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -644,5 +646,134 @@ func testConcurrentCreates(t *testing.T, h *harness) {
 	if got := len(h.d.List()); got != n {
 		t.Fatalf("List has %d volumes, want %d", got, n)
 	}
+	h.removeAllAndCheckLeaks(t)
+}
+
+// testCreatesDuringPromotion: Creates racing promotions clone the old or the new generation,
+// never an empty or half-made one (Helix saw empty volumes here).
+func testCreatesDuringPromotion(t *testing.T, h *harness) {
+	h.importGolden(t, "prj")
+	const promotions = 3
+	done := make(chan struct{})
+	results := make(chan error, 64)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // a stream of Creates until the promotions are over
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			name := fmt.Sprintf("racer%d", i)
+			if err := h.d.Create(ctx(t), name, map[string]string{"golden": "prj"}); err != nil {
+				results <- fmt.Errorf("Create %s during promotion: %w", name, err)
+				return
+			}
+			results <- h.checkRacer(t, name)
+		}
+	}()
+	for i := 0; i < promotions; i++ {
+		src := fmt.Sprintf("src%d", i)
+		h.create(t, src, map[string]string{"golden": "prj"})
+		mp := h.mount(t, src, "c")
+		writeFile(t, filepath.Join(mp, "gen"), fmt.Sprint(i+2))
+		h.unmount(t, src, "c")
+		if _, err := h.d.Promote(ctx(t), src, "prj"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(done)
+	wg.Wait()
+	close(results)
+	n := 0
+	for err := range results {
+		n++
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if n == 0 {
+		t.Fatal("no Create ran during the promotions; the test proved nothing")
+	}
+	t.Logf("%d creates raced %d promotions", n, promotions)
+	h.removeAllAndCheckLeaks(t)
+}
+
+// checkRacer verifies a volume made during promotions holds a whole generation.
+func (h *harness) checkRacer(t *testing.T, name string) error {
+	mp, err := h.d.Mount(ctx(t), name, "check")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := h.d.Unmount(ctx(t), name, "check"); err != nil {
+			t.Error(err)
+		}
+	}()
+	if _, err := os.Stat(filepath.Join(mp, "README")); err != nil {
+		return fmt.Errorf("%s is not a whole generation: %w", name, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(mp, "gen")); err == nil && (len(b) != 1 || b[0] < '2' || b[0] > '4') {
+		return fmt.Errorf("%s reads gen=%q, which no generation holds", name, b)
+	}
+	return nil
+}
+
+// testImportBlocksOnlyItsProject: while a project's golden is being imported, Creates for other
+// projects proceed and a Create for that project waits and then gets a clone, not a cold start.
+func testImportBlocksOnlyItsProject(t *testing.T, h *harness) {
+	src := t.TempDir()
+	MakeTree(t, src)
+	// Enough data that the copy takes a moment, so the Creates below overlap it.
+	big, err := os.Create(filepath.Join(src, "big.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for i := range chunk {
+		chunk[i] = byte(i * 7)
+	}
+	for i := 0; i < 192; i++ {
+		if _, err := big.Write(chunk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	big.Close()
+	imported := make(chan error, 1)
+	go func() {
+		_, err := h.d.Import(ctx(t), "slow", driver.KindBlock, src, driver.ImportOptions{}, nil)
+		imported <- err
+	}()
+	for deadline := time.Now().Add(time.Minute); ; {
+		if _, running := h.d.ImportProgress("slow"); running {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the import never started")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	h.create(t, "other", map[string]string{"golden": "elsewhere"})
+	_, stillRunning := h.d.ImportProgress("slow")
+	h.create(t, "waiter", map[string]string{"golden": "slow"})
+	if err := <-imported; err != nil {
+		t.Fatal(err)
+	}
+	in, err := h.d.Get(ctx(t), "waiter")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.ColdStart || in.Generation != 1 {
+		t.Fatalf("a Create for the importing project got %+v, want a clone of generation 1", in.Volume)
+	}
+	t.Logf("the other project's Create returned while the import was still running: %v", stillRunning)
+	if !stillRunning {
+		t.Log("(the import finished before the other Create returned; the overlap was not observed this time)")
+	}
+	mp := h.mount(t, "waiter", "c")
+	CheckTree(t, mp)
+	h.unmount(t, "waiter", "c")
 	h.removeAllAndCheckLeaks(t)
 }
