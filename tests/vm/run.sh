@@ -131,6 +131,13 @@ t_build=$SECONDS
 # --- boot -----------------------------------------------------------------------------------
 console="$work/console.log"
 : >"$console"
+# One guest at a time: two emulated guests on a 2-core machine each run at half speed, and
+# their tests' bounds were sized for one. Later runs queue here instead of competing.
+exec 8>/run/zgolden-test-vm.lock
+if ! flock -n 8; then
+	zg_log "another guest is running; waiting for it to finish"
+	flock 8
+fi
 zg_log "booting the guest ($(basename "$kernel") $(gval kver), timeout ${vm_timeout}s)"
 timeout -k 10 "$vm_timeout" qemu-system-x86_64 \
 	-accel tcg,thread=multi -cpu max -smp "${ZGOLDEN_VM_SMP:-2}" -m "${ZGOLDEN_VM_MEM:-4096}" \
