@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"runtime"
@@ -175,4 +176,59 @@ func FileExtents(f *os.File) (Extents, error) {
 			}
 		}
 	}
+}
+
+// CopyCompact copies src's data into dst, an empty file on the same or another filesystem, and
+// gives dst src's size: segment by segment as SEEK_DATA and SEEK_HOLE find them, each segment
+// preallocated before it is written, so holes stay holes and each data segment lands in as few
+// extents as the free space allows. It never shares extents (no FICLONE, no copy_file_range).
+//
+// It exists because FICLONE takes time proportional to the source's extent count. An image
+// filled through a loop device is written in whatever order writeback chose, and its file ends
+// up in thousands of small extents (2,660 for a golden of 100k files, measured), which made every
+// clone of it cost tens of milliseconds more per 100k files; a compact copy has a handful.
+func CopyCompact(ctx context.Context, dst, src *os.File) error {
+	fi, err := src.Stat()
+	if err != nil {
+		return err
+	}
+	size := fi.Size()
+	buf := make([]byte, 4<<20)
+	sfd, dfd := int(src.Fd()), int(dst.Fd())
+	for off := int64(0); off < size; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		data, err := unix.Seek(sfd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) { // nothing but a hole up to the end
+			break
+		}
+		if err != nil {
+			return &os.PathError{Op: "seek data", Path: src.Name(), Err: err}
+		}
+		hole, err := unix.Seek(sfd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return &os.PathError{Op: "seek hole", Path: src.Name(), Err: err}
+		}
+		if err := unix.Fallocate(dfd, 0, data, hole-data); err != nil {
+			if errors.Is(err, unix.ENOSPC) {
+				return fmt.Errorf("%w: copy %s: %v", ErrNoSpace, src.Name(), err)
+			}
+			return &os.PathError{Op: "fallocate", Path: dst.Name(), Err: err}
+		}
+		for pos := data; pos < hole; {
+			n, err := src.ReadAt(buf[:min(int64(len(buf)), hole-pos)], pos)
+			if n > 0 {
+				if _, werr := dst.WriteAt(buf[:n], pos); werr != nil {
+					return werr
+				}
+				pos += int64(n)
+			}
+			if err != nil && !(errors.Is(err, io.EOF) && pos >= hole) {
+				return err
+			}
+		}
+		off = hole
+	}
+	return dst.Truncate(size)
 }
