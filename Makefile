@@ -74,3 +74,8 @@ verify: ## gofmt, go vet and a tidy go.mod
 .PHONY: clean
 clean: ## remove build outputs
 	rm -rf bin build
+
+.PHONY: bench
+bench: ## as root: benchmark against cp -a and the raw commands, on the host (reflink) and in the ZFS guest
+	bash tests/setup/host-deps.sh
+	bash tests/bench/run.sh

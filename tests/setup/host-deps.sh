@@ -27,7 +27,8 @@ guest_kernel() {
 pkgs=(xfsprogs btrfs-progs e2fsprogs util-linux kmod rsync attr acl
 	docker.io docker-compose docker-registry busybox-static
 	qemu-system-x86 debootstrap dkms cpio zstd git
-	iproute2 ca-certificates jq procps)
+	iproute2 ca-certificates jq procps
+	gnuplot-nox)
 
 missing=()
 for p in "${pkgs[@]}"; do
