@@ -54,7 +54,8 @@ VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e $(wildcard
 
 .PHONY: test-vm
 test-vm: ## as root: the ZFS packages inside a qemu guest with the real zfs kernel module
-	bash tests/vm/run.sh $(VM_PKGS)
+	ZGOLDEN_VM_TIMEOUT=$${ZGOLDEN_VM_TIMEOUT:-3600} ZGOLDEN_VM_TEST_TIMEOUT=$${ZGOLDEN_VM_TEST_TIMEOUT:-40m} \
+	  bash tests/vm/run.sh $(VM_PKGS)
 
 .PHONY: vm-guest
 vm-guest: ## as root: build (or reuse the cached) guest and test images only
@@ -74,6 +75,25 @@ verify: ## gofmt, go vet and a tidy go.mod
 .PHONY: clean
 clean: ## remove build outputs
 	rm -rf bin build
+
+# --- Installing (README "Installing"): the managed plugin and the host daemon ------------------
+# `docker volume create --driver zgolden` finds only the :latest tag of a managed plugin, so that is
+# the default name; PLUGIN_NAME=zgolden:$(VERSION) keeps builds apart (then --driver zgolden:TAG).
+PLUGIN_NAME ?= zgolden:latest
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+
+.PHONY: plugin
+plugin: build ## as root: assemble build/plugin (cached Debian rootfs + bin/zgolden), docker plugin create PLUGIN_NAME
+	bash packaging/build-plugin.sh --create $(PLUGIN_NAME)
+
+.PHONY: install
+install: build ## as root: install the host daemon: PREFIX/bin/zgolden, zgolden.service, /etc/default/zgolden
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" BIN="$(CURDIR)/$(BIN)" bash packaging/install.sh install
+
+.PHONY: uninstall
+uninstall: ## as root: remove what make install installed (never volumes, goldens or changed settings)
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" bash packaging/install.sh uninstall
 
 .PHONY: bench
 bench: ## as root: benchmark against cp -a and the raw commands, on the host (reflink) and in the ZFS guest
