@@ -3,6 +3,9 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -112,4 +115,31 @@ type Backend interface {
 	RemoveGolden(ctx context.Context, project string) error
 	// Status reports backend-wide facts (pool or store, free space) for `zgolden status`.
 	Status(ctx context.Context) (map[string]any, error)
+}
+
+// PickGeneration chooses the generation a Create of type want clones from a project's
+// generations (oldest first) and type kind: number n, or the newest when n is 0. It returns nil,
+// nil when there is none (a cold start), and an error naming what exists when n is not there.
+func PickGeneration(project string, kind, want Kind, gens []Generation, n int) (*Generation, error) {
+	if len(gens) == 0 {
+		if n > 0 {
+			return nil, fmt.Errorf("%w: golden %q has no generations, so generation=%d does not exist", ErrNotFound, project, n)
+		}
+		return nil, nil
+	}
+	if kind != want {
+		return nil, fmt.Errorf("%w: golden %q holds type=%s volumes; pass -o type=%s", ErrInvalid, project, kind, kind)
+	}
+	if n == 0 {
+		g := gens[len(gens)-1]
+		return &g, nil
+	}
+	have := make([]string, len(gens))
+	for i, g := range gens {
+		if g.Number == n {
+			return &g, nil
+		}
+		have[i] = strconv.Itoa(g.Number)
+	}
+	return nil, fmt.Errorf("%w: golden %q has no generation %d (it has %s)", ErrNotFound, project, n, strings.Join(have, ", "))
 }

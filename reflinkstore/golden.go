@@ -204,26 +204,10 @@ func (s *Store) pickGeneration(name string, n int, kind driver.Kind) (*driver.Ge
 	if err != nil {
 		return nil, err
 	}
-	if p == nil || len(p.gens) == 0 {
-		if n > 0 {
-			return nil, fmt.Errorf("%w: golden %q has no generations, so generation=%d does not exist", driver.ErrNotFound, name, n)
-		}
-		return nil, nil
+	if p == nil {
+		return driver.PickGeneration(name, kind, kind, nil, n)
 	}
-	if p.kind != kind {
-		return nil, fmt.Errorf("%w: golden %q holds type=%s volumes; pass -o type=%s", driver.ErrInvalid, name, p.kind, p.kind)
-	}
-	if n == 0 {
-		return &p.gens[len(p.gens)-1], nil
-	}
-	have := make([]string, len(p.gens))
-	for i, g := range p.gens {
-		if g.Number == n {
-			return &g, nil
-		}
-		have[i] = strconv.Itoa(g.Number)
-	}
-	return nil, fmt.Errorf("%w: golden %q has no generation %d (it has %s)", driver.ErrNotFound, name, n, strings.Join(have, ", "))
+	return driver.PickGeneration(name, p.kind, kind, p.gens, n)
 }
 
 // ensureProject returns the project, creating its directory if needed; created says whether it did.

@@ -163,30 +163,10 @@ func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, k
 		return nil, err
 	}
 	p := ps[projectName]
-	var gens []driver.Generation
-	if p != nil {
-		gens = p.generations()
+	if p == nil {
+		return driver.PickGeneration(projectName, kind, kind, nil, n)
 	}
-	if len(gens) == 0 {
-		if n > 0 {
-			return nil, fmt.Errorf("%w: golden %q has no generations, so generation=%d does not exist", driver.ErrNotFound, projectName, n)
-		}
-		return nil, nil
-	}
-	if p.kind != kind {
-		return nil, fmt.Errorf("%w: golden %q holds type=%s volumes; pass -o type=%s", driver.ErrInvalid, projectName, p.kind, p.kind)
-	}
-	if n == 0 {
-		return &gens[len(gens)-1], nil
-	}
-	have := make([]string, len(gens))
-	for i, g := range gens {
-		if g.Number == n {
-			return &g, nil
-		}
-		have[i] = strconv.Itoa(g.Number)
-	}
-	return nil, fmt.Errorf("%w: golden %q has no generation %d (it has %s)", driver.ErrNotFound, projectName, n, strings.Join(have, ", "))
+	return driver.PickGeneration(projectName, p.kind, kind, p.generations(), n)
 }
 
 // ensureProject creates the project container if needed and checks its kind.

@@ -17,7 +17,7 @@ import (
 func TestParseDDTEntries(t *testing.T) {
 	for in, want := range map[string]uint64{
 		"  pool: p\n state: ONLINE\n dedup: no DDT entries\n":                                          0,
-		" dedup: DDT entries 1234, size 272B on disk, 160B in core\n\nbucket ...":                    1234,
+		" dedup: DDT entries 1234, size 272B on disk, 160B in core\n\nbucket ...":                      1234,
 		"config:\n\n dedup: DDT entries 7, size 1.12K on disk, 256B in core\n errors: No known errors": 7,
 	} {
 		if got, err := zfsutil.ParseDDTEntries(in); err != nil || got != want {
