@@ -63,6 +63,8 @@ func startEnv(t *testing.T, o envOpts) *env {
 		e.parent = o.parent
 		if e.parent == "" {
 			e.parent = harness.ZFSParent(t)
+		} else {
+			e.pool, _, _ = strings.Cut(o.parent, "/")
 		}
 		args := append([]string{"--backend", "zfs", "--parent", e.parent, "--default-size", "1G"}, o.extra...)
 		e.p = harness.StartPlugin(t, pluginName, args...)
