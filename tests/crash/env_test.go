@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -73,20 +74,34 @@ func (e *env) admin(args ...string) (string, error) {
 // name makes a volume name unique to this env.
 func (e *env) name(s string) string { return "zc" + e.id + "-" + s }
 
-// --- the plugin's socket, spoken as Docker speaks it ---------------------------------------
+// --- the plugin's socket, Docker's API and the admin API -------------------------------------
 
-// call POSTs one Docker volume plugin request and decodes the reply; a reply's Err is an error.
-func call(socket, method string, req, resp any) error {
-	body, err := json.Marshal(req)
-	if err != nil {
-		return err
-	}
-	c := &http.Client{Timeout: 3 * time.Minute, Transport: &http.Transport{
+func unixClient(socket string) *http.Client {
+	return &http.Client{Timeout: 3 * time.Minute, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
 		},
 	}}
-	r, err := c.Post("http://plugin/VolumeDriver."+method, "application/vnd.docker.plugins.v1.2+json", bytes.NewReader(body))
+}
+
+// do sends one JSON request over a unix socket and decodes the reply into resp. A reply that
+// carries an error (the plugin protocol's Err, the admin API's error, Docker's message) or a
+// status of 300 or more is an error.
+func do(socket, method, path string, req, resp any) error {
+	var body io.Reader
+	if req != nil {
+		data, err := json.Marshal(req)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(data)
+	}
+	hr, err := http.NewRequest(method, "http://local"+path, body)
+	if err != nil {
+		return err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	r, err := unixClient(socket).Do(hr)
 	if err != nil {
 		return err
 	}
@@ -95,22 +110,36 @@ func call(socket, method string, req, resp any) error {
 	if err != nil {
 		return err
 	}
-	var e struct{ Err string }
-	if json.Unmarshal(data, &e) == nil && e.Err != "" {
-		return errors.New(e.Err)
+	var e struct {
+		Err     string
+		Error   string `json:"error"`
+		Message string `json:"message"`
 	}
-	if r.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s: HTTP %d: %s", method, r.StatusCode, data)
+	if json.Unmarshal(data, &e) == nil && e.Err+e.Error+e.Message != "" {
+		return errors.New(e.Err + e.Error + e.Message)
 	}
-	if resp != nil {
+	if r.StatusCode >= 300 {
+		return fmt.Errorf("%s %s: HTTP %d: %s", method, path, r.StatusCode, data)
+	}
+	if resp != nil && len(data) > 0 {
 		return json.Unmarshal(data, resp)
 	}
 	return nil
 }
 
+// call POSTs one Docker volume plugin request, as Docker sends it.
+func call(socket, method string, req, resp any) error {
+	return do(socket, "POST", "/VolumeDriver."+method, req, resp)
+}
+
+// dockerSocket is the engine's API socket. The checks read Docker's view through the API rather
+// than the docker command: under emulation each docker process costs a second or two, and the
+// operations under test still go through the command line.
+const dockerSocket = "/var/run/docker.sock"
+
 type volume struct {
 	Name       string
-	Mountpoint string
+	Mountpoint string // set while a caller holds the volume
 	Status     map[string]any
 }
 
@@ -124,22 +153,21 @@ func (v volume) str(k string) string {
 	return s
 }
 
-// volumes is the plugin's view: List, then Get of each volume for its status.
+// volumes is the plugin's List, as Docker sees it (names and mountpoints, no status).
 func (e *env) volumes(t *testing.T) []volume {
 	t.Helper()
 	var ls struct{ Volumes []volume }
 	if err := call(e.p.Socket, "List", struct{}{}, &ls); err != nil {
 		t.Fatalf("VolumeDriver.List: %v", err)
 	}
-	out := make([]volume, 0, len(ls.Volumes))
-	for _, v := range ls.Volumes {
-		var g struct{ Volume volume }
-		if err := call(e.p.Socket, "Get", map[string]string{"Name": v.Name}, &g); err != nil {
-			t.Fatalf("VolumeDriver.Get %s (listed): %v", v.Name, err)
-		}
-		out = append(out, g.Volume)
-	}
-	return out
+	return ls.Volumes
+}
+
+// get is the plugin's Get of one volume, with its status.
+func (e *env) get(name string) (volume, error) {
+	var g struct{ Volume volume }
+	err := call(e.p.Socket, "Get", map[string]string{"Name": name}, &g)
+	return g.Volume, err
 }
 
 func (e *env) mount(name, id string) (string, error) {
@@ -152,15 +180,12 @@ func (e *env) unmount(name, id string) error {
 	return call(e.p.Socket, "Unmount", map[string]string{"Name": name, "ID": id}, nil)
 }
 
+// goldens is what zgolden golden ls shows, from the admin API.
 func (e *env) goldens(t *testing.T) []driver.Golden {
 	t.Helper()
-	out, err := e.p.Admin(t, "golden", "ls", "--json")
-	if err != nil {
-		t.Fatalf("zgolden golden ls: %v\n%s", err, out)
-	}
 	var gs []driver.Golden
-	if err := json.Unmarshal([]byte(out), &gs); err != nil {
-		t.Fatalf("zgolden golden ls --json: %v\n%s", err, out)
+	if err := do(e.p.AdminSocket, "GET", "/v1/goldens", nil, &gs); err != nil {
+		t.Fatalf("admin API goldens: %v", err)
 	}
 	return gs
 }
@@ -216,7 +241,7 @@ func (e *env) expected(vols []volume, gs []driver.Golden) []string {
 		out = append(out, "volumes", "goldens")
 		for _, v := range vols {
 			out = append(out, "volumes/"+v.Name+".img")
-			if v.mounts() > 0 {
+			if v.Mountpoint != "" {
 				out = append(out, "loop:"+filepath.Join(store, "volumes", v.Name+".img"))
 			}
 		}
@@ -257,11 +282,20 @@ func mountsUnder(t *testing.T, dir string) []string {
 	return out
 }
 
-// dockerNames is Docker's view of this plugin's volumes. The driver filter keeps Docker from
-// asking every legacy plugin it ever knew (each dead one costs a 15 s retry).
+// dockerNames is Docker's view of this plugin's volumes (docker volume ls --filter driver=).
+// The driver filter keeps Docker from asking every legacy plugin it ever knew (each dead one
+// costs a 15 s retry).
 func (e *env) dockerNames(t *testing.T) []string {
 	t.Helper()
-	names := strings.Fields(harness.DockerCmd(t, "volume", "ls", "-q", "--filter", "driver="+e.p.Name))
+	var ls struct{ Volumes []struct{ Name string } }
+	filter := url.QueryEscape(`{"driver":["` + e.p.Name + `"]}`)
+	if err := do(dockerSocket, "GET", "/volumes?filters="+filter, nil, &ls); err != nil {
+		t.Fatalf("docker volume ls: %v", err)
+	}
+	var names []string
+	for _, v := range ls.Volumes {
+		names = append(names, v.Name)
+	}
 	slices.Sort(names)
 	return names
 }
@@ -272,17 +306,19 @@ type dockerVolume struct {
 	Status map[string]any
 }
 
-func (e *env) dockerInspect(t *testing.T, name string) (dockerVolume, error) {
-	t.Helper()
-	out, err := harness.Output("docker", "volume", "inspect", name)
-	if err != nil {
-		return dockerVolume{}, fmt.Errorf("docker volume inspect %s: %v: %s", name, err, out)
+// dockerInspect is docker volume inspect NAME.
+func (e *env) dockerInspect(name string) (dockerVolume, error) {
+	var v dockerVolume
+	if err := do(dockerSocket, "GET", "/volumes/"+url.PathEscape(name), nil, &v); err != nil {
+		return v, fmt.Errorf("docker volume inspect %s: %w", name, err)
 	}
-	var vs []dockerVolume
-	if err := json.Unmarshal([]byte(out), &vs); err != nil || len(vs) != 1 {
-		return dockerVolume{}, fmt.Errorf("docker volume inspect %s: %v: %s", name, err, out)
-	}
-	return vs[0], nil
+	return v, nil
+}
+
+// dockerCreateAPI creates a volume through Docker, for a scenario's preparation (the operation
+// under test itself goes through the docker command line).
+func (e *env) dockerCreateAPI(name string, opts map[string]string) error {
+	return do(dockerSocket, "POST", "/volumes/create", map[string]any{"Name": name, "Driver": e.p.Name, "DriverOpts": opts}, nil)
 }
 
 // --- golden content -------------------------------------------------------------------------
