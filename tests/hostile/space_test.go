@@ -266,3 +266,78 @@ func lastLines(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// TestDockerDaemonInFullVolume runs a Docker engine with its /var/lib/docker on a zgolden volume
+// in a small store or pool, and has that engine run a container that writes until the space
+// runs out (its writable layer lives on the volume): the inner engine's storage hits ENOSPC.
+// The plugin must keep serving throughout, and once the engine is gone its volume is removed
+// and the space is usable again.
+func TestDockerDaemonInFullVolume(t *testing.T) {
+	var e *env
+	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
+		pool := tinyPool(t, 384<<20)
+		e = startEnv(t, envOpts{parent: pool + "/zg", docker: true})
+	} else {
+		e = startEnv(t, envOpts{storeSize: "1G", docker: true})
+	}
+	t.Cleanup(func() {
+		for _, m := range mountsUnder(t, e.p.MountRoot) {
+			_, _ = harness.Output("umount", m)
+		}
+	})
+	before := e.inventory(t)
+	v, c := e.name("dind"), e.name("dind")
+	t.Cleanup(func() {
+		if slices.Contains(strings.Fields(harness.DockerCmd(t, "volume", "ls", "-q", "--filter", "driver="+e.p.Name)), v) {
+			_, _ = harness.Output("docker", "volume", "rm", "-f", v)
+		}
+	})
+	t.Cleanup(func() { _, _ = harness.Output("docker", "rm", "-f", c) })
+	harness.DockerCmd(t, "volume", "create", "--driver", e.p.Name, "-o", "size=4G", v)
+	harness.DockerCmd(t, append(append([]string{"run", "-d", "--network", "none", "--name", c}, harness.DindArgs(t)...),
+		"-v", v+":/var/lib/docker", harness.DindImage(), "dind-dockerd")...)
+	inner := func(args ...string) (string, error) {
+		return harness.Output("docker", append([]string{"exec", c}, args...)...)
+	}
+	deadline := time.Now().Add(120 * time.Second)
+	for {
+		if _, err := inner("docker", "info"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			logs, _ := harness.Output("docker", "logs", c)
+			t.Fatalf("the inner Docker engine never became ready:\n%s", lastLines(logs, 20))
+		}
+		time.Sleep(time.Second)
+	}
+	if out, err := inner("docker", "import", "/zgolden-images/busybox.tar", "inner:latest"); err != nil {
+		t.Fatalf("the inner engine cannot import an image: %v\n%s", err, out)
+	}
+	out, err := inner("docker", "run", "--rm", "--network", "none", "inner:latest",
+		"sh", "-c", "dd if=/dev/urandom of=/big bs=1M oflag=direct 2>&1; echo dd-exit=$?")
+	t.Logf("the inner engine's container writing until the space ran out: err=%v\n%s", err, lastLines(out, 4))
+	if !strings.Contains(out, "No space left") && !strings.Contains(out, "I/O error") {
+		t.Errorf("the inner container did not stop on a full store or pool: %s", out)
+	}
+	// The plugin keeps serving: the engine's volume answers Get, status works, a list works.
+	if err := e.call("Get", map[string]string{"Name": v}, nil); err != nil {
+		t.Errorf("after the inner engine filled its volume, Get fails: %v", err)
+	}
+	if st, err := e.admin("status", "--json"); err != nil {
+		t.Errorf("after the inner engine filled its volume, zgolden status fails: %v\n%s", err, st)
+	}
+	if info, err := inner("docker", "info", "--format", "{{.Driver}}"); err != nil {
+		t.Logf("the inner engine itself no longer answers after ENOSPC (not the plugin's doing): %v %s", err, info)
+	}
+	harness.DockerCmd(t, "rm", "-f", c)
+	if out, err := harness.Output("docker", "volume", "rm", v); err != nil {
+		t.Fatalf("docker volume rm of the full volume: %v\n%s", err, out)
+	}
+	if e.backend == "zfs" {
+		waitFreed(t, strings.Split(e.parent, "/")[0])
+	}
+	if got := e.inventory(t); !slices.Equal(got, before) {
+		t.Errorf("the removed volume left %s", diff(before, got))
+	}
+	e.stillServing(t, "an inner Docker engine filled its volume")
+}
