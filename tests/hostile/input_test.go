@@ -506,12 +506,17 @@ func TestAdminAbuse(t *testing.T) {
 		imports[filepath.Join(e.root, "store", "goldens")] = "overlaps the reflink store"
 		imports[e.base] = "overlaps the reflink store"
 	}
+	i := 0
 	for dir, want := range imports {
-		refuse(want, "golden", "import", dir, "--project", "evil")
+		// A project each: the refusals run in parallel, and two imports of one project at once
+		// are refused as such before the source is looked at.
+		i++
+		refuse(want, "golden", "import", dir, "--project", fmt.Sprintf("evil%d", i))
 		// With --remove-source too, but only for directories this test owns: were a refusal
 		// ever to regress, the damage stays inside the test.
 		if dir != "/" && dir != filepath.Dir(state) {
-			refuse(want, "golden", "import", dir, "--project", "evil", "--remove-source")
+			i++
+			refuse(want, "golden", "import", dir, "--project", fmt.Sprintf("evil%d", i), "--remove-source")
 		}
 	}
 
