@@ -52,7 +52,7 @@ if [ "$action" = install ]; then
 		systemctl enable zgolden.service
 		say "enabled zgolden.service; edit $defaults, then: systemctl start zgolden"
 	elif [ -z "$DESTDIR" ]; then
-		say "systemd is not running here (PID 1 is $(ps -o comm= -p 1 2>/dev/null || echo unknown)): skipped systemctl daemon-reload and enable; start zgolden yourself: $PREFIX/bin/zgolden serve"
+		say "systemd is not running here (PID 1 is $(ps -o comm= -p 1 2>/dev/null || echo unknown)): skipped systemctl daemon-reload and enable; start it yourself: $PREFIX/bin/zgolden serve (it reads the same ZGOLDEN_* variables as $defaults)"
 	fi
 	exit 0
 fi
