@@ -98,7 +98,9 @@ func (h *harness) open(t *testing.T) {
 	}
 	d, err := driver.New(ctx(t), driver.Config{
 		Backend: h.env.Open(t), MountRoot: h.mountRoot, StateDir: h.stateDir,
-		DefaultSize: 1 << 30, ImportWait: 5 * time.Second, Log: logrus.NewEntry(log),
+		// Long enough for any import a test runs, even under emulation: a Create that gives up
+		// waiting would turn ImportBlocksOnlyItsProject's clone into an error.
+		DefaultSize: 1 << 30, ImportWait: 4 * time.Minute, Log: logrus.NewEntry(log),
 	})
 	if err != nil {
 		t.Fatalf("driver.New: %v", err)

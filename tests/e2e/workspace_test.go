@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/zgolden/zgolden/tests/harness"
 )
@@ -77,7 +78,13 @@ func TestGoldenWorkspace(t *testing.T) {
 	if n := git("zg-wa", "rev-list", "--count", "HEAD"); n != strconv.Itoa(commits+1) {
 		t.Fatalf("zg-wa has %s commits after its commit, want %d", n, commits+1)
 	}
+	// ZFS accounts written space when a transaction group syncs (every few seconds), so wait for
+	// the commit to be accounted before reading it.
 	in := b.inspect(t, "zg-wa")
+	for deadline := time.Now().Add(30 * time.Second); b.pool != "" && in.Status["written_bytes"] == float64(0) && time.Now().Before(deadline); {
+		time.Sleep(time.Second)
+		in = b.inspect(t, "zg-wa")
+	}
 	written, _ := in.Status["written_bytes"].(float64)
 	logical, _ := in.Status["logical_bytes"].(float64)
 	if in.Status["type"] != "fs" || written <= 0 && b.pool != "" {
