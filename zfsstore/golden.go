@@ -28,6 +28,10 @@ type lineage struct {
 	gens   []driver.Generation
 }
 
+// volsizes maps a generation's snapshot to its volsize (0 for a filesystem), read in the same
+// zfs list as the generations: a clone has its origin's volsize, so Create needs no zfs get.
+type volsizes map[string]uint64
+
 type project struct {
 	name     string
 	kind     driver.Kind
@@ -78,18 +82,25 @@ func sortGens(g []driver.Generation) {
 
 // projects reads the golden tree (of one project when only is not ""), in one zfs list.
 func (s *Store) projects(ctx context.Context, only string) (map[string]*project, error) {
+	ps, _, err := s.projectsSizes(ctx, only)
+	return ps, err
+}
+
+// projectsSizes is projects, with the volsize of every generation.
+func (s *Store) projectsSizes(ctx context.Context, only string) (map[string]*project, volsizes, error) {
 	root := s.goldenRoot()
 	if only != "" {
 		root = s.projectDataset(only)
 	}
 	rows, err := s.zfs.List(ctx, root, []string{"filesystem", "volume", "snapshot"}, goldenProps)
 	if errors.Is(err, zfsutil.ErrNotFound) && only != "" {
-		return map[string]*project{}, nil
+		return map[string]*project{}, volsizes{}, nil
 	}
 	if err != nil {
-		return nil, mapErr(err)
+		return nil, nil, mapErr(err)
 	}
 	out := map[string]*project{}
+	sizes := volsizes{}
 	lineages := map[string]*lineage{}
 	for _, r := range rows {
 		rel := strings.TrimPrefix(r["name"], s.goldenRoot()+"/")
@@ -131,9 +142,10 @@ func (s *Store) projects(ctx context.Context, only string) (map[string]*project,
 				}
 			}
 			l.gens = append(l.gens, g)
+			sizes[r["name"]] = r.Uint("volsize")
 		}
 	}
-	return out, nil
+	return out, sizes, nil
 }
 
 // Goldens implements driver.Backend.
@@ -155,13 +167,21 @@ func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
 	return out, nil
 }
 
-// pickGeneration returns the generation to clone: number n, or the newest when n is 0. It returns
-// nil, nil when the project has no golden (a cold start).
-func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind) (*driver.Generation, error) {
-	ps, err := s.projects(ctx, projectName)
+// pickGeneration returns the generation to clone: number n, or the newest when n is 0, and its
+// volsize. It returns nil, 0, nil when the project has no golden (a cold start).
+func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind) (*driver.Generation, uint64, error) {
+	ps, sizes, err := s.projectsSizes(ctx, projectName)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	g, err := chooseGeneration(ps, projectName, n, kind)
+	if g == nil || err != nil {
+		return nil, 0, err
+	}
+	return g, sizes[g.Source], nil
+}
+
+func chooseGeneration(ps map[string]*project, projectName string, n int, kind driver.Kind) (*driver.Generation, error) {
 	p := ps[projectName]
 	if p == nil {
 		return driver.PickGeneration(projectName, kind, kind, nil, n)

@@ -315,7 +315,9 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 			return "", ctx.Err()
 		case <-time.After(delay):
 		}
-		if delay < 100*time.Millisecond {
+		// A stat is cheap; a long backoff is not: every Create waits here, and polling at 100 ms
+		// added up to 100 ms to each (make bench measured the raw sequence polling at 5 ms).
+		if delay < 20*time.Millisecond {
 			delay *= 2
 		}
 	}
