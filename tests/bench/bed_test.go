@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -33,6 +34,8 @@ type bed interface {
 	rawFS(gen, name, target string) error
 	// rawCleanup unmounts and destroys what rawBlock or rawFS made.
 	rawCleanup(name, target string) error
+	// rawDestroy destroys an unmounted raw volume: the raw counterpart of Remove.
+	rawDestroy(name string) error
 	// settle flushes everything to the disks, so the next measurement starts quiet.
 	settle()
 	// diskWrites returns the bytes each device of interest has written so far.
@@ -145,6 +148,49 @@ func poolDevice(t testing.TB, pool string) string {
 	return ""
 }
 
+// waitZvol waits for a zvol's device as the plugin does: the udev link, polled every 5 ms, and
+// after 3 s (udev lags far behind when dozens of zvols appear at once under emulation) the
+// /dev/zdN node whose BLKZNAME ioctl names the dataset.
+func waitZvol(ds string, timeout time.Duration) (string, error) {
+	link := "/dev/zvol/" + ds
+	start := time.Now()
+	for {
+		if fi, err := os.Stat(link); err == nil && fi.Mode()&os.ModeDevice != 0 {
+			return link, nil
+		}
+		if time.Since(start) > 3*time.Second {
+			if dev := zvolByName(ds); dev != "" {
+				return dev, nil
+			}
+		}
+		if time.Since(start) > timeout {
+			return "", fmt.Errorf("zvol %s: no device within %s", ds, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// zvolByName returns the /dev/zdN whose BLKZNAME (_IOR(0x12, 125, char[256])) is ds, or "".
+func zvolByName(ds string) string {
+	entries, _ := os.ReadDir("/sys/block")
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "zd") {
+			continue
+		}
+		fd, err := unix.Open("/dev/"+e.Name(), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+		if err != nil {
+			continue
+		}
+		var name [256]byte
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), 0x8100127D, uintptr(unsafe.Pointer(&name[0])))
+		unix.Close(fd)
+		if errno == 0 && unix.ByteSliceToString(name[:]) == ds {
+			return "/dev/" + e.Name()
+		}
+	}
+	return ""
+}
+
 func waitDevice(path string, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
 	for {
@@ -173,7 +219,7 @@ func (b *zfsBed) rawBlock(gen, name, target string) (map[string]time.Duration, e
 		return nil, err
 	}
 	t1 := time.Now()
-	dev, err := waitDevice("/dev/zvol/"+ds, 90*time.Second)
+	dev, err := waitZvol(ds, 5*time.Minute)
 	if err != nil {
 		return nil, err
 	}
@@ -205,12 +251,19 @@ func (b *zfsBed) rawCleanup(name, target string) error {
 	if err := unmountRetry(target); err != nil {
 		return err
 	}
+	if err := b.rawDestroy(name); err != nil {
+		return err
+	}
+	return os.Remove(target)
+}
+
+func (b *zfsBed) rawDestroy(name string) error {
 	var err error
-	for i := 0; i < 40; i++ {
+	for i := 0; i < 40; i++ { // udev may still probe the device for a moment
 		if _, err = run("zfs", "destroy", b.rawDS(name)); err == nil {
-			return os.Remove(target)
+			return nil
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
 	return err
 }
@@ -283,6 +336,14 @@ func newReflinkBed(t testing.TB, dir string) *reflinkBed {
 		t.Fatal(err)
 	}
 	root := filepath.Join(dir, "root")
+	// The store stays mounted when the plugin stops (so do its volumes): unmount it after the
+	// plugin is gone (cleanups run last-registered first), or it leaks a loop device and the
+	// deleted store file's space.
+	t.Cleanup(func() {
+		if err := unmountRetry(filepath.Join(root, "store")); err != nil {
+			t.Errorf("unmount the bench's reflink store: %v", err)
+		}
+	})
 	b.p = startPlugin(t, filepath.Join(dir, "plugin"), "--backend", "reflink", "--root", root, "--store-size", "400G")
 	b.storeDir = filepath.Join(root, "store")
 	b.rawDir = filepath.Join(b.storeDir, ".bench-raw")
@@ -359,6 +420,13 @@ func (b *reflinkBed) rawCleanup(name, target string) error {
 	if err := unmountRetry(target); err != nil {
 		return err
 	}
+	if err := b.rawDestroy(name); err != nil {
+		return err
+	}
+	return os.Remove(target)
+}
+
+func (b *reflinkBed) rawDestroy(name string) error {
 	img := filepath.Join(b.rawDir, name+".img")
 	// autoclear detaches the loop device after the unmount, asynchronously.
 	for i := 0; i < 100 && loopOf(img) != ""; i++ {
@@ -367,7 +435,7 @@ func (b *reflinkBed) rawCleanup(name, target string) error {
 	if err := os.Remove(img); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return os.Remove(target)
+	return nil
 }
 
 func (b *reflinkBed) settle() { unix.Sync() }

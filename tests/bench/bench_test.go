@@ -68,10 +68,10 @@ func TestBench(t *testing.T) {
 	t.Logf("bench: %s backend on %s, work dir %s, sizes %v", bm.bed.backend(), bm.bed.where(), dir, cfg.Sizes)
 
 	has := func(c string) bool { return slices.Contains(cfg.Cases, c) }
-	gens := map[int]string{} // file count -> generation source
+	bm.gens = map[int]string{}
 	for i, n := range cfg.Sizes {
 		ok := t.Run(fmt.Sprintf("create/%d", n), func(t *testing.T) {
-			gens[n] = bm.goldenAndCreate(t, n, cfg.CopyReps[i], has("create"))
+			bm.gens[n] = bm.goldenAndCreate(t, n, cfg.CopyReps[i], has("create"))
 		})
 		if !ok {
 			t.FailNow()
@@ -79,7 +79,7 @@ func TestBench(t *testing.T) {
 	}
 	ref := bm.refSize()
 	if has("wa") {
-		t.Run("write-amplification", func(t *testing.T) { bm.writeAmplification(t, gens) })
+		t.Run("write-amplification", func(t *testing.T) { bm.writeAmplification(t) })
 	}
 	if has("remove") {
 		t.Run("remove", func(t *testing.T) { bm.removeLatency(t, ref) })
@@ -105,11 +105,12 @@ func TestBench(t *testing.T) {
 }
 
 type bencher struct {
-	t   *testing.T
-	cfg Config
-	bed bed
-	run Run
-	mu  sync.Mutex
+	t    *testing.T
+	cfg  Config
+	bed  bed
+	run  Run
+	mu   sync.Mutex
+	gens map[int]string // golden file count -> generation source
 }
 
 // emit prints one result line for the host to collect.
@@ -292,8 +293,8 @@ func (bm *bencher) spec(n int) treeSpec {
 func (bm *bencher) removeLatency(t *testing.T, n int) {
 	b, p := bm.bed, bm.bed.plugin()
 	sizes := bm.cfg.RemoveSizes
-	rounds := max(3, bm.cfg.Reps/3)
-	samples := map[string][]time.Duration{}
+	rounds := max(2, bm.cfg.Reps/3)
+	samples, rawSamples := map[string][]time.Duration{}, map[string][]time.Duration{}
 	buf := make([]byte, 4<<20)
 	newRNG(42).fill(buf)
 	for r := 0; r < rounds; r++ {
@@ -311,7 +312,7 @@ func (bm *bencher) removeLatency(t *testing.T, n int) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := writeFile(filepath.Join(mp, "written.bin"), buf, int64(bytesN)); err != nil {
+			if err := writeFile(filepath.Join(mp, "written.bin"), buf, bytesN); err != nil {
 				t.Fatal(err)
 			}
 			if err := p.unmount(name, "bench"); err != nil {
@@ -323,11 +324,32 @@ func (bm *bencher) removeLatency(t *testing.T, n int) {
 				t.Fatal(err)
 			}
 			samples[w] = append(samples[w], time.Since(t0))
+
+			// The same without the plugin: the floor of a Remove (zfs destroy, or unlink).
+			target := filepath.Join(filepath.Dir(b.oldDir()), "rawmnt", name)
+			if _, err := b.rawBlock(bm.gens[n], name, target); err != nil {
+				t.Fatal(err)
+			}
+			if err := writeFile(filepath.Join(target, "written.bin"), buf, bytesN); err != nil {
+				t.Fatal(err)
+			}
+			if err := unmountRetry(target); err != nil {
+				t.Fatal(err)
+			}
+			b.settle()
+			t0 = time.Now()
+			if err := b.rawDestroy(name); err != nil {
+				t.Fatal(err)
+			}
+			rawSamples[w] = append(rawSamples[w], time.Since(t0))
+			_ = os.Remove(target)
 		}
 	}
 	e := Entry{Case: "remove", Files: n, Methods: map[string]Stat{}, Ratios: map[string]float64{}}
 	for w, s := range samples {
 		e.Methods["plugin remove, "+w+" written"] = Summarize(s)
+		e.Methods["raw destroy, "+w+" written"] = Summarize(rawSamples[w])
+		e.Ratios["plugin/raw, "+w+" written"] = Ratio(e.Methods["plugin remove, "+w+" written"].Median, e.Methods["raw destroy, "+w+" written"].Median)
 	}
 	first, last := sizes[0], sizes[len(sizes)-1]
 	e.Ratios[last+"/"+first] = Ratio(e.Methods["plugin remove, "+last+" written"].Median, e.Methods["plugin remove, "+first+" written"].Median)
@@ -363,12 +385,9 @@ func writeFile(path string, buf []byte, n int64) error {
 // writeAmplification measures the bytes the disks wrote for one Create+Mount and for one
 // cp -a --reflink=auto of the largest golden that was made, and on ZFS the dedup table's
 // entries, then repeats the copy on a dedup=on zvol: the problem zgolden avoids.
-func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
+func (bm *bencher) writeAmplification(t *testing.T) {
 	b, p := bm.bed, bm.bed.plugin()
-	n := bm.cfg.Sizes[len(bm.cfg.Sizes)-1]
-	if v := os.Getenv("ZGOLDEN_BENCH_WA_SIZE"); v != "" {
-		n, _ = strconv.Atoi(v)
-	}
+	n := bm.cfg.WASize
 	src := bm.treeDir(n)
 	if _, err := os.Stat(src); err != nil {
 		t.Fatalf("golden tree of %d files is gone: %v", n, err)
@@ -397,7 +416,7 @@ func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
 			t.Fatal(err)
 		}
 		took := time.Since(t0)
-		syncfs(mp)
+		flushFS(t, mp)
 		b.settle()
 		d := delta(before, b.diskWrites())
 		key := "pool"
@@ -420,7 +439,7 @@ func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
 		e.Extra["plugin_ddt_line"] = line
 	}
 	// The old way, dedup off.
-	cpRun := func(label, fromDir, toDir, zvolDev string) map[string]any {
+	cpRun := func(label, fromDir, toDir, mnt, zvolDev string) map[string]any {
 		b.settle()
 		before := b.diskWrites()
 		zvBefore := uint64(0)
@@ -430,7 +449,7 @@ func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
 		t0 := time.Now()
 		must(t, "cp", "-a", "--reflink=auto", fromDir, toDir)
 		cpTook := time.Since(t0)
-		syncfs(toDir)
+		flushFS(t, mnt)
 		b.settle()
 		tail := time.Since(t0) - cpTook
 		d := delta(before, b.diskWrites())
@@ -446,7 +465,7 @@ func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
 		return res
 	}
 	if isZFS {
-		old := cpRun("cp -a onto XFS on a dedup=off zvol", src, filepath.Join(b.oldDir(), "wa-copy"), zb.oldDev)
+		old := cpRun("cp -a onto XFS on a dedup=off zvol", src, filepath.Join(b.oldDir(), "wa-copy"), b.oldDir(), zb.oldDev)
 		ddt, line := zb.ddtEntries()
 		old["ddt_entries_after"], old["ddt_line"] = ddt, line
 		e.Extra["cp_dedup_off"] = old
@@ -459,10 +478,10 @@ func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
 		if _, err := generateTree(filepath.Join(dmnt, "golden"), bm.spec(n)); err != nil {
 			t.Fatal(err)
 		}
-		syncfs(dmnt)
+		flushFS(t, dmnt)
 		b.settle()
 		ddtBefore, _ := zb.ddtEntries()
-		dd := cpRun("cp -a onto XFS on a dedup=on zvol", filepath.Join(dmnt, "golden"), filepath.Join(dmnt, "copy"), ddev)
+		dd := cpRun("cp -a onto XFS on a dedup=on zvol", filepath.Join(dmnt, "golden"), filepath.Join(dmnt, "copy"), dmnt, ddev)
 		ddtAfter, line := zb.ddtEntries()
 		dd["ddt_entries_before"], dd["ddt_entries_after"], dd["ddt_entries_added"], dd["ddt_line"] = ddtBefore, ddtAfter, ddtAfter-ddtBefore, line
 		e.Extra["cp_dedup_on"] = dd
@@ -479,7 +498,7 @@ func (bm *bencher) writeAmplification(t *testing.T, gens map[int]string) {
 		e.Ratios["cp_dedup_on/plugin bytes"] = Ratio(float64(dd["bytes_written"].(map[string]uint64)["pool"]), medianOf(pluginBytes))
 		e.Ratios["cp_dedup_on/cp_dedup_off bytes"] = Ratio(float64(dd["bytes_written"].(map[string]uint64)["pool"]), float64(old["bytes_written"].(map[string]uint64)["pool"]))
 	} else {
-		old := cpRun("cp -a onto XFS (reflink=1)", src, filepath.Join(b.oldDir(), "wa-copy"), "")
+		old := cpRun("cp -a onto XFS (reflink=1)", src, filepath.Join(b.oldDir(), "wa-copy"), b.oldDir(), "")
 		e.Extra["cp"] = old
 		must(t, "rm", "-rf", filepath.Join(b.oldDir(), "wa-copy"))
 		e.Ratios["cp/plugin bytes"] = Ratio(float64(old["bytes_written"].(map[string]uint64)["old_xfs"]), medianOf(pluginBytes))
@@ -491,6 +510,16 @@ func medianOf(v []float64) float64 {
 	s := append([]float64(nil), v...)
 	slices.Sort(s)
 	return Percentile(s, 50)
+}
+
+// flushFS writes everything the XFS holding path has in memory to its device, metadata in
+// place included (xfs_freeze pushes the log's items home): syncfs alone leaves them in the log,
+// to be written later, which is the tail of writes the seeds saw after cp returned.
+func flushFS(t *testing.T, path string) {
+	t.Helper()
+	syncfs(path)
+	must(t, "xfs_freeze", "-f", path)
+	must(t, "xfs_freeze", "-u", path)
 }
 
 func syncfs(path string) {
@@ -508,55 +537,104 @@ func syncfs(path string) {
 // from one golden, for N = 1, 8, 32.
 func (bm *bencher) concurrency(t *testing.T, n int) {
 	b, p := bm.bed, bm.bed.plugin()
+	var single float64 // median create+mount at N=1
 	for _, c := range []int{1, 8, 32} {
-		rounds := max(1, 32/c) // about the same number of samples at each N
-		if c == 1 {
-			rounds = max(rounds, bm.cfg.Reps)
+		rounds := 1
+		switch c {
+		case 1:
+			rounds = bm.cfg.Reps
+		case 8:
+			rounds = max(1, bm.cfg.Reps/4)
 		}
-		var creates, mounts, both, totals []time.Duration
+		var creates, mounts, both, totals, raws, rawTotals []time.Duration
 		for r := 0; r < rounds; r++ {
 			b.settle()
-			var wg sync.WaitGroup
 			var mu sync.Mutex
-			var firstErr error
-			start := make(chan struct{})
-			for i := 0; i < c; i++ {
-				wg.Add(1)
-				go func(i int) {
-					defer wg.Done()
-					name := fmt.Sprintf("cc%d-%d-%d", c, r, i)
-					<-start
-					t0 := time.Now()
-					err := p.create(name, map[string]string{"golden": project(n)})
-					t1 := time.Now()
-					if err == nil {
-						_, err = p.mount(name, "bench")
-					}
-					t2 := time.Now()
-					mu.Lock()
-					defer mu.Unlock()
-					if err != nil {
-						if firstErr == nil {
-							firstErr = err
-						}
-						return
-					}
-					creates, mounts, both = append(creates, t1.Sub(t0)), append(mounts, t2.Sub(t1)), append(both, t2.Sub(t0))
-				}(i)
+			total, err := parallel(c, func(i int) error {
+				name := fmt.Sprintf("cc%d-%d-%d", c, r, i)
+				t0 := time.Now()
+				err := p.create(name, map[string]string{"golden": project(n)})
+				t1 := time.Now()
+				if err == nil {
+					_, err = p.mount(name, "bench")
+				}
+				t2 := time.Now()
+				mu.Lock()
+				defer mu.Unlock()
+				creates, mounts, both = append(creates, t1.Sub(t0)), append(mounts, t2.Sub(t1)), append(both, t2.Sub(t0))
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
 			}
-			t0 := time.Now()
-			close(start)
-			wg.Wait()
-			totals = append(totals, time.Since(t0))
-			if firstErr != nil {
-				t.Fatal(firstErr)
-			}
+			totals = append(totals, total)
 			bm.cleanup(t, fmt.Sprintf("cc%d-%d-", c, r), c, true)
+
+			// The same N raw sequences at once: is any queueing the plugin's, or the system's?
+			b.settle()
+			total, err = parallel(c, func(i int) error {
+				name := fmt.Sprintf("rc%d-%d-%d", c, r, i)
+				t0 := time.Now()
+				_, err := b.rawBlock(bm.gens[n], name, filepath.Join(filepath.Dir(b.oldDir()), "rawmnt", name))
+				mu.Lock()
+				defer mu.Unlock()
+				raws = append(raws, time.Since(t0))
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rawTotals = append(rawTotals, total)
+			if _, err := parallel(4, func(w int) error {
+				for i := w; i < c; i += 4 {
+					name := fmt.Sprintf("rc%d-%d-%d", c, r, i)
+					if err := b.rawCleanup(name, filepath.Join(filepath.Dir(b.oldDir()), "rawmnt", name)); err != nil {
+						return err
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
 		}
-		bm.add(Entry{Case: "concurrency", Files: n, Param: fmt.Sprintf("N=%d", c), Methods: map[string]Stat{
-			"create": Summarize(creates), "mount": Summarize(mounts), "create+mount": Summarize(both), "total (all N)": Summarize(totals),
-		}, Ratios: map[string]float64{"total/single create+mount": Ratio(Summarize(totals).Median, Summarize(both).Median)}})
+		e := Entry{Case: "concurrency", Files: n, Param: fmt.Sprintf("N=%d", c), Methods: map[string]Stat{
+			"plugin create": Summarize(creates), "plugin mount": Summarize(mounts), "plugin create+mount": Summarize(both),
+			"plugin total (all N)": Summarize(totals), "raw sequence": Summarize(raws), "raw total (all N)": Summarize(rawTotals),
+		}, Ratios: map[string]float64{}}
+		if c == 1 {
+			single = e.Methods["plugin create+mount"].Median
+		}
+		e.Ratios["plugin total / one alone"] = Ratio(e.Methods["plugin total (all N)"].Median, single)
+		e.Ratios["plugin total / raw total"] = Ratio(e.Methods["plugin total (all N)"].Median, e.Methods["raw total (all N)"].Median)
+		e.Ratios["plugin p99 / p50"] = Ratio(e.Methods["plugin create+mount"].P99, e.Methods["plugin create+mount"].Median)
+		bm.add(e)
 	}
+}
+
+// parallel runs f(0..n-1) at once, released together, and returns the wall time and the first
+// error.
+func parallel(n int, f func(i int) error) (time.Duration, error) {
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			<-start
+			errs[i] = f(i)
+		}(i)
+	}
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	took := time.Since(t0)
+	for _, err := range errs {
+		if err != nil {
+			return took, err
+		}
+	}
+	return took, nil
 }
 
 // cleanup unmounts and removes volumes prefix0..prefix(count-1), four at a time.
@@ -715,7 +793,7 @@ func (bm *bencher) workspace(t *testing.T) {
 	gen, importTook := p.importGolden(t, golden, "ws", "fs")
 	du := strings.Fields(must(t, "du", "-sb", golden))[0]
 	samples := map[string][]time.Duration{}
-	reps := bm.cfg.Reps
+	reps := min(bm.cfg.Reps, 5)
 	for r := 0; r < reps; r++ {
 		methods := []string{"plugin", "raw", "git clone"}
 		for i := range methods {
@@ -815,10 +893,12 @@ func loadConfig(t *testing.T) Config {
 	c := Config{
 		Sizes: []int{1000, 10000, 100000, 1000000}, Reps: 10, Large: "4x256M",
 		Cases:     []string{"create", "wa", "remove", "concurrency", "workspace", "scale"},
-		ScaleVols: 500, RemoveSizes: []string{"0", "100M", "1G"},
+		ScaleVols: 500, RemoveSizes: []string{"0", "100M", "1G"}, WASize: 100000,
 	}
 	if guest {
-		c.Sizes, c.Large = []int{1000, 10000, 100000}, "2x64M"
+		// Emulation (TCG) makes every step 30-100x slower: sizes and counts that keep the guest
+		// part near 20 minutes. The reflink host run covers 1M files and 500 volumes.
+		c.Sizes, c.Large, c.Reps, c.ScaleVols, c.WASize = []int{1000, 10000, 100000}, "2x64M", 5, 100, 10000
 	}
 	if v := os.Getenv("ZGOLDEN_BENCH_SIZES"); v != "" {
 		c.Sizes = nil
@@ -840,12 +920,28 @@ func loadConfig(t *testing.T) Config {
 	}
 	for _, n := range c.Sizes {
 		switch {
-		case n <= 10000:
+		case n <= 10000 && !guest:
 			c.CopyReps = append(c.CopyReps, 5)
-		case n <= 100000:
+		case n <= 10000 || n <= 100000 && !guest:
 			c.CopyReps = append(c.CopyReps, 3)
 		default:
 			c.CopyReps = append(c.CopyReps, 2)
+		}
+	}
+	if v := os.Getenv("ZGOLDEN_BENCH_WA_SIZE"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			t.Fatalf("ZGOLDEN_BENCH_WA_SIZE=%q", v)
+		}
+		c.WASize = n
+	}
+	if !slices.Contains(c.Sizes, c.WASize) { // it copies a golden tree the create case made
+		want := c.WASize
+		c.WASize = c.Sizes[0]
+		for _, n := range c.Sizes {
+			if n <= want {
+				c.WASize = n
+			}
 		}
 	}
 	if v := os.Getenv("ZGOLDEN_BENCH_CP_REPS"); v != "" {

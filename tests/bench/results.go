@@ -35,6 +35,7 @@ type Config struct {
 	Large       string   `json:"large_files"`
 	Cases       []string `json:"cases"`
 	ScaleVols   int      `json:"scale_volumes"`
+	WASize      int      `json:"write_amplification_files"`
 	RemoveSizes []string `json:"remove_written"`
 }
 

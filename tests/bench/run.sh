@@ -25,7 +25,7 @@ mkdir -p "$logs" tests/bench/results
 
 wait_quiet() { # wait_quiet WHAT: until no qemu guest runs (bounded), then show the load
 	local waited=0 max=${BENCH_WAIT:-3600}
-	while pgrep -x qemu-system-x86_64 >/dev/null; do
+	while pgrep -x qemu-system-x86 >/dev/null; do # the process name, cut to 15 characters
 		if [ "$waited" -ge "$max" ]; then
 			echo "bench: WARNING: a qemu guest is still running after ${max}s; measuring $1 anyway (numbers will be noisy)" >&2
 			break
