@@ -133,7 +133,9 @@ func buildPlugin(t testing.TB, bin, create string) string {
 	if create != "" {
 		args = append(args, "--create", create)
 	}
+	start := time.Now()
 	harness.Run(t, "bash", args...)
+	t.Logf("packaging/build-plugin.sh --create %q: %s", create, time.Since(start).Round(time.Second))
 	t.Cleanup(func() { os.RemoveAll(out) })
 	return out
 }
@@ -218,13 +220,14 @@ func (m *managed) logs() string {
 		return "(plugin gone)"
 	}
 	id = strings.TrimSpace(id)
+	// The host's engine logs to docker-engine.sh's file, the guest's to its results; the guest's
+	// root also holds a stale copy of the former from its build, so read both.
+	var lines []string
 	for _, path := range []string{"/var/log/zgolden-dockerd.log", "/payload/results/dockerd.log"} {
 		f, err := os.Open(path)
 		if err != nil {
 			continue
 		}
-		defer f.Close()
-		var lines []string
 		sc := bufio.NewScanner(f)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
@@ -232,12 +235,15 @@ func (m *managed) logs() string {
 				lines = append(lines, sc.Text())
 			}
 		}
-		if len(lines) > 60 {
-			lines = lines[len(lines)-60:]
-		}
-		return strings.Join(lines, "\n")
+		f.Close()
 	}
-	return "(no dockerd log found)"
+	if len(lines) > 60 {
+		lines = lines[len(lines)-60:]
+	}
+	if len(lines) == 0 {
+		return "(no lines for plugin " + id + " in dockerd's log)"
+	}
+	return strings.Join(lines, "\n")
 }
 
 // admin runs the zgolden command line against the plugin's admin socket, which the plugin makes
