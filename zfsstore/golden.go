@@ -19,6 +19,10 @@ import (
 
 var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "volsize", propKind, propState, propFrom}
 
+// pickProps is what choosing a generation to clone needs: no space accounting and no clone
+// lists, which ZFS computes per snapshot (the clones list grows with every volume made from it).
+var pickProps = []string{"type", "origin", "creation", "volsize", propKind, propState}
+
 // lineage is one dataset of a project's golden and its generation snapshots.
 type lineage struct {
 	name   string
@@ -82,17 +86,17 @@ func sortGens(g []driver.Generation) {
 
 // projects reads the golden tree (of one project when only is not ""), in one zfs list.
 func (s *Store) projects(ctx context.Context, only string) (map[string]*project, error) {
-	ps, _, err := s.projectsSizes(ctx, only)
+	ps, _, err := s.projectsSizes(ctx, only, goldenProps)
 	return ps, err
 }
 
-// projectsSizes is projects, with the volsize of every generation.
-func (s *Store) projectsSizes(ctx context.Context, only string) (map[string]*project, volsizes, error) {
+// projectsSizes is projects, with the volsize of every generation, reading only props.
+func (s *Store) projectsSizes(ctx context.Context, only string, props []string) (map[string]*project, volsizes, error) {
 	root := s.goldenRoot()
 	if only != "" {
 		root = s.projectDataset(only)
 	}
-	rows, err := s.zfs.List(ctx, root, []string{"filesystem", "volume", "snapshot"}, goldenProps)
+	rows, err := s.zfs.List(ctx, root, []string{"filesystem", "volume", "snapshot"}, props)
 	if errors.Is(err, zfsutil.ErrNotFound) && only != "" {
 		return map[string]*project{}, volsizes{}, nil
 	}
@@ -170,7 +174,7 @@ func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
 // pickGeneration returns the generation to clone: number n, or the newest when n is 0, and its
 // volsize. It returns nil, 0, nil when the project has no golden (a cold start).
 func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind) (*driver.Generation, uint64, error) {
-	ps, sizes, err := s.projectsSizes(ctx, projectName)
+	ps, sizes, err := s.projectsSizes(ctx, projectName, pickProps)
 	if err != nil {
 		return nil, 0, err
 	}
