@@ -415,12 +415,12 @@ func (s *Store) openStoreFile(ctx context.Context, firstStart bool) error {
 		return err
 	}
 	if m != nil {
-		back, err := xfsutil.LoopBackingFile(m.Source)
+		l, err := xfsutil.LoopOf(m.Source)
 		if err != nil {
 			return err
 		}
-		if back != s.storeFile {
-			return fmt.Errorf("%s is a mount of %s, not of the store file %s; unmount it", s.storeDir, m.Source, s.storeFile)
+		if !l.Backs(s.storeFile) {
+			return fmt.Errorf("%s is a mount of %s (backed by %q), not of the store file %s; unmount it", s.storeDir, m.Source, l.BackingFile, s.storeFile)
 		}
 		return nil
 	}

@@ -150,7 +150,7 @@ func (s *Store) releaseLoops(img string) error {
 		return err
 	}
 	for _, l := range loops {
-		if l.BackingFile != img || l.Deleted {
+		if !l.Backs(img) {
 			continue
 		}
 		mps, err := xfsutil.LoopMountpoints(l.Device)
@@ -188,7 +188,7 @@ func (s *Store) releaseLoops(img string) error {
 func loopDevice(img string) string {
 	loops, _ := xfsutil.Loops()
 	for _, l := range loops {
-		if l.BackingFile == img && !l.Deleted {
+		if l.Backs(img) {
 			return l.Device
 		}
 	}

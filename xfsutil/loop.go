@@ -65,16 +65,56 @@ func LoopMountpoints(dev string) ([]string, error) {
 	return out, nil
 }
 
-// LoopBackingFile returns the file behind dev, or "" when dev is not attached.
-func LoopBackingFile(dev string) (string, error) {
+// Backs reports whether l is attached to the file at path.
+//
+// The kernel renders backing_file from the file's mount anew for each reader, so the path is
+// only right while the mount namespace that attached the device lives: a device that an earlier
+// instance of the managed plugin attached (its namespace gone with it, the device kept by the
+// mount it backs) reads as a path relative to a detached mount, such as "/reflink/store.img".
+// A path that differs but names the same file is therefore checked by identity, the inode and
+// device that LOOP_GET_STATUS64 reports against stat(path). The name is only a cheap filter: the
+// identity decides, and the inode of an attached file cannot be reused, even once unlinked.
+func (l Loop) Backs(path string) bool {
+	if l.BackingFile == path && !l.Deleted {
+		return true
+	}
+	if filepath.Base(l.BackingFile) != filepath.Base(path) {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return false
+	}
+	fd, err := unix.Open(l.Device, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return false
+	}
+	return info.Inode == st.Ino && info.Device == st.Dev
+}
+
+// LoopOf describes dev; its BackingFile is "" when dev is not attached.
+func LoopOf(dev string) (Loop, error) {
+	l := Loop{Device: dev}
 	data, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
 	if detached(err) {
-		return "", nil
+		return l, nil
 	}
 	if err != nil {
-		return "", err
+		return l, err
 	}
-	return strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), deletedSuffix), nil
+	l.BackingFile, l.Deleted = strings.CutSuffix(strings.TrimSuffix(string(data), "\n"), deletedSuffix)
+	return l, nil
+}
+
+// LoopBackingFile returns the file behind dev, or "" when dev is not attached.
+func LoopBackingFile(dev string) (string, error) {
+	l, err := LoopOf(dev)
+	return l.BackingFile, err
 }
 
 // DetachLoop detaches dev if, and only if, it is still backed by backing; it reports whether it
@@ -93,11 +133,11 @@ func DetachLoop(dev, backing string) (bool, error) {
 		return false, fmt.Errorf("open %s to detach it: %w", dev, err)
 	}
 	defer unix.Close(fd)
-	cur, err := LoopBackingFile(dev)
+	cur, err := LoopOf(dev)
 	if err != nil {
 		return false, err
 	}
-	if cur != backing {
+	if cur.BackingFile == "" || !cur.Backs(backing) {
 		return false, nil
 	}
 	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil {

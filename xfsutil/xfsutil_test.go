@@ -207,3 +207,47 @@ func TestVerifyTreeCatchesDifferences(t *testing.T) {
 		})
 	}
 }
+
+// TestLoopBacksAfterItsMountIsGone is a managed plugin's restart: the loop device behind the
+// reflink store was attached through a mount that no longer exists (the old plugin's namespace),
+// so the kernel's backing_file no longer names the file's path. The device must still be known
+// as the file's, and only as that file's.
+func TestLoopBacksAfterItsMountIsGone(t *testing.T) {
+	orig, clone := images(t)
+	bind := filepath.Join(t.TempDir(), "bind")
+	if err := os.Mkdir(bind, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "mount", "--bind", filepath.Dir(orig), bind)
+	dev := strings.TrimSpace(harness.Run(t, "losetup", "--find", "--show", filepath.Join(bind, filepath.Base(orig))))
+	t.Cleanup(func() { _, _ = harness.Output("losetup", "--detach", dev) })
+	harness.Run(t, "umount", "--lazy", bind)
+
+	l, err := xfsutil.LoopOf(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.BackingFile == orig || l.BackingFile == "" {
+		t.Fatalf("the kernel reports %s's backing file as %q: the test needs a path other than %s", dev, l.BackingFile, orig)
+	}
+	t.Logf("%s: backing_file reads %q once its mount is gone", dev, l.BackingFile)
+	if !l.Backs(orig) {
+		t.Fatalf("%s (backing_file %q) is not recognised as attached to %s", dev, l.BackingFile, orig)
+	}
+	if l.Backs(clone) {
+		t.Fatalf("%s is taken for attached to %s, another file", dev, clone)
+	}
+	sameName := filepath.Join(t.TempDir(), filepath.Base(orig))
+	if err := os.WriteFile(sameName, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if l.Backs(sameName) {
+		t.Fatalf("%s is taken for attached to %s, another file of the same name", dev, sameName)
+	}
+	if ok, err := xfsutil.DetachLoop(dev, clone); err != nil || ok {
+		t.Fatalf("DetachLoop(%s, %s) = %v, %v: it must leave another file's device alone", dev, clone, ok, err)
+	}
+	if ok, err := xfsutil.DetachLoop(dev, orig); err != nil || !ok {
+		t.Fatalf("DetachLoop(%s, %s) = %v, %v: want it detached", dev, orig, ok, err)
+	}
+}
