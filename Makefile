@@ -50,11 +50,17 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 	  bash tests/summarize.sh host build/test-host.log && exit $$rc
 
 # The packages whose tests need ZFS (the rest run on the host).
-VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e $(wildcard ./tests/crash ./tests/stress ./tests/hostile)
+VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e ./tests/crash ./tests/stress ./tests/hostile ./tests/plugin
 
+# The guest cannot debootstrap (no network), so the managed plugin's rootfs (rootfs/build.sh,
+# cached) goes in as a tarball; tests/plugin assembles the plugin from it and the guest's zgolden.
 .PHONY: test-vm
-test-vm: ## as root: the ZFS packages inside a qemu guest with the real zfs kernel module
-	ZGOLDEN_VM_TIMEOUT=$${ZGOLDEN_VM_TIMEOUT:-3600} ZGOLDEN_VM_TEST_TIMEOUT=$${ZGOLDEN_VM_TEST_TIMEOUT:-40m} \
+test-vm: build ## as root: the ZFS packages inside a qemu guest with the real zfs kernel module
+	bash packaging/build-plugin.sh --out build/plugin-vm --tar build/plugin-rootfs.tar
+	extra=ZGOLDEN_PLUGIN_ROOTFS_TAR=/payload/extra/plugin-rootfs.tar; \
+	  [ -z "$${ZGOLDEN_VM_EXTRA_ENV:-}" ] || extra+=$$'\n'"$$ZGOLDEN_VM_EXTRA_ENV"; \
+	  ZGOLDEN_VM_EXTRA_ENV="$$extra" ZGOLDEN_VM_PAYLOAD=$(CURDIR)/build/plugin-rootfs.tar \
+	  ZGOLDEN_VM_TIMEOUT=$${ZGOLDEN_VM_TIMEOUT:-3600} ZGOLDEN_VM_TEST_TIMEOUT=$${ZGOLDEN_VM_TEST_TIMEOUT:-40m} \
 	  bash tests/vm/run.sh $(VM_PKGS)
 
 .PHONY: vm-guest

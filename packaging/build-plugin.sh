@@ -6,7 +6,7 @@
 #                             [--create NAME] [--tar FILE]
 #
 #   --rootfs DIR       the plugin's root filesystem without zgolden (default: the cached one that
-#                      tests/setup/plugin-rootfs.sh builds or reuses)
+#                      rootfs/build.sh builds or reuses)
 #   --rootfs-tar FILE  the same, as a tarball (what --tar of a rootfs writes; for hosts that cannot
 #                      debootstrap, such as the ZFS test guest)
 #   --bin FILE         the static zgolden binary (default bin/zgolden, from `make build`)
@@ -44,8 +44,8 @@ if file "$bin" 2>/dev/null | grep -q 'dynamically linked'; then
 fi
 
 if [ -z "$rootfs" ] && [ -z "$rootfs_tar" ]; then
-	rootfs=$(bash "$repo/tests/setup/plugin-rootfs.sh" | sed -n 's/^rootfs=//p')
-	[ -d "$rootfs" ] || die "tests/setup/plugin-rootfs.sh did not give a rootfs"
+	rootfs=$(bash "$repo/rootfs/build.sh" | sed -n 's/^rootfs=//p')
+	[ -d "$rootfs" ] || die "rootfs/build.sh did not give a rootfs"
 fi
 
 # Refuse to empty a directory that holds anything but what this script makes.

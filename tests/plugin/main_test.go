@@ -78,7 +78,7 @@ func pkgTemp(t testing.TB) string {
 
 // pluginRootfs returns the plugin's root filesystem without zgolden: unpacked from
 // $ZGOLDEN_PLUGIN_ROOTFS_TAR when set (the qemu guest cannot debootstrap), else the cached build
-// of tests/setup/plugin-rootfs.sh (about a minute the first time, then instant).
+// of rootfs/build.sh (about a minute the first time, then instant).
 func pluginRootfs(t testing.TB) string {
 	t.Helper()
 	harness.RequireRoot(t)
@@ -98,10 +98,10 @@ func pluginRootfs(t testing.TB) string {
 			fix.rootfs = root
 		} else if harness.InGuest() {
 			fix.rootErr = ""
-			t.Skip("ZGOLDEN_PLUGIN_ROOTFS_TAR is not set: the guest cannot build the plugin rootfs (no network); run tests/plugin/vm.sh")
+			t.Skip("ZGOLDEN_PLUGIN_ROOTFS_TAR is not set: the guest cannot build the plugin rootfs (no network); make test-vm passes it in")
 		} else {
 			harness.RequireTools(t, "debootstrap")
-			cmd := exec.Command("bash", filepath.Join(repo(t), "tests/setup/plugin-rootfs.sh"))
+			cmd := exec.Command("bash", filepath.Join(repo(t), "rootfs/build.sh"))
 			var stderr strings.Builder
 			cmd.Stderr = &stderr
 			out, err := cmd.Output()
@@ -112,7 +112,7 @@ func pluginRootfs(t testing.TB) string {
 			}
 			if err != nil || fix.rootfs == "" {
 				fix.rootfs = ""
-				t.Fatalf("tests/setup/plugin-rootfs.sh: %v\n%s", err, stderr.String())
+				t.Fatalf("rootfs/build.sh: %v\n%s", err, stderr.String())
 			}
 		}
 		fix.rootErr = ""

@@ -22,6 +22,8 @@
 #   ZGOLDEN_VM_POOL_SIZE     sparse pool disk size (default 8G)
 #   ZGOLDEN_VM_MEM, ZGOLDEN_VM_SMP   guest memory (MiB, default 4096) and CPUs (default 2)
 #   ZGOLDEN_VM_EXTRA_ENV     newline-separated K=V lines added to the tests' environment
+#   ZGOLDEN_VM_PAYLOAD       colon-separated host files copied to /payload/extra/ in the guest
+#                            (the managed plugin's rootfs tarball: the guest cannot debootstrap)
 #   ZGOLDEN_VM_QUIET=1       do not stream the guest console while it runs
 #   ZGOLDEN_VM_KEEP=1        keep the work directory (printed) for debugging
 #   ZGOLDEN_VM_PLUGIN=0      do not build bin/zgolden (e.g. to run only tests/vmsmoke)
@@ -116,6 +118,15 @@ zg_log "module $module: $(wc -l <"$payload/tests/manifest") test binaries"
 git ls-files -z --cached --others --exclude-standard |
 	tar --null --no-recursion --ignore-failed-read -cf - -T - 2>/dev/null | tar -C "$payload/src" -xf - ||
 	zg_log "WARNING: copying the source tree was incomplete"
+
+if [ -n "${ZGOLDEN_VM_PAYLOAD:-}" ]; then
+	mkdir -p "$payload/extra"
+	IFS=: read -ra extra_files <<<"$ZGOLDEN_VM_PAYLOAD"
+	for f in "${extra_files[@]}"; do
+		[ -f "$f" ] || zg_die "ZGOLDEN_VM_PAYLOAD names $f, which is not a file"
+		cp --reflink=auto "$f" "$payload/extra/"
+	done
+fi
 
 {
 	printf 'TEST_TIMEOUT=%q\n' "$test_timeout"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/setup/plugin-rootfs.sh [CACHE_DIR]: builds, once per set of inputs, the root filesystem
+# rootfs/build.sh [CACHE_DIR]: builds, once per set of inputs, the root filesystem
 # of zgolden's managed Docker plugin, and prints its path ("rootfs=<dir>") on stdout.
 #
 # What is in it: a debootstrap --variant=minbase bookworm plus only the tools zgolden runs:
@@ -22,8 +22,8 @@ set -euo pipefail
 
 ZG_NAME=plugin-rootfs
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=../vm/lib.sh
-. "$here/../vm/lib.sh"
+# shellcheck source=../tests/vm/lib.sh
+. "$here/../tests/vm/lib.sh"
 
 # The packages on top of minbase (util-linux, mount and coreutils are already in minbase).
 PLUGIN_PKGS=(xfsprogs zfsutils-linux)
@@ -33,7 +33,7 @@ command -v debootstrap >/dev/null || zg_die "debootstrap is missing: apt-get ins
 
 cache=$(zg_cache_dir "${1:-}")
 key=$( {
-	cat "$here/plugin-rootfs.sh" "$here/../vm/lib.sh"
+	cat "$here/build.sh" "$here/../tests/vm/lib.sh"
 	echo "mirror=$(zg_mirror) pkgs=${PLUGIN_PKGS[*]}"
 } | sha256sum | cut -c1-16)
 out="$cache/plugin-rootfs-$key"
