@@ -43,9 +43,10 @@ func envInt(key string, def int) int {
 func loadLimits(opsKey string, defOps int) limits {
 	dur := 40 * time.Second
 	if harness.InGuest() {
-		// Under emulation a ZFS operation takes seconds: the guest runs for longer and still
-		// completes far fewer operations, which the log reports.
-		dur = 60 * time.Second
+		// Under emulation a ZFS operation takes a tenth of a second or more: the guest runs for
+		// longer, long enough for a couple of thousand operations a phase (about 13 a second
+		// were measured), which the log reports.
+		dur = 150 * time.Second
 	}
 	if d, err := time.ParseDuration(os.Getenv("ZGOLDEN_STRESS_TIME")); err == nil && d > 0 {
 		dur = d
