@@ -413,8 +413,8 @@ func TestLoadRepairsCrashLeftovers(t *testing.T) {
 	if got := e.storeEntries(t, "goldens/prj"); !slices.Equal(got, []string{"gen1.img", "gen3.img"}) {
 		t.Fatalf("golden directory after Load = %v; want gen1 and the rolled-forward gen3", got)
 	}
-	if b, _ := xfsutil.LoopBackingFile(leaked); b != "" {
-		t.Fatalf("the leaked loop device %s is still attached to %s", leaked, b)
+	if l, _ := xfsutil.LoopOf(leaked); l.BackingFile != "" {
+		t.Fatalf("the leaked loop device %s is still attached to %s", leaked, l.BackingFile)
 	}
 	if m, _ := xfsutil.MountsUnder(filepath.Join(e.root, "work")); len(m) > 0 {
 		t.Fatalf("the interrupted import is still mounted: %+v", m)

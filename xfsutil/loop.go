@@ -29,17 +29,13 @@ func Loops() ([]Loop, error) {
 	}
 	out := make([]Loop, 0, len(paths))
 	for _, p := range paths {
-		data, err := os.ReadFile(p)
+		l, err := LoopOf("/dev/" + filepath.Base(filepath.Dir(filepath.Dir(p))))
 		if err != nil {
-			if detached(err) {
-				continue // detached meanwhile
-			}
 			return nil, err
 		}
-		backing := strings.TrimSuffix(string(data), "\n")
-		l := Loop{Device: "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(p)))}
-		l.BackingFile, l.Deleted = strings.CutSuffix(backing, deletedSuffix)
-		out = append(out, l)
+		if l.BackingFile != "" { // detached meanwhile
+			out = append(out, l)
+		}
 	}
 	return out, nil
 }
@@ -111,12 +107,6 @@ func LoopOf(dev string) (Loop, error) {
 	return l, nil
 }
 
-// LoopBackingFile returns the file behind dev, or "" when dev is not attached.
-func LoopBackingFile(dev string) (string, error) {
-	l, err := LoopOf(dev)
-	return l.BackingFile, err
-}
-
 // DetachLoop detaches dev if, and only if, it is still backed by backing; it reports whether it
 // did. The kernel finishes the detach asynchronously, after this returns. The device is opened first and its backing file checked afterwards: while the device is held
 // open it cannot be detached and attached to another file (LOOP_SET_FD needs an unbound device and
@@ -137,7 +127,7 @@ func DetachLoop(dev, backing string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if cur.BackingFile == "" || !cur.Backs(backing) {
+	if !cur.Backs(backing) {
 		return false, nil
 	}
 	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil {
