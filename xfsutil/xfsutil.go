@@ -20,7 +20,37 @@ import (
 var (
 	ErrBusy    = errors.New("target is busy")
 	ErrNoSpace = errors.New("no space left on device")
+	// ErrContended is a zvol whose open gave up on a contended ZFS lock: since Linux 5.13,
+	// zvol_open returns ERESTARTSYS to its caller when spa_namespace_lock stays taken (openzfs
+	// #12301, only partly fixed by a bounded retry in #12759), and mount(8) or mkfs.xfs print it
+	// as "Unknown error 512". It is transient: the same call succeeds once the lock is free.
+	ErrContended = errors.New("zvol open contended (ERESTARTSYS)")
 )
+
+// contendedTries bounds retryContended: about 6 s of pauses in all, well inside Docker's 2 minutes for
+// Create and Mount. The measured case, 32 concurrent clones under emulation, needed one retry.
+const contendedTries = 8
+
+// retryContended runs op until it fails with something other than ErrContended, with a
+// doubling pause between tries (50 ms to 2.5 s).
+func retryContended(ctx context.Context, op func() error) error {
+	pause := 50 * time.Millisecond
+	for try := 1; ; try++ {
+		err := op()
+		if !errors.Is(err, ErrContended) {
+			return err
+		}
+		if try == contendedTries {
+			return fmt.Errorf("%w (after %d tries: ZFS kept the zvol's open contended; retry later)", err, try)
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 2500*time.Millisecond)
+	}
+}
 
 func classify(err error) error {
 	var cerr *command.Error
@@ -33,6 +63,8 @@ func classify(err error) error {
 		cerr.Kind = ErrBusy
 	case strings.Contains(low, "no space left"):
 		cerr.Kind = ErrNoSpace
+	case strings.Contains(low, "unknown error 512"):
+		cerr.Kind = ErrContended
 	}
 	return cerr
 }
@@ -51,8 +83,10 @@ func Mkfs(ctx context.Context, dev, label string) error {
 		}
 		args = append(args, "-L", label)
 	}
-	_, err := command.Run(ctx, "mkfs.xfs", append(args, dev)...)
-	return classify(err)
+	return retryContended(ctx, func() error {
+		_, err := command.Run(ctx, "mkfs.xfs", append(args, dev)...)
+		return classify(err)
+	})
 }
 
 // MountOptions are the XFS options every zgolden volume is mounted with.
@@ -69,13 +103,16 @@ func MountOptions(discard bool) []string {
 	return opts
 }
 
-// Mount mounts the XFS on source (a block device, or an image file when opts has "loop") at target.
+// Mount mounts the XFS on source (a block device, or an image file when opts has "loop") at
+// target. Like Mkfs, it retries a zvol open that ZFS refused as contended (ErrContended).
 func Mount(ctx context.Context, source, target string, opts []string) error {
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return err
 	}
-	_, err := command.Run(ctx, "mount", "-t", "xfs", "-o", strings.Join(opts, ","), source, target)
-	return classify(err)
+	return retryContended(ctx, func() error {
+		_, err := command.Run(ctx, "mount", "-t", "xfs", "-o", strings.Join(opts, ","), source, target)
+		return classify(err)
+	})
 }
 
 // MountFS mounts a non-XFS filesystem (a ZFS dataset with mountpoint=legacy, for example).

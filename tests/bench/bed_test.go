@@ -227,8 +227,18 @@ func (b *zfsBed) rawBlock(gen, name, target string) (map[string]time.Duration, e
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return nil, err
 	}
-	if _, err := run("mount", "-t", "xfs", "-o", "nouuid,discard", dev, target); err != nil {
-		return nil, err
+	// A burst of concurrent zvol opens can fail with ERESTARTSYS, "Unknown error 512" (openzfs
+	// #12301): the raw sequence retries it as zgolden's mount does (xfsutil.ErrContended), or
+	// it would be a floor that fails where the plugin works.
+	for pause := 50 * time.Millisecond; ; pause = min(2*pause, 2500*time.Millisecond) {
+		_, err := run("mount", "-t", "xfs", "-o", "nouuid,discard", dev, target)
+		if err == nil {
+			break
+		}
+		if !strings.Contains(err.Error(), "Unknown error 512") || time.Since(t2) > time.Minute {
+			return nil, err
+		}
+		time.Sleep(pause)
 	}
 	t3 := time.Now()
 	steps["clone"], steps["device"], steps["mount"] = t1.Sub(t0), t2.Sub(t1), t3.Sub(t2)
