@@ -463,7 +463,13 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 			if len(g.Dependents) > 0 {
 				return fmt.Errorf("%w: generation %d of %q is the origin of %s", driver.ErrGenerationInUse, n, projectName, strings.Join(g.Dependents, ", "))
 			}
-			if err := s.destroy(ctx, g.Source, false); err != nil {
+			// Dependents names volumes only. A generation can also be the origin of another of
+			// the project's lineages (the guest's stress test reached that with racing
+			// promotions), and a Create may have cloned it since the list: ZFS refuses both,
+			// atomically, and either way the generation is in use, not an error of Reclaim's.
+			if err := s.destroy(ctx, g.Source, false); errors.Is(err, driver.ErrHasDependents) {
+				return fmt.Errorf("%w: generation %d of %q still has clones: %v", driver.ErrGenerationInUse, n, projectName, err)
+			} else if err != nil {
 				return err
 			}
 			if len(l.gens) == 1 { // its last generation: the lineage itself is now dead weight

@@ -250,3 +250,28 @@ func TestCreateGrowsClone(t *testing.T) {
 		t.Fatal("a failed Create left its clone behind")
 	}
 }
+
+// TestRemoveGenerationKeepsLineageOrigins: a generation that another of the project's lineages
+// was cloned from has no volume among its Dependents, but ZFS refuses to destroy it. Reclaim
+// must see it as in use (ErrGenerationInUse, which it skips), not fail, and it must survive.
+func TestRemoveGenerationKeepsLineageOrigins(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	s := mustOpen(t, parent, t.TempDir())
+	ctx := context.Background()
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	g, err := s.Import(ctx, "prj", driver.KindBlock, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lineage := parent + "/golden/prj/g999"
+	harness.Run(t, "zfs", "clone", g.Source, lineage)
+	defer harness.Run(t, "zfs", "destroy", lineage)
+	err = s.RemoveGeneration(ctx, "prj", g.Number)
+	if !errors.Is(err, driver.ErrGenerationInUse) {
+		t.Fatalf("RemoveGeneration of %s, the origin of %s: %v; want ErrGenerationInUse", g.Source, lineage, err)
+	}
+	if !slices.Contains(harness.ZFSInventory(t, parent), g.Source) {
+		t.Fatalf("%s was destroyed", g.Source)
+	}
+}
