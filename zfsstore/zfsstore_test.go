@@ -212,15 +212,8 @@ func TestRemoveRightAfterUnmount(t *testing.T) {
 
 // TestCreateGrowsClone: -o size larger than the golden grows the clone's zvol and its XFS.
 func TestCreateGrowsClone(t *testing.T) {
-	parent := harness.ZFSParent(t)
-	s := mustOpen(t, parent, t.TempDir())
+	parent, s, g := withGolden(t)
 	ctx := context.Background()
-	src := t.TempDir()
-	drivertest.MakeTree(t, src)
-	g, err := s.Import(ctx, "prj", driver.KindBlock, src, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	big := uint64(3 << 30)
 	v, err := s.Create(ctx, driver.Spec{Name: "big", Kind: driver.KindBlock, Golden: "prj", Size: big})
 	if err != nil {
@@ -255,23 +248,29 @@ func TestCreateGrowsClone(t *testing.T) {
 // was cloned from has no volume among its Dependents, but ZFS refuses to destroy it. Reclaim
 // must see it as in use (ErrGenerationInUse, which it skips), not fail, and it must survive.
 func TestRemoveGenerationKeepsLineageOrigins(t *testing.T) {
-	parent := harness.ZFSParent(t)
-	s := mustOpen(t, parent, t.TempDir())
-	ctx := context.Background()
-	src := t.TempDir()
-	drivertest.MakeTree(t, src)
-	g, err := s.Import(ctx, "prj", driver.KindBlock, src, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	parent, s, g := withGolden(t)
 	lineage := parent + "/golden/prj/g999"
 	harness.Run(t, "zfs", "clone", g.Source, lineage)
 	defer harness.Run(t, "zfs", "destroy", lineage)
-	err = s.RemoveGeneration(ctx, "prj", g.Number)
+	err := s.RemoveGeneration(context.Background(), "prj", g.Number)
 	if !errors.Is(err, driver.ErrGenerationInUse) {
 		t.Fatalf("RemoveGeneration of %s, the origin of %s: %v; want ErrGenerationInUse", g.Source, lineage, err)
 	}
 	if !slices.Contains(harness.ZFSInventory(t, parent), g.Source) {
 		t.Fatalf("%s was destroyed", g.Source)
 	}
+}
+
+// withGolden opens a store on a fresh parent dataset and imports the test tree as golden "prj".
+func withGolden(t *testing.T) (parent string, s *zfsstore.Store, g driver.Generation) {
+	t.Helper()
+	parent = harness.ZFSParent(t)
+	s = mustOpen(t, parent, t.TempDir())
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	g, err := s.Import(context.Background(), "prj", driver.KindBlock, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return parent, s, g
 }
