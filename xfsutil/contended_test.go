@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/zgolden/zgolden/internal/command"
 )
 
@@ -56,5 +58,20 @@ func TestContendedOpenGivesUp(t *testing.T) {
 	calls = 0
 	if err := retryContended(ctx, func() error { calls++; return contended() }); calls != 1 || !errors.Is(err, ErrContended) {
 		t.Fatalf("a cancelled context still retried: %d calls, %v", calls, err)
+	}
+}
+
+// TestContendedMountSyscall: mount(2) itself returns ERESTARTSYS as errno 512, which Mount
+// classifies as contended (and so retries) like mount(8)'s "Unknown error 512".
+func TestContendedMountSyscall(t *testing.T) {
+	err := mountErr("/dev/zvol/p/v", "/mnt/v", []string{"nouuid"}, erestartsys)
+	if !errors.Is(err, ErrContended) || !strings.Contains(err.Error(), "/dev/zvol/p/v") || !strings.Contains(err.Error(), "ERESTARTSYS") {
+		t.Fatalf("mountErr(ERESTARTSYS) = %v; want ErrContended naming the device", err)
+	}
+	if err := mountErr("d", "t", nil, unix.EBUSY); !errors.Is(err, ErrBusy) || !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("mountErr(EBUSY) = %v; want ErrBusy that still matches EBUSY", err)
+	}
+	if mountErr("d", "t", nil, nil) != nil {
+		t.Fatal("mountErr(nil) is not nil")
 	}
 }

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
@@ -140,4 +142,81 @@ func DetachLoop(dev, backing string) (bool, error) {
 		return false, fmt.Errorf("detach %s (%s): %w", dev, backing, err)
 	}
 	return true, nil
+}
+
+// attachLoop attaches a free loop device to the image file at path, with autoclear set as
+// mount(8) -o loop does, and returns the device and an open descriptor of it. The kernel detaches
+// an autoclear device at its last close, so the caller closes fd once it has mounted the device
+// (the mount then holds it until unmount) or, after a failed mount, to detach it.
+//
+// LOOP_CTL_GET_FREE only names a device that was free when asked: another process (losetup,
+// Docker's own loop users) can take it first, and LOOP_CONFIGURE then fails with EBUSY, so the
+// attach is retried on another device, as util-linux does.
+func attachLoop(path string) (string, int, error) {
+	file, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", -1, fmt.Errorf("open image %s for a loop device: %w", path, err)
+	}
+	defer unix.Close(file) // the attached device holds its own reference to the file
+	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", -1, fmt.Errorf("open /dev/loop-control to attach %s: %w (is the loop module loaded, and /dev the host's?)", path, err)
+	}
+	defer unix.Close(ctl)
+	cfg := unix.LoopConfig{Fd: uint32(file)}
+	cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
+	copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], path) // informational only, as losetup shows it
+	var last error
+	for try := 0; try < 16; try++ {
+		n, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			return "", -1, fmt.Errorf("find a free loop device for %s: %w", path, err)
+		}
+		dev := "/dev/loop" + strconv.Itoa(n)
+		fd, err := openLoop(dev)
+		if err != nil {
+			return "", -1, err
+		}
+		err = unix.IoctlLoopConfigure(fd, &cfg)
+		if errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
+			err = setFD(fd, file, &cfg.Info) // a kernel before 5.8 has no LOOP_CONFIGURE
+		}
+		if err == nil {
+			return dev, fd, nil
+		}
+		unix.Close(fd)
+		if !errors.Is(err, unix.EBUSY) {
+			return "", -1, fmt.Errorf("attach %s to %s: %w", path, dev, err)
+		}
+		last = err
+	}
+	return "", -1, fmt.Errorf("attach %s to a loop device: every free device was taken first (%v); retry", path, last)
+}
+
+// openLoop opens a loop device that LOOP_CTL_GET_FREE may have just created: devtmpfs makes its
+// node at once on a host, but a /dev that is not devtmpfs can lag.
+func openLoop(dev string) (int, error) {
+	for wait := time.Millisecond; ; wait *= 2 {
+		fd, err := unix.Open(dev, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err == nil {
+			return fd, nil
+		}
+		if !errors.Is(err, unix.ENOENT) || wait > 512*time.Millisecond {
+			return -1, fmt.Errorf("open %s: %w", dev, err)
+		}
+		time.Sleep(wait)
+	}
+}
+
+// setFD is LOOP_CONFIGURE in the two steps older kernels have; a failed status leaves the device
+// detached again.
+func setFD(fd, file int, info *unix.LoopInfo64) error {
+	if err := unix.IoctlSetInt(fd, unix.LOOP_SET_FD, file); err != nil {
+		return err
+	}
+	if err := unix.IoctlLoopSetStatus64(fd, info); err != nil {
+		_ = unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
+		return err
+	}
+	return nil
 }

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -249,5 +251,116 @@ func TestLoopBacksAfterItsMountIsGone(t *testing.T) {
 	}
 	if ok, err := xfsutil.DetachLoop(dev, orig); err != nil || !ok {
 		t.Fatalf("DetachLoop(%s, %s) = %v, %v: want it detached", dev, orig, ok, err)
+	}
+}
+
+// loopsOf lists the loop devices attached to file, waiting up to 5 s for autoclear, which the
+// kernel finishes asynchronously after the last close, to detach them when want is 0.
+func loopsOf(t *testing.T, file string, want int) []string {
+	t.Helper()
+	var devs []string
+	for i := 0; i < 100; i++ {
+		loops, err := xfsutil.Loops()
+		if err != nil {
+			t.Fatal(err)
+		}
+		devs = devs[:0]
+		for _, l := range loops {
+			if l.Backs(file) {
+				devs = append(devs, l.Device)
+			}
+		}
+		if len(devs) == want || want != 0 {
+			return devs
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return devs
+}
+
+// TestLoopMountLeavesNoDevice: Mount attaches its own loop device (no mount(8)), with autoclear,
+// so unmounting frees it, and a mount that fails frees it at once, with an error that names the
+// image and says where the kernel's reason is.
+func TestLoopMountLeavesNoDevice(t *testing.T) {
+	orig, _ := images(t)
+	ctx := context.Background()
+	mp := filepath.Join(t.TempDir(), "m")
+	if err := xfsutil.Mount(ctx, orig, mp, []string{"loop", "nouuid"}); err != nil {
+		t.Fatal(err)
+	}
+	devs := loopsOf(t, orig, 1)
+	if len(devs) != 1 {
+		t.Fatalf("after the mount, loop devices backed by %s: %v; want one", orig, devs)
+	}
+	if m, _ := xfsutil.MountedAt(mp); m == nil || m.Source != devs[0] || m.FSType != "xfs" {
+		t.Fatalf("mount table entry = %+v; want xfs on %s", m, devs[0])
+	}
+	if err := os.WriteFile(filepath.Join(mp, "f"), []byte("data"), 0o644); err != nil {
+		t.Fatalf("the loop mount is not writable: %v", err)
+	}
+	if err := xfsutil.Unmount(ctx, mp); err != nil {
+		t.Fatal(err)
+	}
+	if devs := loopsOf(t, orig, 0); len(devs) != 0 {
+		t.Fatalf("unmount left loop devices attached to %s: %v (autoclear not set?)", orig, devs)
+	}
+	if err := xfsutil.Unmount(ctx, mp); err == nil || !strings.Contains(err.Error(), "not a mount point") {
+		t.Fatalf("second unmount: %v; want an error saying it is not a mount point", err)
+	}
+
+	junk := filepath.Join(filepath.Dir(orig), "junk.img")
+	if err := os.WriteFile(junk, make([]byte, 64<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := xfsutil.Mount(ctx, junk, filepath.Join(t.TempDir(), "j"), []string{"loop", "nouuid"})
+	if err == nil || !strings.Contains(err.Error(), junk) || !strings.Contains(err.Error(), "dmesg") {
+		t.Fatalf("mounting an image without XFS: %v; want an error naming %s and pointing at dmesg", err, junk)
+	}
+	if devs := loopsOf(t, junk, 0); len(devs) != 0 {
+		t.Fatalf("a failed mount left loop devices attached to %s: %v", junk, devs)
+	}
+	err = xfsutil.Mount(ctx, filepath.Join(t.TempDir(), "missing.img"), filepath.Join(t.TempDir(), "x"), []string{"loop"})
+	if !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("mounting a missing image: %v; want ErrNotExist", err)
+	}
+}
+
+// TestConcurrentLoopMounts races attaches for free loop devices: LOOP_CTL_GET_FREE hands the
+// same device to several callers, and all but one must retry on another.
+func TestConcurrentLoopMounts(t *testing.T) {
+	orig, _ := images(t)
+	dir := filepath.Dir(orig)
+	const n = 8
+	imgs := make([]string, n)
+	for i := range imgs {
+		imgs[i] = filepath.Join(dir, "c"+strconv.Itoa(i)+".img")
+		harness.Run(t, "cp", "--reflink=always", orig, imgs[i])
+	}
+	ctx := context.Background()
+	errs := make(chan error, n)
+	mps := make([]string, n)
+	for i := range imgs {
+		mps[i] = filepath.Join(t.TempDir(), "m")
+		go func(i int) { errs <- xfsutil.Mount(ctx, imgs[i], mps[i], append([]string{"loop"}, xfsutil.MountOptions(false)...)) }(i)
+	}
+	for range imgs {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	seen := map[string]string{}
+	for i := range imgs {
+		m, _ := xfsutil.MountedAt(mps[i])
+		if m == nil {
+			t.Errorf("%s is not mounted", mps[i])
+			continue
+		}
+		if prev, ok := seen[m.Source]; ok {
+			t.Errorf("%s and %s share loop device %s", prev, imgs[i], m.Source)
+		}
+		seen[m.Source] = imgs[i]
+		if err := xfsutil.Unmount(ctx, mps[i]); err != nil {
+			t.Error(err)
+		}
 	}
 }
