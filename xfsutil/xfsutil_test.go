@@ -341,7 +341,9 @@ func TestConcurrentLoopMounts(t *testing.T) {
 	mps := make([]string, n)
 	for i := range imgs {
 		mps[i] = filepath.Join(t.TempDir(), "m")
-		go func(i int) { errs <- xfsutil.Mount(ctx, imgs[i], mps[i], append([]string{"loop"}, xfsutil.MountOptions(false)...)) }(i)
+		go func(i int) {
+			errs <- xfsutil.Mount(ctx, imgs[i], mps[i], append([]string{"loop"}, xfsutil.MountOptions(false)...))
+		}(i)
 	}
 	for range imgs {
 		if err := <-errs; err != nil {
