@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -83,12 +84,17 @@ func classify(err error) error {
 // ZFS runs zfs and zpool. Its zero value is not usable; call New.
 type ZFS struct {
 	log *logrus.Entry
+
+	// zvols maps zd device names to the dataset their BLKZNAME named when last opened (see
+	// findZvol); Destroy and Rename forget the datasets they change.
+	zvMu  sync.Mutex
+	zvols map[string]string
 }
 
 // New returns a runner that logs each command at debug level.
 func New(log *logrus.Entry) *ZFS {
 	gozfs.SetLogger(cmdLogger{log})
-	return &ZFS{log: log}
+	return &ZFS{log: log, zvols: map[string]string{}}
 }
 
 type cmdLogger struct{ log *logrus.Entry }
@@ -152,6 +158,7 @@ func (z *ZFS) Snapshot(ctx context.Context, snapshot string, props Props) error 
 // Destroy destroys one dataset or snapshot. With recursive it also destroys the dataset's own
 // snapshots (-r); it never destroys dependent clones (-R), so a golden cannot take volumes with it.
 func (z *ZFS) Destroy(ctx context.Context, name string, recursive bool) error {
+	defer z.forgetZvols(name)
 	flags := gozfs.DestroyDefault
 	if recursive {
 		flags |= gozfs.DestroyRecursive
@@ -188,6 +195,7 @@ func (z *ZFS) Promote(ctx context.Context, name string) error {
 
 // Rename renames a dataset or a snapshot.
 func (z *ZFS) Rename(ctx context.Context, from, to string) error {
+	defer z.forgetZvols(from)
 	_, err := z.run(ctx, "rename", from, to)
 	return err
 }
@@ -289,23 +297,21 @@ func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", datas
 
 // WaitDevice waits for a zvol's device node. zfs create and zfs clone return before the zvol's
 // block device exists (ZFS makes it from a task queue) and before udev has linked it under
-// /dev/zvol/ (openzfs #7875), so every caller that needs the device polls with a bound. Under
-// load udev can lag far behind the kernel; after a few seconds without the link, WaitDevice asks
-// the zd devices themselves which dataset they are (the BLKZNAME ioctl that udev's zvol_id uses)
-// and returns the /dev/zdN node directly.
+// /dev/zvol/ (openzfs #7875), so every caller that needs the device polls with a bound. It takes
+// whichever comes first: the udev link, or the /dev/zdN node whose BLKZNAME ioctl (what udev's
+// zvol_id asks) names the dataset. udev runs zvol_id and blkid for every new zvol before it makes
+// the link, which make bench measured at 60-120 ms of each Create under emulation, and under load
+// it lags by seconds; the kernel's node is there as soon as the zvol is.
 func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Duration) (string, error) {
 	path := DevicePath(dataset)
 	start := time.Now()
-	delay := 5 * time.Millisecond
+	delay := 2 * time.Millisecond
 	for {
 		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
 			return path, nil
 		}
-		if time.Since(start) > 3*time.Second {
-			if dev := findZvolDevice(dataset); dev != "" {
-				z.log.WithFields(logrus.Fields{"dataset": dataset, "device": dev}).Info("udev has not linked the zvol yet; using its device node directly")
-				return dev, nil
-			}
+		if dev := z.findZvol(dataset); dev != "" {
+			return dev, nil
 		}
 		if time.Since(start) > timeout {
 			return "", fmt.Errorf("zvol device %s did not appear within %s: is udev running (systemd-udevd) and are the zvol rules installed?", path, timeout)
@@ -315,8 +321,7 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 			return "", ctx.Err()
 		case <-time.After(delay):
 		}
-		// A stat is cheap; a long backoff is not: every Create waits here, and polling at 100 ms
-		// added up to 100 ms to each (make bench measured the raw sequence polling at 5 ms).
+		// A poll is cheap; a long backoff is not: every Create waits here.
 		if delay < 20*time.Millisecond {
 			delay *= 2
 		}
@@ -326,22 +331,63 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 // blkzname is BLKZNAME, _IOR(0x12, 125, char[256]): a zvol's dataset name (see udev's zvol_id).
 const blkzname = 0x8100127D
 
-// findZvolDevice returns the /dev/zdN node whose zvol is dataset, or "".
-func findZvolDevice(dataset string) string {
+// findZvol returns the /dev/zdN node whose zvol is dataset, or "". It opens only the zd devices
+// it has not identified before, which after the first call are the new ones: opening a zvol
+// takes ZFS's namespace lock, and a zvol held open makes a destroy of it fail as busy for that
+// moment (udev's probes do the same, and destroys retry them). A device whose number was reused
+// for another zvol behind this process's back reads as its old dataset here; WaitDevice then
+// finds the new one by its udev link, as it always could.
+func (z *ZFS) findZvol(dataset string) string {
 	entries, err := os.ReadDir("/sys/block")
 	if err != nil {
 		return ""
 	}
+	z.zvMu.Lock()
+	defer z.zvMu.Unlock()
+	present := make(map[string]bool, len(entries))
+	found := ""
 	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "zd") {
+		dev := e.Name()
+		if !strings.HasPrefix(dev, "zd") {
 			continue
 		}
-		dev := "/dev/" + e.Name()
-		if zvolName(dev) == dataset {
-			return dev
+		present[dev] = true
+		name, known := z.zvols[dev]
+		if !known {
+			if name = zvolName("/dev/" + dev); name == "" {
+				continue // its node is not there yet, or the open was contended: next poll
+			}
+			z.zvols[dev] = name
+		}
+		if name == dataset && found == "" {
+			found = dev
 		}
 	}
-	return ""
+	for dev := range z.zvols {
+		if !present[dev] {
+			delete(z.zvols, dev)
+		}
+	}
+	if found == "" {
+		return ""
+	}
+	if zvolName("/dev/"+found) != dataset { // identified before, and renumbered since
+		delete(z.zvols, found)
+		return ""
+	}
+	return "/dev/" + found
+}
+
+// forgetZvols drops name and its children from the device index: their devices are gone or
+// renamed, and their numbers will be reused.
+func (z *ZFS) forgetZvols(name string) {
+	z.zvMu.Lock()
+	defer z.zvMu.Unlock()
+	for dev, ds := range z.zvols {
+		if ds == name || strings.HasPrefix(ds, name+"/") {
+			delete(z.zvols, dev)
+		}
+	}
 }
 
 func zvolName(dev string) string {

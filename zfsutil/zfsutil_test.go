@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -52,30 +54,69 @@ func TestErrorsAreClassified(t *testing.T) {
 	}
 }
 
-// TestWaitDeviceWithoutUdevLink: when udev has not linked /dev/zvol/... (it lags under load),
-// WaitDevice finds the zvol's /dev/zdN node itself.
+// TestWaitDeviceWithoutUdevLink: WaitDevice does not wait for udev's /dev/zvol/ link (which
+// lags by seconds under load) when the zvol's /dev/zdN node is there; and a zd number that a
+// destroyed zvol gave back, reused for another, never makes it return the wrong device.
 func TestWaitDeviceWithoutUdevLink(t *testing.T) {
 	parent := harness.ZFSParent(t)
 	z := zfsutil.New(logrus.NewEntry(logrus.New()))
 	ctx := context.Background()
 	harness.Run(t, "zfs", "create", parent)
+	// same reports whether dev is the device udev links for ds, waiting for the link.
+	same := func(dev, ds string) (string, bool) {
+		t.Helper()
+		link := zfsutil.DevicePath(ds)
+		for i := 0; i < 600; i++ {
+			if real, err := filepath.EvalSymlinks(link); err == nil {
+				got, _ := filepath.EvalSymlinks(dev)
+				return real, got == real
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("udev never linked %s", link)
+		return "", false
+	}
 	ds := parent + "/v"
 	if err := z.CreateVolume(ctx, ds, 64<<20, nil); err != nil {
 		t.Fatal(err)
 	}
-	link, err := z.WaitDevice(ctx, ds, time.Minute)
-	if err != nil || link != zfsutil.DevicePath(ds) {
-		t.Fatalf("WaitDevice = %q, %v; want the udev link", link, err)
-	}
-	real, err := os.Readlink(link)
+	dev, err := z.WaitDevice(ctx, ds, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Remove(link); err != nil { // as if udev had not got to it yet
+	real, ok := same(dev, ds)
+	if !ok {
+		t.Fatalf("WaitDevice = %s, which is not %s's device %s", dev, ds, real)
+	}
+	if err := os.Remove(zfsutil.DevicePath(ds)); err != nil { // as if udev had not got to it yet
 		t.Fatal(err)
 	}
-	dev, err := z.WaitDevice(ctx, ds, time.Minute)
-	if err != nil || !strings.HasPrefix(dev, "/dev/zd") || !strings.HasSuffix(real, strings.TrimPrefix(dev, "/dev/")) {
-		t.Fatalf("WaitDevice without the link = %q, %v; want the zd node the link pointed to (%s)", dev, err, real)
+	dev, err = z.WaitDevice(ctx, ds, time.Minute)
+	if err != nil || dev != real {
+		t.Fatalf("WaitDevice without the link = %q, %v; want the zd node %s", dev, err, real)
+	}
+
+	// Numbers are reused: destroyed through z (which forgets it), and behind its back.
+	if err := z.Destroy(ctx, ds, false); err != nil {
+		t.Fatal(err)
+	}
+	for i, byHand := range []bool{false, true} {
+		next := parent + "/w" + strconv.Itoa(i)
+		if byHand {
+			harness.Run(t, "zfs", "create", "-V", "64M", next)
+		} else if err := z.CreateVolume(ctx, next, 64<<20, nil); err != nil {
+			t.Fatal(err)
+		}
+		dev, err := z.WaitDevice(ctx, next, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if real, ok := same(dev, next); !ok {
+			t.Fatalf("WaitDevice(%s) = %s, but its device is %s (a stale number)", next, dev, real)
+		}
+		if byHand {
+			break
+		}
+		harness.Run(t, "zfs", "destroy", next) // behind z's back: z still knows its number
 	}
 }
