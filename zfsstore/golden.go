@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -171,18 +172,72 @@ func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
 	return out, nil
 }
 
+// pickCache remembers what pickGeneration read of each project, so that a Create runs one zfs
+// process (the clone) instead of two: under emulation a zfs list costs about as much as the
+// clone itself, and make bench measured it as most of the plugin's overhead over a raw zfs clone.
+//
+// The store is the one writer of its golden tree (the admin commands go through the plugin's
+// socket), and every method that changes the tree calls goldensChanged when it is done, which
+// retires every entry; reroot calls it before it releases swap, so a Create that waited for a
+// promotion never clones from the generations it moved. An entry is tagged with the version read
+// before its zfs list, so a list that raced a change is never used after that change. Nothing
+// stops a second writer (zfs by hand, or a second plugin given the same parent), so entries also
+// expire after pickMaxAge: a generation made elsewhere is used within that time. A generation
+// destroyed elsewhere shows at once, as a clone that finds no snapshot: Create then reads the
+// tree again and retries once.
+type pickCache struct {
+	mu      sync.Mutex
+	version uint64
+	entries map[string]pickEntry
+}
+
+// pickMaxAge bounds how long a generation made by another writer can go unseen.
+const pickMaxAge = 10 * time.Second
+
+type pickEntry struct {
+	version uint64
+	read    time.Time
+	ps      map[string]*project // never changed once stored: readers share it
+	sizes   volsizes
+}
+
+// goldensChanged retires every cached pick; call it after any change to the golden tree.
+func (s *Store) goldensChanged() {
+	s.picks.mu.Lock()
+	defer s.picks.mu.Unlock()
+	s.picks.version++
+	s.picks.entries = nil
+}
+
 // pickGeneration returns the generation to clone: number n, or the newest when n is 0, and its
-// volsize. It returns nil, 0, nil when the project has no golden (a cold start).
-func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind) (*driver.Generation, uint64, error) {
-	ps, sizes, err := s.projectsSizes(ctx, projectName, pickProps)
-	if err != nil {
-		return nil, 0, err
+// volsize. It returns nil, 0, nil when the project has no golden (a cold start). fresh skips the
+// cache; cached reports whether the answer came from it.
+func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind, fresh bool) (g *driver.Generation, size uint64, cached bool, err error) {
+	s.picks.mu.Lock()
+	e, ok := s.picks.entries[projectName]
+	version := s.picks.version
+	s.picks.mu.Unlock()
+	if !ok || fresh || e.version != version || time.Since(e.read) > pickMaxAge {
+		ps, sizes, err := s.projectsSizes(ctx, projectName, pickProps)
+		if err != nil {
+			return nil, 0, false, err
+		}
+		e = pickEntry{version: version, read: time.Now(), ps: ps, sizes: sizes}
+		s.picks.mu.Lock()
+		if s.picks.version == version { // else the tree changed during the list: do not keep it
+			if s.picks.entries == nil {
+				s.picks.entries = map[string]pickEntry{}
+			}
+			s.picks.entries[projectName] = e
+		}
+		s.picks.mu.Unlock()
+		ok = false
 	}
-	g, err := chooseGeneration(ps, projectName, n, kind)
+	g, err = chooseGeneration(e.ps, projectName, n, kind)
 	if g == nil || err != nil {
-		return nil, 0, err
+		return nil, 0, ok, err
 	}
-	return g, sizes[g.Source], nil
+	return g, e.sizes[g.Source], ok, nil
 }
 
 func chooseGeneration(ps map[string]*project, projectName string, n int, kind driver.Kind) (*driver.Generation, error) {
@@ -213,6 +268,7 @@ func (s *Store) ensureProject(ctx context.Context, ps map[string]*project, name 
 
 // Promote implements driver.Backend. See the package doc for why it clones and promotes.
 func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
+	defer s.goldensChanged()
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return driver.Generation{}, err
@@ -277,6 +333,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 func (s *Store) reroot(ctx context.Context, log *logrus.Entry, lineage string) error {
 	s.swap.Lock()
 	defer s.swap.Unlock()
+	defer s.goldensChanged() // before the unlock: see pickCache
 	project := lineage[:strings.LastIndex(lineage, "/")]
 	for i := 0; i < 2; i++ {
 		row, err := s.zfs.Get(ctx, lineage, "origin")
@@ -367,6 +424,7 @@ func (s *Store) generation(ctx context.Context, projectName string, n int) (driv
 // Import implements driver.Backend: a new lineage, marked importing until the copy is complete
 // (the completion marker), then snapshotted as the next generation.
 func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind, src string, progress func(driver.Progress)) (driver.Generation, error) {
+	defer s.goldensChanged()
 	fi, err := os.Stat(src)
 	if err != nil || !fi.IsDir() {
 		return driver.Generation{}, fmt.Errorf("%w: import source %q is not a directory", driver.ErrInvalid, src)
@@ -447,6 +505,7 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 
 // RemoveGeneration implements driver.Backend.
 func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
+	defer s.goldensChanged()
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return err
@@ -483,6 +542,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 
 // RemoveGolden implements driver.Backend.
 func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
+	defer s.goldensChanged()
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return err
@@ -507,6 +567,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 // lineages whose import or promotion never completed, and rolls forward the two steps that are
 // safe to finish (a clone waiting for its zfs promote, an import waiting for its snapshot).
 func (s *Store) cleanGoldens(ctx context.Context) error {
+	defer s.goldensChanged()
 	if mounts, err := xfsutil.MountsUnder(s.cfg.WorkDir); err == nil {
 		for _, m := range mounts {
 			if m.Mountpoint == filepath.Clean(s.cfg.WorkDir) {

@@ -85,6 +85,9 @@ type Store struct {
 	// this from it.
 	growMu  sync.Mutex
 	growing map[string]bool
+
+	// picks remembers each project's generations for Create (see pickCache).
+	picks pickCache
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -354,14 +357,15 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 
 	var gen *driver.Generation
 	var genSize uint64
+	pickCached := false
 	if spec.Golden != "" {
 		s.swap.RLock()
 		defer s.swap.RUnlock()
-		g, size, err := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind)
+		g, size, cached, err := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind, false)
 		if err != nil {
 			return v, err
 		}
-		gen, genSize = g, size
+		gen, genSize, pickCached = g, size, cached
 	}
 	log := s.log.WithFields(logrus.Fields{"volume": spec.Name, "dataset": ds})
 	if gen != nil {
@@ -379,7 +383,23 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if grow {
 			props[propState] = "creating" // until the volsize change below is done
 		}
-		if err := s.zfs.Clone(ctx, gen.Source, ds, props); err != nil {
+		err := s.zfs.Clone(ctx, gen.Source, ds, props)
+		if errors.Is(err, zfsutil.ErrNotFound) && pickCached {
+			// The cached generation was destroyed behind the store's back: read the tree again.
+			log.WithError(err).WithField("snapshot", gen.Source).Warn("the cached generation is gone; reading the golden again")
+			g, size, _, perr := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind, true)
+			if perr != nil {
+				return v, perr
+			}
+			if g == nil {
+				return v, fmt.Errorf("%w: golden %q lost its generations while this volume was made; retry", driver.ErrNotFound, spec.Golden)
+			}
+			gen, genSize = g, size
+			props[propGeneration] = strconv.Itoa(gen.Number)
+			v.Generation = gen.Number
+			err = s.zfs.Clone(ctx, gen.Source, ds, props)
+		}
+		if err != nil {
 			return v, mapErr(err)
 		}
 		s.cfg.Faults.Hit("create:after-clone")

@@ -274,3 +274,41 @@ func withGolden(t *testing.T) (parent string, s *zfsstore.Store, g driver.Genera
 	}
 	return parent, s, g
 }
+
+// TestCreatePicksAcrossGoldenChanges: Create remembers a project's generations between calls
+// (one zfs process per Create instead of two), so it must still see a generation imported since,
+// and survive one destroyed behind the store's back by re-reading the golden.
+func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
+	parent, s, g1 := withGolden(t)
+	ctx := context.Background()
+	create := func(name string) driver.Volume {
+		t.Helper()
+		v, err := s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: "prj"})
+		if err != nil {
+			t.Fatalf("Create %s: %v", name, err)
+		}
+		if err := s.Remove(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if v := create("before"); v.Generation != g1.Number {
+		t.Fatalf("first Create cloned generation %d; want %d", v.Generation, g1.Number)
+	}
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	g2, err := s.Import(ctx, "prj", driver.KindBlock, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := create("after-import"); v.Generation != g2.Number {
+		t.Fatalf("Create after an import cloned generation %d; want the new %d (a stale pick)", v.Generation, g2.Number)
+	}
+	harness.Run(t, "zfs", "destroy", g2.Source) // by hand, as an operator might
+	if v := create("after-destroy"); v.Generation != g1.Number {
+		t.Fatalf("Create after generation %d was destroyed by hand cloned %d; want %d", g2.Number, v.Generation, g1.Number)
+	}
+	if inv := harness.ZFSInventory(t, parent); slices.ContainsFunc(inv, func(n string) bool { return strings.Contains(n, "/vol/") }) {
+		t.Fatalf("volumes left behind: %v", inv)
+	}
+}
