@@ -278,6 +278,16 @@ func (b *zfsBed) rawDestroy(name string) error {
 	return err
 }
 
+const freeMinTime = "/sys/module/zfs/parameters/zfs_free_min_time_ms"
+
+func (b *zfsBed) setFreeMinTime(ms string) (string, error) {
+	old, err := os.ReadFile(freeMinTime)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(old)), os.WriteFile(freeMinTime, []byte(ms), 0o644)
+}
+
 func (b *zfsBed) settle() {
 	unix.Sync()
 	_, _ = run("zpool", "sync", b.pool)
