@@ -182,7 +182,8 @@ func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
 // promotion never clones from the generations it moved. An entry is tagged with the version read
 // before its zfs list, so a list that raced a change is never used after that change. Nothing
 // stops a second writer (zfs by hand, or a second plugin given the same parent), so entries also
-// expire after pickMaxAge: a generation made elsewhere is used within that time. A generation
+// expire after pickMaxAge: a generation made elsewhere is used within that time (and at once by
+// a Create that would otherwise cold-start or fail for want of it). A generation
 // destroyed elsewhere shows at once, as a clone that finds no snapshot: Create then reads the
 // tree again and retries once.
 type pickCache struct {
@@ -234,8 +235,13 @@ func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, k
 		ok = false
 	}
 	g, err = chooseGeneration(e.ps, projectName, n, kind)
+	if ok && (g == nil || err != nil) {
+		// Only a generation to clone is taken from memory: "no golden" (a cold start, an empty
+		// volume) or "no such generation" is confirmed with ZFS, in case another writer made it.
+		return s.pickGeneration(ctx, projectName, n, kind, true)
+	}
 	if g == nil || err != nil {
-		return nil, 0, ok, err
+		return nil, 0, false, err
 	}
 	return g, e.sizes[g.Source], ok, nil
 }

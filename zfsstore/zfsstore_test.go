@@ -281,9 +281,11 @@ func withGolden(t *testing.T) (parent string, s *zfsstore.Store, g driver.Genera
 func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
 	parent, s, g1 := withGolden(t)
 	ctx := context.Background()
-	create := func(name string) driver.Volume {
+	var createFrom func(name, project string) driver.Volume
+	create := func(name string) driver.Volume { t.Helper(); return createFrom(name, "prj") }
+	createFrom = func(name, project string) driver.Volume {
 		t.Helper()
-		v, err := s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: "prj"})
+		v, err := s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: project})
 		if err != nil {
 			t.Fatalf("Create %s: %v", name, err)
 		}
@@ -307,6 +309,20 @@ func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
 	harness.Run(t, "zfs", "destroy", g2.Source) // by hand, as an operator might
 	if v := create("after-destroy"); v.Generation != g1.Number {
 		t.Fatalf("Create after generation %d was destroyed by hand cloned %d; want %d", g2.Number, v.Generation, g1.Number)
+	}
+
+	// A second writer, another store on the same parent, imports a golden for a project this
+	// store has only seen without one: the next Create clones it instead of cold-starting.
+	if v := createFrom("cold", "later"); !v.ColdStart {
+		t.Fatalf("Create from a project without a golden: %+v; want a cold start", v)
+	}
+	other := mustOpen(t, parent, t.TempDir())
+	gl, err := other.Import(ctx, "later", driver.KindBlock, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := createFrom("warm", "later"); v.ColdStart || v.Generation != gl.Number {
+		t.Fatalf("Create after another writer imported golden later: %+v; want a clone of generation %d", v, gl.Number)
 	}
 	if inv := harness.ZFSInventory(t, parent); slices.ContainsFunc(inv, func(n string) bool { return strings.Contains(n, "/vol/") }) {
 		t.Fatalf("volumes left behind: %v", inv)
