@@ -512,6 +512,8 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 // RemoveGeneration implements driver.Backend.
 func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
 	defer s.goldensChanged()
+	// Removed volumes still pin the generations they were cloned from until destroyed.
+	_ = s.emptyTrash(ctx)
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return err
@@ -549,6 +551,8 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 // RemoveGolden implements driver.Backend.
 func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 	defer s.goldensChanged()
+	// Removed volumes still pin the generations they were cloned from until destroyed.
+	_ = s.emptyTrash(ctx)
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return err

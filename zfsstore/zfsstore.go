@@ -9,6 +9,7 @@
 //	PARENT/golden/PROJECT       a project's container
 //	PARENT/golden/PROJECT/gN    a lineage: a zvol (or filesystem) whose snapshots @genN are the
 //	                            generations; gN is named after its first generation
+//	PARENT/trash/NAME.ID        a removed volume until it is destroyed (trash.go)
 //
 // Promotion is O(1): the volume's snapshot is cloned into a new lineage and `zfs promote`d, which
 // moves the snapshot (and the volume's history) to the lineage and makes the volume a clone of it.
@@ -88,6 +89,9 @@ type Store struct {
 
 	// picks remembers each project's generations for Create (see pickCache).
 	picks pickCache
+
+	// trash holds removed volumes until the worker has destroyed them (see trash.go).
+	trash trash
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -128,8 +132,8 @@ func validDataset(name string) error {
 	return nil
 }
 
-// New opens the store, creating PARENT, PARENT/vol and PARENT/golden when missing. It refuses a
-// parent that has children zgolden did not create, unless cfg.Adopt is set.
+// New opens the store, creating PARENT, PARENT/vol, PARENT/golden and PARENT/trash when missing.
+// It refuses a parent that has children zgolden did not create, unless cfg.Adopt is set.
 func New(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.Log == nil {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
@@ -157,6 +161,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if err := s.initParent(ctx); err != nil {
 		return nil, err
 	}
+	s.startTrash()
 	return s, nil
 }
 
@@ -192,7 +197,7 @@ func (s *Store) initParent(ctx context.Context) error {
 			return err
 		}
 	}
-	for _, child := range []string{s.volRoot(), s.goldenRoot()} {
+	for _, child := range []string{s.volRoot(), s.goldenRoot(), s.trashRoot()} {
 		ok, err := s.zfs.Exists(ctx, child)
 		if err != nil {
 			return err
@@ -227,23 +232,18 @@ func (s *Store) destroy(ctx context.Context, ds string, recursive bool) error {
 	if !inside(s.cfg.Parent, ds) || ds == s.cfg.Parent {
 		return fmt.Errorf("refusing to destroy %s: it is outside zgolden's parent dataset %s", ds, s.cfg.Parent)
 	}
-	// udev and blkid probe a zvol right after it appears or disappears and hold it open for a
-	// moment, which makes a destroy fail with "dataset is busy"; retry briefly (pitfalls #8).
-	var err error
-	for i := 0; i < 8; i++ {
-		err = s.zfs.Destroy(ctx, ds, recursive)
-		if err == nil || errors.Is(err, zfsutil.ErrNotFound) {
-			return nil
-		}
-		if !errors.Is(err, zfsutil.ErrBusy) {
-			return mapErr(err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Duration(50*(i+1)) * time.Millisecond):
-		}
+	err := s.retryBusy(ctx, func() error { return s.zfs.Destroy(ctx, ds, recursive) })
+	switch {
+	case err == nil || errors.Is(err, zfsutil.ErrNotFound):
+		return nil
+	case errors.Is(err, zfsutil.ErrBusy):
+		return busy(err, ds)
 	}
+	return mapErr(err)
+}
+
+// busy words a destroy or rename that stayed busy through retryBusy.
+func busy(err error, ds string) error {
 	return fmt.Errorf("%w: %v; something still holds its device open (check `fuser -v %s`)", driver.ErrBusy, err, zfsutil.DevicePath(ds))
 }
 
@@ -289,6 +289,9 @@ func (s *Store) isGrowing(name string) bool {
 // then it returns every complete volume.
 func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err := s.cleanGoldens(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.loadTrash(ctx); err != nil {
 		return nil, err
 	}
 	rows, err := s.zfs.List(ctx, s.volRoot(), []string{"volume", "filesystem", "snapshot"}, volProps)
@@ -524,11 +527,23 @@ func (s *Store) rollback(ctx context.Context, log *logrus.Entry, ds string) {
 	}
 }
 
-// Remove implements driver.Backend. zfs destroy frees a clone's blocks in the background, so it
-// takes the same time whatever the volume holds.
+// Remove implements driver.Backend: the volume goes to the trash (see trash.go), which takes the
+// same time whatever it holds, and is destroyed from there. Should the rename fail (the trash
+// gone, a name too long for it), Remove destroys the volume itself.
 func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
-	if err := s.destroy(ctx, s.volDataset(v.Name), true); err != nil {
-		return err
+	ds := s.volDataset(v.Name)
+	err := s.trashVolume(ctx, ds, v.Name)
+	switch {
+	case errors.Is(err, zfsutil.ErrBusy):
+		return busy(err, ds)
+	case err != nil && ctx.Err() == nil:
+		// "Does not exist" can be the volume (already gone: destroy says so too) or the trash
+		// (destroyed by hand): destroying in place is right for both, and for a name too long.
+		s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "dataset": ds}).Warn("could not move the volume to the trash; destroying it in place")
+		err = s.destroy(ctx, ds, true)
+	}
+	if err != nil {
+		return mapErr(err)
 	}
 	s.setGrowing(v.Name, false)
 	return nil
@@ -608,6 +623,8 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
 		st["ddt_entries"] = n
 	}
+	// Removed volumes not destroyed yet still hold their space (see trash.go).
+	st["removed_pending"] = s.trashPending()
 	return st, nil
 }
 

@@ -328,3 +328,80 @@ func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
 		t.Fatalf("volumes left behind: %v", inv)
 	}
 }
+
+// TestRemoveGoesThroughTrash: Remove renames the volume into PARENT/trash (so it takes the same
+// time whatever the volume wrote: see trash.go) and a worker destroys it. The name is free at
+// once, the generation is reclaimable at once, and a volume a crash left in the trash is
+// destroyed by the next store's Load.
+func TestRemoveGoesThroughTrash(t *testing.T) {
+	parent, s, g := withGolden(t)
+	ctx := context.Background()
+	v, err := s.Create(ctx, driver.Spec{Name: "busy", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := filepath.Join(t.TempDir(), "m")
+	if err := s.Mount(ctx, v, mp); err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 64<<20)
+	for i := range data {
+		data[i] = byte(i * 7919)
+	}
+	if err := os.WriteFile(filepath.Join(mp, "written"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Unmount(ctx, v, mp); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(harness.ZFSInventory(t, parent), parent+"/vol/busy") {
+		t.Fatal("the volume's dataset is still under vol/ after Remove")
+	}
+	// The name is free at once, and a second Remove of the new volume works the same way.
+	v2, err := s.Create(ctx, driver.Spec{Name: "busy", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatalf("Create of a just-removed name: %v", err)
+	}
+	if err := s.Remove(ctx, v2); err != nil {
+		t.Fatal(err)
+	}
+	// The generation no volume uses any more is reclaimable right away, though the worker may
+	// not have destroyed the clones yet.
+	if err := s.RemoveGeneration(ctx, "prj", g.Number); err != nil {
+		t.Fatalf("RemoveGeneration right after its last volume was removed: %v", err)
+	}
+	if inv := harness.ZFSInventory(t, parent); len(inv) != 3 { // vol, golden, golden/prj
+		t.Fatalf("after the removals the parent holds %v; want only the roots and the project", inv)
+	}
+
+	// A crash between the rename and the destroy leaves the volume in the trash; the next
+	// store's Load destroys it, and Status counts it until then.
+	harness.Run(t, "zfs", "create", "-s", "-V", "64M", parent+"/trash/crashed.x")
+	s2 := mustOpen(t, parent, t.TempDir())
+	if _, err := s2.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if inv := harness.ZFSInventory(t, parent); slices.Contains(inv, parent+"/trash/crashed.x") {
+		t.Fatalf("Load left %s in the trash: %v", parent+"/trash/crashed.x", inv)
+	}
+	st, err := s2.Status(ctx)
+	if err != nil || st["removed_pending"] != 0 {
+		t.Fatalf("Status after the trash emptied: %v, %v; want removed_pending 0", st, err)
+	}
+
+	// Without its trash (destroyed by hand), Remove destroys in place.
+	harness.Run(t, "zfs", "destroy", "-r", parent+"/trash")
+	v3, err := s2.Create(ctx, driver.Spec{Name: "notrash", Kind: driver.KindBlock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.Remove(ctx, v3); err != nil {
+		t.Fatalf("Remove without a trash: %v", err)
+	}
+	if inv := harness.ZFSInventory(t, parent); slices.Contains(inv, parent+"/vol/notrash") {
+		t.Fatalf("Remove without a trash left the volume: %v", inv)
+	}
+}

@@ -146,14 +146,25 @@ func RequireZFS(t testing.TB) string {
 }
 
 // ZFSInventory lists every dataset and snapshot under parent except parent itself, sorted.
+//
+// A removed volume waits in PARENT/trash until the plugin's worker destroys it (zfsstore's
+// trash.go), so the inventory first waits, up to a minute, for the trash to empty: what is
+// still there after that is listed, as the leak it then is. The trash container itself is not.
 func ZFSInventory(t testing.TB, parent string) []string {
 	t.Helper()
-	out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
-	var names []string
-	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
-		if l != "" && l != parent {
-			names = append(names, l)
+	trash := parent + "/trash"
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
+		var names []string
+		pending := false
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			pending = pending || strings.HasPrefix(l, trash+"/")
+			if l != "" && l != parent && l != trash {
+				names = append(names, l)
+			}
+		}
+		if !pending || time.Now().After(deadline) {
+			return names
 		}
 	}
-	return names
 }

@@ -1,0 +1,169 @@
+package zfsstore
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/zgolden/zgolden/zfsutil"
+)
+
+// Removal in the background.
+//
+// zfs destroy waits for the transaction group that carries it, and that group spends at least
+// zfs_free_min_time_ms (1 s by default) freeing the destroyed clone's own blocks when it has any:
+// make bench measured a Remove at 0.17 s for a clone with nothing written and 1.15 s with 1 GB or
+// 3 GB (the raw zfs destroy the same; 0.19-0.35 s with the tunable at 50 ms). So Remove renames
+// the volume into PARENT/trash, which frees its name at once and takes the same time whatever the
+// volume holds, and a worker destroys it from there. ZFS frees a destroyed dataset's blocks in
+// the background anyway (async_destroy); this moves the wait for it off the caller too.
+//
+// Rules:
+//   - Only Remove puts datasets in the trash, only emptyTrash destroys them, one emptier at a
+//     time (trash.run), so two destroys of one dataset never race.
+//   - A trashed volume is no longer a volume: Load lists PARENT/vol only, and hands whatever it
+//     finds in the trash (a crash between rename and destroy) to the worker.
+//   - A trashed clone still pins its generation's snapshot: RemoveGeneration and RemoveGolden
+//     empty the trash first, so a generation whose last volume was just removed is reclaimable
+//     at once, as it was when Remove destroyed.
+//   - A destroy that keeps failing stays in the trash, retried with a growing pause (up to 5
+//     minutes) and logged each time; Status reports how many wait.
+type trash struct {
+	run     sync.Mutex // held by the one emptyTrash running
+	mu      sync.Mutex
+	pending map[string]int // dataset -> failed destroys so far
+	wake    chan struct{}
+	once    sync.Once
+}
+
+// trashRetryMax bounds the pause between destroys of a dataset that keeps failing.
+const trashRetryMax = 5 * time.Minute
+
+func (s *Store) trashRoot() string { return s.cfg.Parent + "/trash" }
+
+// startTrash starts the worker that empties the trash; it lives as long as the process.
+func (s *Store) startTrash() {
+	s.trash.once.Do(func() {
+		s.trash.pending = map[string]int{}
+		s.trash.wake = make(chan struct{}, 1)
+		go func() {
+			for range s.trash.wake {
+				_ = s.emptyTrash(context.Background())
+			}
+		}()
+	})
+}
+
+func (s *Store) kickTrash() {
+	select {
+	case s.trash.wake <- struct{}{}:
+	default: // a wake is already due
+	}
+}
+
+// trashVolume moves a volume's dataset into the trash and hands it to the worker.
+func (s *Store) trashVolume(ctx context.Context, ds, name string) error {
+	dst := s.trashRoot() + "/" + name + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
+	if err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, ds, dst) }); err != nil {
+		return err
+	}
+	s.trash.mu.Lock()
+	s.trash.pending[dst] = 0
+	s.trash.mu.Unlock()
+	s.kickTrash()
+	return nil
+}
+
+// loadTrash hands what a previous run left in the trash to the worker.
+func (s *Store) loadTrash(ctx context.Context) error {
+	rows, err := s.zfs.List(ctx, s.trashRoot(), []string{"volume", "filesystem"}, []string{"type"})
+	if err != nil {
+		return mapErr(err)
+	}
+	n := 0
+	s.trash.mu.Lock()
+	for _, r := range rows {
+		if name := r["name"]; strings.HasPrefix(name, s.trashRoot()+"/") {
+			if _, ok := s.trash.pending[name]; !ok {
+				s.trash.pending[name] = 0
+				n++
+			}
+		}
+	}
+	s.trash.mu.Unlock()
+	if n > 0 {
+		s.log.WithField("datasets", n).Info("destroying volumes removed before the last stop")
+		s.kickTrash()
+	}
+	return nil
+}
+
+// emptyTrash destroys every dataset in the trash and returns the first failure; failed ones stay,
+// and the worker retries them later.
+func (s *Store) emptyTrash(ctx context.Context) error {
+	s.trash.run.Lock()
+	defer s.trash.run.Unlock()
+	s.trash.mu.Lock()
+	todo := make([]string, 0, len(s.trash.pending))
+	for ds := range s.trash.pending {
+		todo = append(todo, ds)
+	}
+	s.trash.mu.Unlock()
+	var first error
+	retry := time.Duration(0)
+	for _, ds := range todo {
+		log := s.log.WithField("dataset", ds)
+		err := s.destroy(ctx, ds, true)
+		s.trash.mu.Lock()
+		if err == nil {
+			delete(s.trash.pending, ds)
+		} else {
+			s.trash.pending[ds]++
+			pause := min(5*time.Second<<min(s.trash.pending[ds], 6), trashRetryMax)
+			if retry == 0 || pause < retry {
+				retry = pause
+			}
+		}
+		s.trash.mu.Unlock()
+		if err != nil {
+			log.WithError(err).Warn("could not destroy a removed volume; retrying later")
+			if first == nil {
+				first = err
+			}
+			continue
+		}
+		log.Debug("destroyed a removed volume")
+	}
+	if retry > 0 {
+		time.AfterFunc(retry, s.kickTrash)
+	}
+	return first
+}
+
+// trashPending is how many removed volumes wait to be destroyed.
+func (s *Store) trashPending() int {
+	s.trash.mu.Lock()
+	defer s.trash.mu.Unlock()
+	return len(s.trash.pending)
+}
+
+// retryBusy runs op until it succeeds or fails with something other than "busy": udev and blkid
+// probe a zvol right after it appears, changes or disappears and hold it open for a moment, which
+// makes a destroy or rename fail with "dataset is busy" (pitfalls #8).
+func (s *Store) retryBusy(ctx context.Context, op func() error) error {
+	var err error
+	for i := 0; i < 8; i++ {
+		if err = op(); err == nil || !errors.Is(err, zfsutil.ErrBusy) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Duration(50*(i+1)) * time.Millisecond):
+		}
+	}
+	return err
+}
