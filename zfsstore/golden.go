@@ -472,7 +472,10 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	if kind == driver.KindFS {
 		err = xfsutil.MountFS(ctx, "zfs", ds, dir, nil)
 	} else {
-		err = xfsutil.Mount(ctx, zfsutil.DevicePath(ds), dir, xfsutil.MountOptions(false))
+		var dev string // createEmpty waited for it; this asks again for the checked node
+		if dev, err = s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout); err == nil {
+			err = xfsutil.Mount(ctx, dev, dir, xfsutil.MountOptions(false))
+		}
 	}
 	if err != nil {
 		return fail(mapErr(err))

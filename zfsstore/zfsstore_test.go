@@ -306,7 +306,7 @@ func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
 	if v := create("after-import"); v.Generation != g2.Number {
 		t.Fatalf("Create after an import cloned generation %d; want the new %d (a stale pick)", v.Generation, g2.Number)
 	}
-	harness.ZFSInventory(t, parent) // waits for the removed volumes' destroys, which pin g2
+	harness.ZFSInventory(t, parent)             // waits for the removed volumes' destroys, which pin g2
 	harness.Run(t, "zfs", "destroy", g2.Source) // by hand, as an operator might
 	if v := create("after-destroy"); v.Generation != g1.Number {
 		t.Fatalf("Create after generation %d was destroyed by hand cloned %d; want %d", g2.Number, v.Generation, g1.Number)

@@ -295,7 +295,7 @@ func (z *ZFS) SendReceive(ctx context.Context, base, snapshot, dest string) erro
 // DevicePath is where udev links a zvol's block device.
 func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", dataset) }
 
-// WaitDevice waits for a zvol's device node. zfs create and zfs clone return before the zvol's
+// WaitDevice waits for a zvol's device node and returns it (/dev/zdN). zfs create and zfs clone return before the zvol's
 // block device exists (ZFS makes it from a task queue) and before udev has linked it under
 // /dev/zvol/ (openzfs #7875), so every caller that needs the device polls with a bound. It takes
 // whichever comes first: the udev link, or the /dev/zdN node whose BLKZNAME ioctl (what udev's
@@ -307,8 +307,12 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 	start := time.Now()
 	delay := 2 * time.Millisecond
 	for {
-		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
-			return path, nil
+		// The link is only trusted once its device says it is this dataset's: udev updates
+		// links after the fact, so right after a volume of the same name was removed (renamed
+		// into the trash, or destroyed and its zd number reused) the link can still point at
+		// another zvol. The checked node is returned, not the link udev may yet move.
+		if dev, err := filepath.EvalSymlinks(path); err == nil && zvolName(dev) == dataset {
+			return dev, nil
 		}
 		if dev := z.findZvol(dataset); dev != "" {
 			return dev, nil

@@ -96,6 +96,24 @@ func TestWaitDeviceWithoutUdevLink(t *testing.T) {
 		t.Fatalf("WaitDevice without the link = %q, %v; want the zd node %s", dev, err, real)
 	}
 
+	// A link udev has not updated yet (a volume of the same name just renamed away) points at
+	// another zvol: WaitDevice must not believe it.
+	other := parent + "/other"
+	if err := z.CreateVolume(ctx, other, 64<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	otherDev, err := z.WaitDevice(ctx, other, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(otherDev, zfsutil.DevicePath(ds)); err != nil { // ds's link is still removed
+		t.Fatal(err)
+	}
+	if dev, err := z.WaitDevice(ctx, ds, time.Minute); err != nil || dev != real {
+		t.Fatalf("WaitDevice with a stale link to %s = %q, %v; want %s", otherDev, dev, err, real)
+	}
+	_ = os.Remove(zfsutil.DevicePath(ds))
+
 	// Numbers are reused: destroyed through z (which forgets it), and behind its back.
 	if err := z.Destroy(ctx, ds, false); err != nil {
 		t.Fatal(err)
