@@ -295,13 +295,14 @@ func (z *ZFS) SendReceive(ctx context.Context, base, snapshot, dest string) erro
 // DevicePath is where udev links a zvol's block device.
 func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", dataset) }
 
-// WaitDevice waits for a zvol's device node and returns it (/dev/zdN). zfs create and zfs clone return before the zvol's
-// block device exists (ZFS makes it from a task queue) and before udev has linked it under
-// /dev/zvol/ (openzfs #7875), so every caller that needs the device polls with a bound. It takes
-// whichever comes first: the udev link, or the /dev/zdN node whose BLKZNAME ioctl (what udev's
-// zvol_id asks) names the dataset. udev runs zvol_id and blkid for every new zvol before it makes
-// the link, which make bench measured at 60-120 ms of each Create under emulation, and under load
-// it lags by seconds; the kernel's node is there as soon as the zvol is.
+// WaitDevice waits for a zvol's device node and returns it (/dev/zdN). zfs create and zfs clone
+// return before the zvol's block device exists (ZFS makes it from a task queue) and before udev
+// has linked it under /dev/zvol/ (openzfs #7875), so every caller that needs the device polls
+// with a bound. It takes whichever comes first: the udev link, or the /dev/zdN node whose
+// BLKZNAME ioctl (what udev's zvol_id asks) names the dataset. udev runs zvol_id and blkid for
+// every new zvol before it makes the link, which make bench measured at 60-120 ms of each Create
+// under emulation, and under load it lags by seconds; the kernel's node is there as soon as the
+// zvol is.
 func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Duration) (string, error) {
 	path := DevicePath(dataset)
 	start := time.Now()
