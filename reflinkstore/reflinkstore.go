@@ -442,8 +442,8 @@ func (s *Store) openStoreFile(ctx context.Context, firstStart bool) error {
 			return err
 		}
 	}
-	// A loop device left attached to the store file (a crash inside mount) would make mount
-	// refuse the file as overlapping.
+	// A loop device left attached to the store file (a crash inside mount) would be a second
+	// writer of its XFS.
 	if err := s.releaseLoops(s.storeFile); err != nil {
 		return err
 	}

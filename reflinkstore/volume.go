@@ -117,8 +117,8 @@ func (s *Store) loopsUnder(dir string) ([]xfsutil.Loop, error) {
 }
 
 // detachLeakedLoops detaches loop devices attached to the store's images but mounted nowhere: a
-// crash between mount(8) attaching one and mounting it, or a loop attached by hand. They hold
-// their image's blocks and make the next mount of it fail as "overlapping".
+// crash between attaching one and mounting it, or a loop attached by hand. They hold
+// their image's blocks, and a second device on one image is a second writer of its XFS.
 func (s *Store) detachLeakedLoops() error {
 	loops, err := s.loopsUnder(s.storeDir)
 	if err != nil {
@@ -424,8 +424,8 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	return syncDir(s.volumesDir())
 }
 
-// Mount implements driver.Backend. mount(8) attaches the loop device with autoclear set, so the
-// kernel detaches it when the filesystem is unmounted: no loop device outlives its mount.
+// Mount implements driver.Backend. xfsutil.Mount attaches the loop device with autoclear set, so
+// the kernel detaches it when the filesystem is unmounted: no loop device outlives its mount.
 func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error {
 	img, err := s.volumeImage(v.Name)
 	if err != nil {
@@ -435,7 +435,8 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 		return fmt.Errorf("image of volume %q: %w", v.Name, mapErr(err))
 	}
 	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "image": img, "mountpoint": target})
-	// A loop device left attached to the image would make mount refuse it as "overlapping".
+	// A loop device left attached to the image would be a second writer of its XFS (xfsutil.Mount
+	// does not refuse one as mount(8) did, "overlapping"); one that is mounted makes this busy.
 	if err := s.releaseLoops(img); err != nil {
 		return err
 	}

@@ -110,9 +110,9 @@ func MountOptions(discard bool) []string {
 //
 // It makes the mount(2) call itself, attaching the loop device too, instead of running
 // mount(8): the mount is on the path of every Create and container start, and mount(8) costs a
-// process and libmount's reading of the whole mount table (about 50 ms in the emulated ZFS guest,
-// a few ms on the host; see make bench). Like Mkfs, it retries a zvol open that ZFS refused as
-// contended (ErrContended).
+// process and libmount's reading of the whole mount table (make bench's probe, mount(8) of a
+// tmpfs, takes about 50 ms in the emulated ZFS guest). Like Mkfs, it retries a zvol open that
+// ZFS refused as contended (ErrContended).
 func Mount(ctx context.Context, source, target string, opts []string) error {
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return err
