@@ -268,6 +268,9 @@ func (e *env) actAndRecover(t *testing.T, point string, act func() (string, erro
 	for {
 		select {
 		case r := <-done:
+			// The plugin may have killed itself at the point an instant ago, failing the command,
+			// with its marker line still in the pipe: only its exit guarantees the log is whole.
+			e.p.Stop(syscall.SIGKILL)
 			logs := e.p.Logs()
 			e.restart(t, "")
 			return strings.Contains(logs, marker), logs, r.out, r.err
