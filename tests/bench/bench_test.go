@@ -328,25 +328,13 @@ func (bm *bencher) removeLatency(t *testing.T, n int) {
 
 			// The same without the plugin: the floor of a Remove (zfs destroy, or unlink).
 			target := filepath.Join(filepath.Dir(b.oldDir()), "rawmnt", name)
-			if _, err := b.rawBlock(bm.gens[n], name, target); err != nil {
+			d, err := bm.rawRemove(nil, bm.gens[n], name, target, buf, bytesN)
+			if err != nil {
 				t.Fatal(err)
 			}
-			if err := writeFile(filepath.Join(target, "written.bin"), buf, bytesN); err != nil {
-				t.Fatal(err)
-			}
-			if err := unmountRetry(target); err != nil {
-				t.Fatal(err)
-			}
-			b.settle()
-			t0 = time.Now()
-			if err := b.rawDestroy(name); err != nil {
-				t.Fatal(err)
-			}
-			rawSamples[w] = append(rawSamples[w], time.Since(t0))
-			_ = os.Remove(target)
-
+			rawSamples[w] = append(rawSamples[w], d)
 			if fp, ok := b.(freePacer); ok {
-				d, err := bm.rawRemovePaced(fp, bm.gens[n], name, target, buf, bytesN)
+				d, err := bm.rawRemove(fp, bm.gens[n], name+"-paced", target, buf, bytesN)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -384,11 +372,10 @@ type freePacer interface {
 
 const pacedTunable = "zfs_free_min_time_ms=50"
 
-// rawRemovePaced is the raw create, write, unmount and destroy of the Remove case, with only
-// the destroy timed and run with zfs_free_min_time_ms lowered to 50.
-func (bm *bencher) rawRemovePaced(fp freePacer, gen, name, target string, buf []byte, n int64) (time.Duration, error) {
+// rawRemove is the raw create, write of n bytes, unmount and destroy of the Remove case, with
+// only the destroy timed; with fp, the destroy runs with zfs_free_min_time_ms lowered to 50.
+func (bm *bencher) rawRemove(fp freePacer, gen, name, target string, buf []byte, n int64) (time.Duration, error) {
 	b := bm.bed
-	name += "-paced"
 	if _, err := b.rawBlock(gen, name, target); err != nil {
 		return 0, err
 	}
@@ -399,15 +386,20 @@ func (bm *bencher) rawRemovePaced(fp freePacer, gen, name, target string, buf []
 		return 0, err
 	}
 	b.settle()
-	old, err := fp.setFreeMinTime("50")
-	if err != nil {
-		return 0, err
+	old := ""
+	if fp != nil {
+		var err error
+		if old, err = fp.setFreeMinTime("50"); err != nil {
+			return 0, err
+		}
 	}
 	t0 := time.Now()
-	err = b.rawDestroy(name)
+	err := b.rawDestroy(name)
 	d := time.Since(t0)
-	if _, rerr := fp.setFreeMinTime(old); err == nil {
-		err = rerr
+	if fp != nil {
+		if _, rerr := fp.setFreeMinTime(old); err == nil {
+			err = rerr
+		}
 	}
 	_ = os.Remove(target)
 	return d, err
