@@ -220,3 +220,55 @@ func setFD(fd, file int, info *unix.LoopInfo64) error {
 	}
 	return nil
 }
+
+// loopRelease names the loop device a filesystem sits on, to wait for it to let go of its image
+// once the filesystem is unmounted: sys is the device's sysfs backing_file attribute and backing
+// what it read before. The zero value is a filesystem on no loop device.
+type loopRelease struct{ sys, backing string }
+
+// loopUnder reads, from its device number alone (no mount table), the loop device of the
+// filesystem mounted at target; a target on any other device gives the zero value.
+func loopUnder(target string) loopRelease {
+	var st unix.Stat_t
+	if err := unix.Stat(target, &st); err != nil {
+		return loopRelease{}
+	}
+	return loopAt(fmt.Sprintf("/sys/dev/block/%d:%d/loop/backing_file", unix.Major(st.Dev), unix.Minor(st.Dev)))
+}
+
+// loopAt reads the sysfs backing_file attribute sys; a missing one gives the zero value.
+func loopAt(sys string) loopRelease {
+	data, err := os.ReadFile(sys)
+	if err != nil {
+		return loopRelease{}
+	}
+	return loopRelease{sys: sys, backing: string(data)}
+}
+
+// loopReleaseWait bounds wait: udev's probe of a device it was told about holds it for
+// milliseconds.
+const loopReleaseWait = 2 * time.Second
+
+// wait returns once the device no longer backs the same file, or after loopReleaseWait.
+//
+// An autoclear device detaches at its last close, and that close is ours (umount(2), or closing
+// the descriptor after a failed mount) unless someone else has the device open: in practice
+// udev, whose blkid probe of a freshly attached device can still be running. The detach then
+// happens in udev's close, just after ours, and until it does the image stays open, so the
+// filesystem holding the image cannot be unmounted (EBUSY) and a copy of the image may race a
+// device that still has it. Waiting makes "unmounted" mean "the image is free" for the caller.
+// A device that outlives the wait is left to the kernel, which still detaches it at that last
+// close. Another file attached to the same device since reads differently and ends the wait.
+func (l loopRelease) wait() {
+	if l.sys == "" {
+		return
+	}
+	deadline := time.Now().Add(loopReleaseWait)
+	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 20*time.Millisecond) {
+		data, err := os.ReadFile(l.sys)
+		if err != nil || string(data) != l.backing || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(pause)
+	}
+}

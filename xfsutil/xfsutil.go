@@ -136,8 +136,13 @@ func Mount(ctx context.Context, source, target string, opts []string) error {
 		}
 		// The device is attached with autoclear: closing fd detaches it unless the mount holds
 		// it, so a failed mount leaves no loop device behind and unmount frees it.
-		defer unix.Close(fd)
-		return mountErr(dev+" ("+source+")", target, data, unix.Mount(dev, target, "xfs", 0, strings.Join(data, ",")))
+		rel := loopAt(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+		err = unix.Mount(dev, target, "xfs", 0, strings.Join(data, ","))
+		unix.Close(fd)
+		if err != nil {
+			rel.wait() // the image is free again when Mount fails, as after Unmount
+		}
+		return mountErr(dev+" ("+source+")", target, data, err)
 	})
 }
 
@@ -215,9 +220,14 @@ func MountFS(ctx context.Context, fstype, source, target string, opts []string) 
 // ErrBusy for the caller to report.
 //
 // Like Mount, it makes the system call itself: every container stop and Remove passes here.
+// When target's filesystem sits on a loop device, Unmount returns once the device has let go of
+// its image (see loopRelease.wait), so the image can be copied, removed or its filesystem
+// unmounted at once.
 func Unmount(ctx context.Context, target string) error {
+	rel := loopUnder(target)
 	err := unix.Unmount(target, 0)
 	if err == nil {
+		rel.wait()
 		return nil
 	}
 	var errno unix.Errno

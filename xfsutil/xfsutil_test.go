@@ -256,24 +256,19 @@ func TestLoopBacksAfterItsMountIsGone(t *testing.T) {
 
 // loopsOf lists the loop devices attached to file, waiting up to 5 s for autoclear, which the
 // kernel finishes asynchronously after the last close, to detach them when want is 0.
-func loopsOf(t *testing.T, file string, want int) []string {
+// loopsOf lists the loop devices backed by file now: Mount and Unmount return with the devices
+// attached or released, so there is nothing to wait for.
+func loopsOf(t *testing.T, file string) []string {
 	t.Helper()
+	loops, err := xfsutil.Loops()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var devs []string
-	for i := 0; i < 100; i++ {
-		loops, err := xfsutil.Loops()
-		if err != nil {
-			t.Fatal(err)
+	for _, l := range loops {
+		if l.Backs(file) {
+			devs = append(devs, l.Device)
 		}
-		devs = devs[:0]
-		for _, l := range loops {
-			if l.Backs(file) {
-				devs = append(devs, l.Device)
-			}
-		}
-		if len(devs) == want || want != 0 {
-			return devs
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 	return devs
 }
@@ -288,7 +283,7 @@ func TestLoopMountLeavesNoDevice(t *testing.T) {
 	if err := xfsutil.Mount(ctx, orig, mp, []string{"loop", "nouuid"}); err != nil {
 		t.Fatal(err)
 	}
-	devs := loopsOf(t, orig, 1)
+	devs := loopsOf(t, orig)
 	if len(devs) != 1 {
 		t.Fatalf("after the mount, loop devices backed by %s: %v; want one", orig, devs)
 	}
@@ -301,7 +296,7 @@ func TestLoopMountLeavesNoDevice(t *testing.T) {
 	if err := xfsutil.Unmount(ctx, mp); err != nil {
 		t.Fatal(err)
 	}
-	if devs := loopsOf(t, orig, 0); len(devs) != 0 {
+	if devs := loopsOf(t, orig); len(devs) != 0 {
 		t.Fatalf("unmount left loop devices attached to %s: %v (autoclear not set?)", orig, devs)
 	}
 	if err := xfsutil.Unmount(ctx, mp); err == nil || !strings.Contains(err.Error(), "not a mount point") {
@@ -316,13 +311,57 @@ func TestLoopMountLeavesNoDevice(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), junk) || !strings.Contains(err.Error(), "dmesg") {
 		t.Fatalf("mounting an image without XFS: %v; want an error naming %s and pointing at dmesg", err, junk)
 	}
-	if devs := loopsOf(t, junk, 0); len(devs) != 0 {
+	if devs := loopsOf(t, junk); len(devs) != 0 {
 		t.Fatalf("a failed mount left loop devices attached to %s: %v", junk, devs)
 	}
 	err = xfsutil.Mount(ctx, filepath.Join(t.TempDir(), "missing.img"), filepath.Join(t.TempDir(), "x"), []string{"loop"})
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("mounting a missing image: %v; want ErrNotExist", err)
 	}
+}
+
+// TestUnmountWaitsForTheLoopDevice holds the loop device open, as udev's probe of a new device
+// does, while Unmount runs: the kernel then detaches the device at that holder's close, after
+// umount(2) has returned, and until it does the image is in use and the filesystem holding it
+// cannot be unmounted. Unmount must return only once the device has let go (pitfall: the
+// flake this came from was the outer filesystem's umount failing with "target is busy").
+func TestUnmountWaitsForTheLoopDevice(t *testing.T) {
+	orig, _ := images(t)
+	ctx := context.Background()
+	mp := filepath.Join(t.TempDir(), "m")
+	if err := xfsutil.Mount(ctx, orig, mp, []string{"loop", "nouuid"}); err != nil {
+		t.Fatal(err)
+	}
+	devs := loopsOf(t, orig)
+	if len(devs) != 1 {
+		t.Fatalf("loop devices backed by %s: %v; want one", orig, devs)
+	}
+	holder, err := unix.Open(devs[0], unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := make(chan struct{})
+	go func() {
+		defer close(released)
+		// Close only once the filesystem is gone, so the last close, and the detach, are ours,
+		// and a while after (well inside Unmount's wait), so an Unmount that does not wait
+		// returns first.
+		for {
+			if m, _ := xfsutil.MountedAt(mp); m == nil {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(200 * time.Millisecond)
+		unix.Close(holder)
+	}()
+	if err := xfsutil.Unmount(ctx, mp); err != nil {
+		t.Fatal(err)
+	}
+	if devs := loopsOf(t, orig); len(devs) != 0 {
+		t.Fatalf("Unmount returned with %s still attached to %s", devs, orig)
+	}
+	<-released
 }
 
 // TestConcurrentLoopMounts races attaches for free loop devices: LOOP_CTL_GET_FREE hands the
