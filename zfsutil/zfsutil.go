@@ -85,16 +85,16 @@ func classify(err error) error {
 type ZFS struct {
 	log *logrus.Entry
 
-	// zvols maps zd device names to the dataset their BLKZNAME named when last opened (see
-	// findZvol); Destroy and Rename forget the datasets they change.
+	// zvols maps zd device names to what their BLKZNAME said when last opened (see findZvol);
+	// Destroy and Rename forget the datasets they change.
 	zvMu  sync.Mutex
-	zvols map[string]string
+	zvols map[string]zvolSeen
 }
 
 // New returns a runner that logs each command at debug level.
 func New(log *logrus.Entry) *ZFS {
 	gozfs.SetLogger(cmdLogger{log})
-	return &ZFS{log: log, zvols: map[string]string{}}
+	return &ZFS{log: log, zvols: map[string]zvolSeen{}}
 }
 
 type cmdLogger struct{ log *logrus.Entry }
@@ -301,12 +301,14 @@ func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", datas
 // with a bound. It takes whichever comes first: the udev link, or the /dev/zdN node whose
 // BLKZNAME ioctl (what udev's zvol_id asks) names the dataset. udev runs zvol_id and blkid for
 // every new zvol before it makes the link, which make bench measured at 60-120 ms of each Create
-// under emulation, and under load it lags by seconds; the kernel's node is there as soon as the
-// zvol is.
+// under emulation, and under load it lags by seconds, or never makes the link at all when its
+// zvol_id lost the open to a contended ZFS lock; the kernel's node is there as soon as the zvol
+// is.
 func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Duration) (string, error) {
 	path := DevicePath(dataset)
 	start := time.Now()
 	delay := 2 * time.Millisecond
+	lastFull := start
 	for {
 		// The link is only trusted once its device says it is this dataset's: udev updates
 		// links after the fact, so right after a volume of the same name was removed (renamed
@@ -315,11 +317,21 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 		if dev, err := filepath.EvalSymlinks(path); err == nil && zvolName(dev) == dataset {
 			return dev, nil
 		}
-		if dev := z.findZvol(dataset); dev != "" {
+		// Every second of waiting, ask every device again: a name the index learned can be
+		// stale when ZFS renamed the zvol after telling us (its renames of minors run from a
+		// task queue, after zfs rename has returned) or someone renamed it behind our back.
+		full := time.Since(lastFull) > time.Second
+		if full {
+			lastFull = time.Now()
+		}
+		if dev := z.findZvol(dataset, full); dev != "" {
 			return dev, nil
 		}
 		if time.Since(start) > timeout {
-			return "", fmt.Errorf("zvol device %s did not appear within %s: is udev running (systemd-udevd) and are the zvol rules installed?", path, timeout)
+			if dev := z.findZvol(dataset, true); dev != "" {
+				return dev, nil
+			}
+			return "", fmt.Errorf("zvol device of %s did not appear within %s (%s): is udev running (systemd-udevd), are the zvol rules installed, and does `zfs get volmode %s` say default or dev?", dataset, timeout, z.deviceReport(dataset), dataset)
 		}
 		select {
 		case <-ctx.Done():
@@ -333,16 +345,45 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 	}
 }
 
+// deviceReport says what WaitDevice saw when it gave up, for its error.
+func (z *ZFS) deviceReport(dataset string) string {
+	link := "no udev link " + DevicePath(dataset)
+	if dev, err := filepath.EvalSymlinks(DevicePath(dataset)); err == nil {
+		name := zvolName(dev)
+		if name == "" {
+			name = "unreadable"
+		}
+		link = fmt.Sprintf("the udev link points at %s, which is %s", dev, name)
+	}
+	entries, _ := os.ReadDir("/sys/block")
+	n := 0
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "zd") {
+			n++
+		}
+	}
+	return fmt.Sprintf("%s; none of the %d zd devices names it", link, n)
+}
+
 // blkzname is BLKZNAME, _IOR(0x12, 125, char[256]): a zvol's dataset name (see udev's zvol_id).
 const blkzname = 0x8100127D
 
+// zvolSeen is what findZvol learned of one zd device.
+type zvolSeen struct {
+	dataset string
+	// ino is the inode of the device's /sys/block entry. ZFS reuses the lowest free zd number,
+	// so a zvol destroyed behind this process's back and a new one can share a name; the new
+	// device's sysfs entry is a new kernfs node, with a new inode.
+	ino uint64
+}
+
 // findZvol returns the /dev/zdN node whose zvol is dataset, or "". It opens only the zd devices
-// it has not identified before, which after the first call are the new ones: opening a zvol
-// takes ZFS's namespace lock, and a zvol held open makes a destroy of it fail as busy for that
-// moment (udev's probes do the same, and destroys retry them). A device whose number was reused
-// for another zvol behind this process's back reads as its old dataset here; WaitDevice then
-// finds the new one by its udev link, as it always could.
-func (z *ZFS) findZvol(dataset string) string {
+// it has not identified before (all of them when full is set), which after the first call are
+// the new ones: opening a zvol takes ZFS's namespace lock, and a zvol held open makes a destroy of
+// it fail as busy for that moment (udev's probes do the same, and destroys retry them). A device
+// identified in an earlier call is opened again before it is returned, since a rename keeps the
+// device and changes its name.
+func (z *ZFS) findZvol(dataset string, full bool) string {
 	entries, err := os.ReadDir("/sys/block")
 	if err != nil {
 		return ""
@@ -350,22 +391,30 @@ func (z *ZFS) findZvol(dataset string) string {
 	z.zvMu.Lock()
 	defer z.zvMu.Unlock()
 	present := make(map[string]bool, len(entries))
-	found := ""
+	found, fresh := "", false
 	for _, e := range entries {
 		dev := e.Name()
 		if !strings.HasPrefix(dev, "zd") {
 			continue
 		}
+		var st unix.Stat_t
+		if unix.Lstat("/sys/block/"+dev, &st) != nil {
+			continue // gone meanwhile
+		}
 		present[dev] = true
-		name, known := z.zvols[dev]
-		if !known {
-			if name = zvolName("/dev/" + dev); name == "" {
+		seen, known := z.zvols[dev]
+		learned := false
+		if !known || seen.ino != st.Ino || full {
+			name := zvolName("/dev/" + dev)
+			if name == "" {
+				delete(z.zvols, dev)
 				continue // its node is not there yet, or the open was contended: next poll
 			}
-			z.zvols[dev] = name
+			seen, learned = zvolSeen{dataset: name, ino: st.Ino}, true
+			z.zvols[dev] = seen
 		}
-		if name == dataset && found == "" {
-			found = dev
+		if seen.dataset == dataset && (found == "" || learned && !fresh) {
+			found, fresh = dev, learned
 		}
 	}
 	for dev := range z.zvols {
@@ -376,7 +425,7 @@ func (z *ZFS) findZvol(dataset string) string {
 	if found == "" {
 		return ""
 	}
-	if zvolName("/dev/"+found) != dataset { // identified before, and renumbered since
+	if !fresh && zvolName("/dev/"+found) != dataset { // identified before, and renamed since
 		delete(z.zvols, found)
 		return ""
 	}
@@ -388,8 +437,8 @@ func (z *ZFS) findZvol(dataset string) string {
 func (z *ZFS) forgetZvols(name string) {
 	z.zvMu.Lock()
 	defer z.zvMu.Unlock()
-	for dev, ds := range z.zvols {
-		if ds == name || strings.HasPrefix(ds, name+"/") {
+	for dev, seen := range z.zvols {
+		if seen.dataset == name || strings.HasPrefix(seen.dataset, name+"/") {
 			delete(z.zvols, dev)
 		}
 	}
