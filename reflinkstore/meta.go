@@ -113,6 +113,20 @@ func newTemp(dir, base string) (*os.File, error) {
 
 func isTemp(name string) bool { return strings.HasPrefix(name, tmpPrefix) }
 
+// removedBase starts the temporary name of a removed volume's image, .tmp-removed.NAME-NS.img,
+// until its unlink is done. Like every temporary image it names no volume (tmpPrefix), and Load
+// deletes it.
+const removedBase = "removed."
+
+func removedName(dir, volume string) (string, error) {
+	if err := driver.ValidateName(volume); err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, tmpPrefix+removedBase+volume+"-"+strconv.FormatInt(time.Now().UnixNano(), 36)+imgExt), nil
+}
+
+func isRemoved(name string) bool { return strings.HasPrefix(name, tmpPrefix+removedBase) }
+
 // tempGeneration returns N for a temporary generation image .tmp-genN-RANDOM.img.
 func tempGeneration(name string) (int, bool) {
 	rest, ok := strings.CutPrefix(name, tmpPrefix+genPrefix)

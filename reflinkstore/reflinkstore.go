@@ -31,6 +31,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -95,6 +96,11 @@ type Store struct {
 	// between a Create's choice of it and its commit, leaving a volume that names a generation
 	// that no longer exists.
 	gens sync.RWMutex
+
+	// unlinking counts the removed images whose unlink runs in the background (see Remove);
+	// Close waits for them.
+	unlinking   sync.WaitGroup
+	unlinkCount atomic.Int64
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -489,6 +495,7 @@ func (s *Store) createStoreFile(ctx context.Context) error {
 // and carries on. Tests and uninstallers call it so that nothing stays mounted. The store must not
 // be used afterwards.
 func (s *Store) Close(ctx context.Context) error {
+	s.unlinking.Wait()
 	if err := s.closeStoreFile(ctx); err != nil {
 		return err
 	}
@@ -614,6 +621,8 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	st := map[string]any{
 		"root": s.cfg.Root, "store": s.storeDir, "store_mode": s.mode, "filesystem": s.fsType,
 		"available_bytes": free, "size_bytes": total, "used_bytes": total - free,
+		// Removed images whose unlink has not finished still hold their space (see Remove).
+		"removed_pending": s.unlinkCount.Load(),
 	}
 	if s.mode == modeFile {
 		st["store_file"] = s.storeFile

@@ -18,6 +18,7 @@ import (
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/reflinkstore"
+	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
@@ -117,6 +118,7 @@ func (e *env) generations(t *testing.T, project string) map[int][]string {
 
 func (e *env) storeEntries(t *testing.T, sub string) []string {
 	t.Helper()
+	harness.ReflinkUnlinked(t, filepath.Join(e.root, "store"))
 	entries, err := os.ReadDir(filepath.Join(e.root, "store", sub))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
@@ -357,6 +359,44 @@ func TestRestart(t *testing.T) {
 	e.finish(t)
 }
 
+// TestRemoveUnlinksAfterReturning: Remove renames the image away and unlinks it after it has
+// returned (the unlink's time grows with what the volume wrote), so the name is free at once,
+// Status counts the image until its space is back, and Close waits for it.
+func TestRemoveUnlinksAfterReturning(t *testing.T) {
+	base := newBase(t)
+	e := newEnv(t, base, filepath.Join(base, "zg"), nil)
+	ctx := testCtx(t)
+	e.importTree(t, "prj")
+	vols := filepath.Join(e.root, "store", "volumes")
+	for i := 0; i < 4; i++ {
+		e.create(t, "w", map[string]string{"golden": "prj"})
+		mp := e.mount(t, "w", "c1")
+		harness.Run(t, "dd", "if=/dev/urandom", "of="+filepath.Join(mp, "data"), "bs=1M", "count=64", "conv=fsync", "status=none")
+		e.unmount(t, "w", "c1")
+		e.remove(t, "w")
+		if _, err := os.Stat(filepath.Join(vols, "w.img")); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("after Remove, w.img: %v; want it gone", err)
+		}
+	}
+	// The same name was made again at once each time; what is left of the four is unlinked.
+	harness.ReflinkUnlinked(t, filepath.Join(e.root, "store"))
+	if left, _ := filepath.Glob(filepath.Join(vols, ".tmp-*")); len(left) > 0 {
+		t.Fatalf("removed images never unlinked: %v", left)
+	}
+	st, err := e.store.Status(ctx)
+	if err != nil || st["removed_pending"] != int64(0) {
+		t.Fatalf("Status after the unlinks: %v, %v; want removed_pending 0", st, err)
+	}
+
+	// Close waits for an unlink still running: nothing is left when it returns.
+	e.create(t, "last", map[string]string{"golden": "prj"})
+	mp := e.mount(t, "last", "c1")
+	harness.Run(t, "dd", "if=/dev/urandom", "of="+filepath.Join(mp, "data"), "bs=1M", "count=64", "conv=fsync", "status=none")
+	e.unmount(t, "last", "c1")
+	e.remove(t, "last")
+	e.finish(t)
+}
+
 // TestLoadRepairsCrashLeftovers plants what crashes leave behind and checks that a restart
 // cleans all of it, lists no half-made volume, and touches nothing it did not make.
 func TestLoadRepairsCrashLeftovers(t *testing.T) {
@@ -397,6 +437,11 @@ func TestLoadRepairsCrashLeftovers(t *testing.T) {
 	leaked := strings.TrimSpace(string(out))
 	// 5. A file zgolden did not make: listed nowhere, deleted never.
 	writeFile(t, filepath.Join(vols, "foreign.img"), "not ours")
+	// 6. A Remove that died after its rename, before the unlink that follows it.
+	cp = exec.Command("cp", "--reflink=always", filepath.Join(proj, "gen1.img"), filepath.Join(vols, ".tmp-removed.gone-1a2b.img"))
+	if out, err := cp.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
 
 	e.open(t)
 
@@ -614,6 +659,7 @@ func TestInvalidNamesTouchNothing(t *testing.T) {
 // inventory lists every file and directory under root, and every loop device backed by one.
 func inventory(t *testing.T, root string) []string {
 	t.Helper()
+	harness.ReflinkUnlinked(t, filepath.Join(root, "store"))
 	var out []string
 	err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
 		if err != nil {

@@ -2,6 +2,7 @@ package reflinkstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -245,7 +246,11 @@ func (s *Store) cleanTempsIn(dir string, generations bool) error {
 				continue
 			}
 		}
-		log.Warn("deleting an image whose create, promotion or import was interrupted")
+		if isRemoved(e.Name()) {
+			log.Info("deleting the image of a removed volume (its unlink was interrupted)")
+		} else {
+			log.Warn("deleting an image whose create, promotion or import was interrupted")
+		}
 		if err := s.removeFile(path); err != nil {
 			return err
 		}
@@ -418,10 +423,40 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	if err := s.releaseLoops(img); err != nil {
 		return err
 	}
-	if err := s.removeFile(img); err != nil {
+	// Unlinking frees every extent the volume wrote, so it takes longer the more it wrote (make
+	// bench: 2 ms for an untouched image, 12 ms after 1 GB). A rename to a temporary name takes
+	// the same time whatever the image holds and frees the name at once; the unlink runs after
+	// Remove returns, and one that a crash interrupts is finished by the next Load, which
+	// deletes temporary images.
+	gone, err := removedName(s.volumesDir(), v.Name)
+	if err != nil {
+		return err
+	}
+	if err := s.checkInside(img); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
 		return mapErr(err)
 	}
-	return syncDir(s.volumesDir())
+	if err := os.Rename(img, gone); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return mapErr(err)
+	}
+	if err := syncDir(s.volumesDir()); err != nil {
+		return err
+	}
+	s.unlinkCount.Add(1)
+	s.unlinking.Add(1)
+	go func() {
+		defer s.unlinking.Done()
+		defer s.unlinkCount.Add(-1)
+		if err := s.removeFile(gone); err != nil {
+			s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "image": gone}).Error("could not delete a removed volume's image; the next start deletes it")
+		}
+	}()
+	return nil
 }
 
 // Mount implements driver.Backend. xfsutil.Mount attaches the loop device with autoclear set, so

@@ -200,6 +200,7 @@ func (e *env) inventory(t *testing.T) []string {
 		return harness.ZFSInventory(t, e.parent)
 	}
 	store := filepath.Join(e.root, "store")
+	harness.ReflinkUnlinked(t, store)
 	var out []string
 	for _, top := range []string{"volumes", "goldens"} {
 		_ = filepath.WalkDir(filepath.Join(store, top), func(p string, d os.DirEntry, err error) error {

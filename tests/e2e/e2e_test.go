@@ -56,6 +56,7 @@ func startBackend(t *testing.T) *backend {
 	})
 	b.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", root, "--store-size", "8G")
 	b.leaks = func(t *testing.T) []string {
+		harness.ReflinkUnlinked(t, filepath.Join(root, "store"))
 		var out []string
 		_ = filepath.WalkDir(filepath.Join(root, "store", "volumes"), func(p string, d os.DirEntry, err error) error {
 			if err == nil && !d.IsDir() {

@@ -145,6 +145,23 @@ func RequireZFS(t testing.TB) string {
 	return pool
 }
 
+// ReflinkUnlinked waits, up to a minute, until no removed volume's image is left under the
+// reflink store directory store: Remove renames an image to .tmp-removed.NAME-NS.img and unlinks
+// it after returning (reflinkstore's Remove). Inventories call it first, so one still there
+// after the wait is listed, as the leak it then is.
+func ReflinkUnlinked(t testing.TB, store string) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		matches, err := filepath.Glob(filepath.Join(store, "volumes", ".tmp-removed.*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(matches) == 0 {
+			return
+		}
+	}
+}
+
 // ZFSInventory lists every dataset and snapshot under parent except parent itself, sorted.
 //
 // A removed volume waits in PARENT/trash until the plugin's worker destroys it (zfsstore's

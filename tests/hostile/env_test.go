@@ -212,6 +212,7 @@ func (e *env) inventory(t *testing.T) []string {
 		return harness.ZFSInventory(t, e.parent)
 	}
 	store := filepath.Join(e.root, "store")
+	harness.ReflinkUnlinked(t, store)
 	var out []string
 	_ = filepath.WalkDir(store, func(p string, d os.DirEntry, err error) error {
 		if err == nil {

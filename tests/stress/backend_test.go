@@ -118,6 +118,7 @@ func (b *backend) inventory(t *testing.T) []string {
 		return harness.ZFSInventory(t, b.parent)
 	}
 	store := filepath.Join(b.root, "store")
+	harness.ReflinkUnlinked(t, store)
 	var out []string
 	for _, top := range []string{"volumes", "goldens"} {
 		_ = filepath.WalkDir(filepath.Join(store, top), func(p string, d os.DirEntry, err error) error {
