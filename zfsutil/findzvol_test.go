@@ -22,10 +22,11 @@ func TestFindZvolBehindItsBack(t *testing.T) {
 	z := New(logrus.NewEntry(logrus.New()))
 	ctx := context.Background()
 	harness.Run(t, "zfs", "create", parent)
-	find := func(ds string, full bool) string {
+	// find polls the index alone, no rescans: new devices are what it must see.
+	find := func(ds string) string {
 		t.Helper()
 		for i := 0; i < 600; i++ {
-			if dev := z.findZvol(ds, full); dev != "" {
+			if dev := z.findZvol(ds, noRescan); dev != "" {
 				return dev
 			}
 			time.Sleep(50 * time.Millisecond)
@@ -47,7 +48,7 @@ func TestFindZvolBehindItsBack(t *testing.T) {
 	if err := z.CreateVolume(ctx, prev, 64<<20, nil); err != nil {
 		t.Fatal(err)
 	}
-	prevDev := find(prev, false)
+	prevDev := find(prev)
 	if prevDev == "" {
 		t.Fatalf("no zd device names %s", prev)
 	}
@@ -59,7 +60,7 @@ func TestFindZvolBehindItsBack(t *testing.T) {
 		gone(prevDev)
 		next := parent + "/v" + strconv.Itoa(i)
 		harness.Run(t, "zfs", "create", "-V", "64M", next)
-		dev := find(next, false)
+		dev := find(next)
 		if dev == "" {
 			t.Fatalf("round %d: findZvol never found %s (the index kept a stale name?)", i, next)
 		}
@@ -83,7 +84,7 @@ func TestFindZvolBehindItsBack(t *testing.T) {
 	if dev, err := z.WaitDevice(ctx, renamed, 30*time.Second); err != nil || dev != prevDev {
 		t.Fatalf("after a rename by hand, without its link, WaitDevice(%s) = %q, %v; want %s", renamed, dev, err, prevDev)
 	}
-	if dev := z.findZvol(reused, false); dev != "" {
+	if dev := z.findZvol(reused, noRescan); dev != "" {
 		t.Fatalf("findZvol(%s) = %s after that zvol was renamed away", reused, dev)
 	}
 }

@@ -87,8 +87,9 @@ type ZFS struct {
 
 	// zvols maps zd device names to what their BLKZNAME said when last opened (see findZvol);
 	// Destroy and Rename forget the datasets they change.
-	zvMu  sync.Mutex
-	zvols map[string]zvolSeen
+	zvMu      sync.Mutex
+	zvols     map[string]zvolSeen
+	rescanned time.Time // the last findZvol that opened every device
 }
 
 // New returns a runner that logs each command at debug level.
@@ -308,7 +309,6 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 	path := DevicePath(dataset)
 	start := time.Now()
 	delay := 2 * time.Millisecond
-	lastFull := start
 	for {
 		// The link is only trusted once its device says it is this dataset's: udev updates
 		// links after the fact, so right after a volume of the same name was removed (renamed
@@ -317,18 +317,19 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 		if dev, err := filepath.EvalSymlinks(path); err == nil && zvolName(dev) == dataset {
 			return dev, nil
 		}
-		// Every second of waiting, ask every device again: a name the index learned can be
-		// stale when ZFS renamed the zvol after telling us (its renames of minors run from a
-		// task queue, after zfs rename has returned) or someone renamed it behind our back.
-		full := time.Since(lastFull) > time.Second
-		if full {
-			lastFull = time.Now()
+		// After a second of waiting, ask every device again, once a second: a name the index
+		// learned can be stale when ZFS renamed the zvol after telling us (its renames of minors
+		// run from a task queue, after zfs rename has returned) or someone renamed it behind our
+		// back.
+		rescan := noRescan
+		if time.Since(start) > time.Second {
+			rescan = time.Second
 		}
-		if dev := z.findZvol(dataset, full); dev != "" {
+		if dev := z.findZvol(dataset, rescan); dev != "" {
 			return dev, nil
 		}
 		if time.Since(start) > timeout {
-			if dev := z.findZvol(dataset, true); dev != "" {
+			if dev := z.findZvol(dataset, 0); dev != "" {
 				return dev, nil
 			}
 			return "", fmt.Errorf("zvol device of %s did not appear within %s (%s): is udev running (systemd-udevd), are the zvol rules installed, and does `zfs get volmode %s` say default or dev?", dataset, timeout, z.deviceReport(dataset), dataset)
@@ -377,19 +378,27 @@ type zvolSeen struct {
 	ino uint64
 }
 
+// noRescan is findZvol's rescan for "only the devices not identified yet".
+const noRescan = time.Duration(-1)
+
 // findZvol returns the /dev/zdN node whose zvol is dataset, or "". It opens only the zd devices
-// it has not identified before (all of them when full is set), which after the first call are
-// the new ones: opening a zvol takes ZFS's namespace lock, and a zvol held open makes a destroy of
-// it fail as busy for that moment (udev's probes do the same, and destroys retry them). A device
-// identified in an earlier call is opened again before it is returned, since a rename keeps the
-// device and changes its name.
-func (z *ZFS) findZvol(dataset string, full bool) string {
+// it has not identified before, which after the first call are the new ones: opening a zvol
+// takes ZFS's namespace lock, and a zvol held open makes a destroy of it fail as busy for that
+// moment (udev's probes do the same, and destroys retry them). With rescan >= 0 it opens every
+// device again if no call has done so for rescan, a bound shared by every waiter (32 Creates
+// waiting at once make one rescan a second, not 32). A device identified in an earlier call is
+// opened again before it is returned, since a rename keeps the device and changes its name.
+func (z *ZFS) findZvol(dataset string, rescan time.Duration) string {
 	entries, err := os.ReadDir("/sys/block")
 	if err != nil {
 		return ""
 	}
 	z.zvMu.Lock()
 	defer z.zvMu.Unlock()
+	full := rescan >= 0 && time.Since(z.rescanned) >= rescan
+	if full {
+		z.rescanned = time.Now()
+	}
 	present := make(map[string]bool, len(entries))
 	found, fresh := "", false
 	for _, e := range entries {
