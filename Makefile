@@ -5,6 +5,10 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
+# Go's own tarball installs to /usr/local/go/bin, which sudo's secure_path (Debian's default)
+# leaves out: without this, `sudo make run` and `sudo make test` would not find go.
+export PATH := $(PATH):/usr/local/go/bin
+
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GO      ?= go
 BIN     := bin/zgolden
