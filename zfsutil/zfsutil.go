@@ -141,8 +141,12 @@ func (z *ZFS) CreateFilesystem(ctx context.Context, name string, props Props) er
 	return classify(err)
 }
 
-// Clone clones snapshot into dest, with props set atomically in the same transaction, so a clone is
-// never seen without its zgolden:* metadata.
+// Clone clones snapshot into dest with props, in one zfs process and one ioctl. The kernel does it
+// in two sync tasks, the clone and then its properties (zfs_ioc_clone: "It would be nice to do
+// this atomically"), destroying the clone if the properties fail; a host crash between the two
+// transaction groups leaves a clone without zgolden:state=ready, which zfsstore's Load destroys
+// as an interrupted Create. The second sync task is about 50 ms of a Create in the emulated
+// guest (zfs clone with zgolden's seven properties 228 ms, without them 180 ms).
 func (z *ZFS) Clone(ctx context.Context, snapshot, dest string, props Props) error {
 	args := append([]string{"clone"}, props.args()...)
 	_, err := z.run(ctx, append(args, snapshot, dest)...)
