@@ -126,6 +126,10 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 	}
 	// A Create that died after `zfs create` but before its state became ready.
 	harness.Run(t, "zfs", "create", "-s", "-V", "1G", "-o", "zgolden:state=creating", parent+"/vol/halfmade")
+	// A host crash between a clone's two transaction groups (zfs_ioc_clone sets the properties
+	// in a second one): a clone of the generation without any zgolden property.
+	gens := harness.Run(t, "zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", parent+"/golden/prj")
+	harness.Run(t, "zfs", "clone", strings.Fields(gens)[0], parent+"/vol/bareclone")
 	// An import that died mid-copy: its lineage is still marked importing.
 	harness.Run(t, "zfs", "create", "-p", "-s", "-V", "1G", "-o", "zgolden:state=importing", parent+"/golden/other/g1")
 	harness.Run(t, "zfs", "set", "zgolden:kind=block", parent+"/golden/other")
@@ -156,10 +160,10 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 	}
 	slices.Sort(names)
 	if !slices.Equal(names, []string{"coldvol", "session"}) {
-		t.Fatalf("Load returned %v, want [coldvol session] (halfmade destroyed)", names)
+		t.Fatalf("Load returned %v, want [coldvol session] (halfmade and bareclone destroyed)", names)
 	}
 	inv := harness.ZFSInventory(t, parent)
-	for _, gone := range []string{parent + "/vol/halfmade", parent + "/golden/other/g1", parent + "/vol/session@gen2"} {
+	for _, gone := range []string{parent + "/vol/halfmade", parent + "/vol/bareclone", parent + "/golden/other/g1", parent + "/vol/session@gen2"} {
 		if slices.Contains(inv, gone) {
 			t.Errorf("%s survived Load", gone)
 		}
