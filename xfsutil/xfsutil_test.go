@@ -273,22 +273,30 @@ func loopsOf(t *testing.T, file string) []string {
 	return devs
 }
 
+// loopMounted mounts a fresh image through Mount's own loop device and returns the image, the
+// mountpoint and the one device that backs it.
+func loopMounted(t *testing.T) (img, mp, dev string) {
+	t.Helper()
+	img, _ = images(t)
+	mp = filepath.Join(t.TempDir(), "m")
+	if err := xfsutil.Mount(context.Background(), img, mp, []string{"loop", "nouuid"}); err != nil {
+		t.Fatal(err)
+	}
+	devs := loopsOf(t, img)
+	if len(devs) != 1 {
+		t.Fatalf("after the mount, loop devices backed by %s: %v; want one", img, devs)
+	}
+	return img, mp, devs[0]
+}
+
 // TestLoopMountLeavesNoDevice: Mount attaches its own loop device (no mount(8)), with autoclear,
 // so unmounting frees it, and a mount that fails frees it at once, with an error that names the
 // image and says where the kernel's reason is.
 func TestLoopMountLeavesNoDevice(t *testing.T) {
-	orig, _ := images(t)
+	orig, mp, dev := loopMounted(t)
 	ctx := context.Background()
-	mp := filepath.Join(t.TempDir(), "m")
-	if err := xfsutil.Mount(ctx, orig, mp, []string{"loop", "nouuid"}); err != nil {
-		t.Fatal(err)
-	}
-	devs := loopsOf(t, orig)
-	if len(devs) != 1 {
-		t.Fatalf("after the mount, loop devices backed by %s: %v; want one", orig, devs)
-	}
-	if m, _ := xfsutil.MountedAt(mp); m == nil || m.Source != devs[0] || m.FSType != "xfs" {
-		t.Fatalf("mount table entry = %+v; want xfs on %s", m, devs[0])
+	if m, _ := xfsutil.MountedAt(mp); m == nil || m.Source != dev || m.FSType != "xfs" {
+		t.Fatalf("mount table entry = %+v; want xfs on %s", m, dev)
 	}
 	if err := os.WriteFile(filepath.Join(mp, "f"), []byte("data"), 0o644); err != nil {
 		t.Fatalf("the loop mount is not writable: %v", err)
@@ -326,17 +334,9 @@ func TestLoopMountLeavesNoDevice(t *testing.T) {
 // cannot be unmounted. Unmount must return only once the device has let go (pitfall: the
 // flake this came from was the outer filesystem's umount failing with "target is busy").
 func TestUnmountWaitsForTheLoopDevice(t *testing.T) {
-	orig, _ := images(t)
+	orig, mp, dev := loopMounted(t)
 	ctx := context.Background()
-	mp := filepath.Join(t.TempDir(), "m")
-	if err := xfsutil.Mount(ctx, orig, mp, []string{"loop", "nouuid"}); err != nil {
-		t.Fatal(err)
-	}
-	devs := loopsOf(t, orig)
-	if len(devs) != 1 {
-		t.Fatalf("loop devices backed by %s: %v; want one", orig, devs)
-	}
-	holder, err := unix.Open(devs[0], unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	holder, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
