@@ -435,6 +435,23 @@ func TestLoadRepairsCrashLeftovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaked := strings.TrimSpace(string(out))
+	// 4b. The same, attached by an earlier managed-plugin instance: its mount namespace is gone,
+	// so the device names its file by a path that is not under the store. A bind mount detached
+	// after the attach leaves the same.
+	elsewhere := filepath.Join(base, "elsewhere")
+	if err := os.Mkdir(elsewhere, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "mount", "--bind", filepath.Join(e.root, "store"), elsewhere)
+	out, err = exec.Command("losetup", "--find", "--show", filepath.Join(elsewhere, "goldens", "prj", "gen1.img")).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreignNS := strings.TrimSpace(string(out))
+	harness.Run(t, "umount", "-l", elsewhere) // the test's stand-in for the dead namespace
+	if l, _ := xfsutil.LoopOf(foreignNS); l.BackingFile == "" || strings.HasPrefix(l.BackingFile, e.root) {
+		t.Fatalf("%s reads as backed by %q; the test needs a path outside the store", foreignNS, l.BackingFile)
+	}
 	// 5. A file zgolden did not make: listed nowhere, deleted never.
 	writeFile(t, filepath.Join(vols, "foreign.img"), "not ours")
 	// 6. A Remove that died after its rename, before the unlink that follows it.
@@ -460,6 +477,9 @@ func TestLoadRepairsCrashLeftovers(t *testing.T) {
 	}
 	if l, _ := xfsutil.LoopOf(leaked); l.BackingFile != "" {
 		t.Fatalf("the leaked loop device %s is still attached to %s", leaked, l.BackingFile)
+	}
+	if l, _ := xfsutil.LoopOf(foreignNS); l.BackingFile != "" {
+		t.Fatalf("the loop device %s, attached from another mount namespace, is still attached to %s", foreignNS, l.BackingFile)
 	}
 	if m, _ := xfsutil.MountsUnder(filepath.Join(e.root, "work")); len(m) > 0 {
 		t.Fatalf("the interrupted import is still mounted: %+v", m)

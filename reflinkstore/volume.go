@@ -102,16 +102,43 @@ func (s *Store) cleanWork(ctx context.Context) error {
 	return nil
 }
 
-// loopsUnder returns the loop devices attached to files below dir.
+// loopsUnder returns the loop devices attached to files below dir, each with BackingFile the
+// file's path here.
+//
+// A device that an earlier instance of the managed plugin attached names its file relative to
+// that instance's mount namespace, which died with it ("/reflink/store/volumes/v.img", say), so
+// a path that is not below dir is checked by identity (xfsutil.Loop.Backs) against dir's files
+// of the same name. dir is walked only when such a device exists.
 func (s *Store) loopsUnder(dir string) ([]xfsutil.Loop, error) {
 	loops, err := xfsutil.Loops()
 	if err != nil {
 		return nil, err
 	}
 	var out []xfsutil.Loop
+	var byName map[string][]string
 	for _, l := range loops {
 		if strings.HasPrefix(l.BackingFile, dir+"/") {
 			out = append(out, l)
+			continue
+		}
+		if byName == nil {
+			byName = map[string][]string{}
+			err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+				if err == nil && d.Type().IsRegular() {
+					byName[d.Name()] = append(byName[d.Name()], p)
+				}
+				return nil // a file removed meanwhile attaches nothing
+			})
+			if err != nil {
+				return nil, err
+			}
+		}
+		for _, p := range byName[filepath.Base(l.BackingFile)] {
+			if l.Backs(p) {
+				l.BackingFile, l.Deleted = p, false
+				out = append(out, l)
+				break
+			}
 		}
 	}
 	return out, nil
