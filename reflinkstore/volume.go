@@ -440,8 +440,8 @@ func (s *Store) discard(log *logrus.Entry, f *os.File) {
 	log.WithField("temp", f.Name()).Info("rolled back the partial image")
 }
 
-// Remove implements driver.Backend. Unlinking a reflinked image only drops references to shared
-// extents, which XFS and btrfs free in the background.
+// Remove implements driver.Backend: it renames the image away and unlinks it after returning,
+// so its time does not grow with what the volume wrote.
 func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	img, err := s.volumeImage(v.Name)
 	if err != nil {
