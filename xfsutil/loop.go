@@ -221,28 +221,32 @@ func setFD(fd, file int, info *unix.LoopInfo64) error {
 	return nil
 }
 
-// loopRelease names the loop device a filesystem sits on, to wait for it to let go of its image
-// once the filesystem is unmounted: sys is the device's sysfs backing_file attribute and backing
-// what it read before. The zero value is a filesystem on no loop device.
-type loopRelease struct{ sys, backing string }
+// loopRelease names the loop device a filesystem sits on and the file it backs, to wait for it
+// to let go of that file once the filesystem is unmounted. The zero value is a filesystem on no
+// loop device.
+type loopRelease struct{ dev, backing string }
 
-// loopUnder reads, from its device number alone (no mount table), the loop device of the
+// loopUnder finds, from its device number alone (no mount table), the loop device of the
 // filesystem mounted at target; a target on any other device gives the zero value.
 func loopUnder(target string) loopRelease {
 	var st unix.Stat_t
 	if err := unix.Stat(target, &st); err != nil {
 		return loopRelease{}
 	}
-	return loopAt(fmt.Sprintf("/sys/dev/block/%d:%d/loop/backing_file", unix.Major(st.Dev), unix.Minor(st.Dev)))
-}
-
-// loopAt reads the sysfs backing_file attribute sys; a missing one gives the zero value.
-func loopAt(sys string) loopRelease {
-	data, err := os.ReadFile(sys)
-	if err != nil {
+	link, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev)))
+	if err != nil || !strings.HasPrefix(filepath.Base(link), "loop") {
 		return loopRelease{}
 	}
-	return loopRelease{sys: sys, backing: string(data)}
+	return loopHeld("/dev/" + filepath.Base(link))
+}
+
+// loopHeld records what the loop device dev backs now.
+func loopHeld(dev string) loopRelease {
+	l, err := LoopOf(dev)
+	if err != nil || l.BackingFile == "" {
+		return loopRelease{}
+	}
+	return loopRelease{dev: dev, backing: l.BackingFile}
 }
 
 // loopReleaseWait bounds wait: udev's probe of a device it was told about holds it for
@@ -260,13 +264,13 @@ const loopReleaseWait = 2 * time.Second
 // A device that outlives the wait is left to the kernel, which still detaches it at that last
 // close. Another file attached to the same device since reads differently and ends the wait.
 func (l loopRelease) wait() {
-	if l.sys == "" {
+	if l.dev == "" {
 		return
 	}
 	deadline := time.Now().Add(loopReleaseWait)
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 20*time.Millisecond) {
-		data, err := os.ReadFile(l.sys)
-		if err != nil || string(data) != l.backing || time.Now().After(deadline) {
+		cur, err := LoopOf(l.dev)
+		if err != nil || cur.BackingFile != l.backing || time.Now().After(deadline) {
 			return
 		}
 		time.Sleep(pause)

@@ -136,12 +136,14 @@ func Mount(ctx context.Context, source, target string, opts []string) error {
 		}
 		// The device is attached with autoclear: closing fd detaches it unless the mount holds
 		// it, so a failed mount leaves no loop device behind and unmount frees it.
-		rel := loopAt(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
 		err = unix.Mount(dev, target, "xfs", 0, strings.Join(data, ","))
-		unix.Close(fd)
-		if err != nil {
-			rel.wait() // the image is free again when Mount fails, as after Unmount
+		if err == nil {
+			unix.Close(fd)
+			return nil
 		}
+		rel := loopHeld(dev) // read while fd still holds it attached
+		unix.Close(fd)
+		rel.wait() // the image is free again when Mount fails, as after Unmount
 		return mountErr(dev+" ("+source+")", target, data, err)
 	})
 }
