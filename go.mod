@@ -4,7 +4,6 @@ go 1.26.8
 
 require (
 	github.com/docker/go-plugins-helpers v0.0.0-20240701071450-45e2431495c8
-	github.com/mistifyio/go-zfs/v3 v3.0.1
 	github.com/moby/locker v1.0.1
 	github.com/moby/sys/mountinfo v0.7.3
 	github.com/sirupsen/logrus v1.10.2
@@ -15,5 +14,4 @@ require (
 	github.com/Microsoft/go-winio v0.6.4 // indirect
 	github.com/coreos/go-systemd v0.0.0-20191104093116-d3cd4ed1dbcf // indirect
 	github.com/docker/go-connections v0.8.2 // indirect
-	github.com/google/uuid v1.2.0 // indirect
 )
