@@ -164,6 +164,13 @@ func serve(args []string) error {
 	defer cancel()
 	pl.Close()
 	_ = admin.Shutdown(sctx)
+	if z, ok := backend.(*zfsstore.Store); ok {
+		// Stops the trash worker and closes the devices Unmount kept open; mounted volumes
+		// stay mounted for their containers.
+		if err := z.Close(sctx); err != nil {
+			log.WithError(err).Warn("the ZFS trash worker did not stop in time; removed volumes left are destroyed at the next start")
+		}
+	}
 	os.Remove(c.Socket)
 	os.Remove(c.AdminSocket)
 	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {

@@ -305,14 +305,14 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 		// volume's data once.
 		log.WithField("origin", origin).Info("promote: full send into a new lineage (the volume was cloned from another golden)")
 		if err := s.zfs.SendReceive(ctx, "", snap, target); err != nil {
-			s.rollback(ctx, log, target)
+			s.rollback(ctx, log, target, target)
 			s.dropSnapshot(ctx, log, snap)
 			return driver.Generation{}, mapErr(err)
 		}
 		s.cfg.Faults.Hit("promote:after-copy")
 		s.dropSnapshot(ctx, log, snap)
 		if err := s.zfs.Set(ctx, target, zfsutil.Props{propState: "ready", "dedup": "off"}); err != nil {
-			s.rollback(ctx, log, target)
+			s.rollback(ctx, log, target, target)
 			return driver.Generation{}, mapErr(err)
 		}
 	} else {
@@ -460,12 +460,12 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 	// Room for the tree twice over (XFS metadata, and growth in later generations); sparse, so
 	// only what is written is allocated.
 	volSize := max(s.cfg.DefaultSize, roundUp(uint64(size.Bytes)*2, 1<<30))
-	if err := s.createEmpty(ctx, ds, kind, volSize, props); err != nil {
+	if err := s.createEmpty(ctx, ds, ds, kind, volSize, props); err != nil {
 		return driver.Generation{}, err
 	}
 	s.cfg.Faults.Hit("import:after-create")
 	fail := func(err error) (driver.Generation, error) {
-		s.rollback(ctx, log, ds)
+		s.rollback(ctx, log, ds, ds)
 		return driver.Generation{}, err
 	}
 	dir := filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n))

@@ -3,6 +3,7 @@ package zfsstore
 import (
 	"context"
 	"errors"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,12 +32,18 @@ import (
 //     at once, as it was when Remove destroyed.
 //   - A destroy that keeps failing stays in the trash, retried with a growing pause (up to 5
 //     minutes) and logged each time; Status reports how many wait.
+//   - A removed volume's device that Unmount held open (held.go) travels with it, and is closed
+//     just before its destroy: the close is where the wait for the pool goes.
+//   - The worker's destroys run under the store's context, which Close cancels; each is bounded
+//     by zfsutil.CommandTimeout.
 type trash struct {
 	run     sync.Mutex // held by the one emptyTrash running
 	mu      sync.Mutex
 	pending map[string]int // dataset -> failed destroys so far
 	wake    chan struct{}
 	once    sync.Once
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when the worker has stopped
 }
 
 // trashRetryMax bounds the pause between destroys of a dataset that keeps failing.
@@ -44,17 +51,41 @@ const trashRetryMax = 5 * time.Minute
 
 func (s *Store) trashRoot() string { return s.cfg.Parent + "/trash" }
 
-// startTrash starts the worker that empties the trash; it lives as long as the process.
+// startTrash starts the worker that empties the trash; it runs until Close.
 func (s *Store) startTrash() {
 	s.trash.once.Do(func() {
 		s.trash.pending = map[string]int{}
 		s.trash.wake = make(chan struct{}, 1)
+		s.trash.done = make(chan struct{})
+		ctx, cancel := context.WithCancel(context.Background())
+		s.trash.cancel = cancel
 		go func() {
-			for range s.trash.wake {
-				_ = s.emptyTrash(context.Background())
+			defer close(s.trash.done)
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-s.trash.wake:
+					_ = s.emptyTrash(ctx)
+				}
 			}
 		}()
 	})
+}
+
+// stopTrash stops the worker, waiting for it until ctx is done. What it has not destroyed stays
+// in the trash for the next start.
+func (s *Store) stopTrash(ctx context.Context) error {
+	if s.trash.cancel == nil {
+		return nil
+	}
+	s.trash.cancel()
+	select {
+	case <-s.trash.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (s *Store) kickTrash() {
@@ -64,8 +95,9 @@ func (s *Store) kickTrash() {
 	}
 }
 
-// trashVolume moves a volume's dataset into the trash and hands it to the worker.
-func (s *Store) trashVolume(ctx context.Context, ds, name string) error {
+// trashVolume moves a volume's dataset into the trash and hands it, with its held device (or
+// nil), to the worker.
+func (s *Store) trashVolume(ctx context.Context, ds, name string, dev *os.File) error {
 	dst := s.trashRoot() + "/" + name + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
 	if err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, ds, dst) }); err != nil {
 		return err
@@ -73,6 +105,9 @@ func (s *Store) trashVolume(ctx context.Context, ds, name string) error {
 	s.trash.mu.Lock()
 	s.trash.pending[dst] = 0
 	s.trash.mu.Unlock()
+	if dev != nil {
+		held.hold(dst, dev)
+	}
 	s.kickTrash()
 	return nil
 }
@@ -116,6 +151,7 @@ func (s *Store) emptyTrash(ctx context.Context) error {
 	retry := time.Duration(0)
 	for _, ds := range todo {
 		log := s.log.WithField("dataset", ds)
+		s.closeDevice(held.take(ds), ds)
 		err := s.destroy(ctx, ds, true)
 		s.trash.mu.Lock()
 		if err == nil {

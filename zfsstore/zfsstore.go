@@ -92,6 +92,9 @@ type Store struct {
 
 	// trash holds removed volumes until the worker has destroyed them (see trash.go).
 	trash trash
+
+	// tomb holds the names whose timed-out Create is still being cleaned up (see slow.go).
+	tomb tombstones
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -346,7 +349,17 @@ func volumeFromRow(name string, r zfsutil.Row) driver.Volume {
 
 // Create implements driver.Backend.
 func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, error) {
+	v, err := s.create(ctx, spec)
+	return v, s.slowPool(err)
+}
+
+func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, error) {
 	ds := s.volDataset(spec.Name)
+	if err := s.refuseTombstoned(spec.Name); err != nil {
+		return driver.Volume{}, err
+	}
+	ctx, cancel := workContext(ctx)
+	defer cancel()
 	now := time.Now().UTC()
 	props := zfsutil.Props{
 		propKind:    string(spec.Kind),
@@ -403,6 +416,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			err = s.zfs.Clone(ctx, gen.Source, ds, props)
 		}
 		if err != nil {
+			s.cleanupLate(spec.Name, ds, err, log)
 			return v, mapErr(err)
 		}
 		s.cfg.Faults.Hit("create:after-clone")
@@ -410,7 +424,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if grow {
 			size, err := s.grow(ctx, ds, spec.Size)
 			if err != nil {
-				s.rollback(ctx, log, ds)
+				s.rollback(ctx, log, spec.Name, ds)
 				return v, err
 			}
 			v.Size = size
@@ -424,12 +438,12 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			props[propColdStart] = "yes"
 			v.ColdStart = true
 		}
-		if err := s.createEmpty(ctx, ds, spec.Kind, spec.Size, props); err != nil {
+		if err := s.createEmpty(ctx, spec.Name, ds, spec.Kind, spec.Size, props); err != nil {
 			return v, err
 		}
 		s.cfg.Faults.Hit("create:after-format") // made and formatted, still marked creating
 		if err := s.zfs.Set(ctx, ds, zfsutil.Props{propState: "ready"}); err != nil {
-			s.rollback(ctx, log, ds)
+			s.rollback(ctx, log, spec.Name, ds)
 			return v, mapErr(err)
 		}
 	}
@@ -437,7 +451,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		// Wait here, not only in Mount, so a Create that returns has a usable device and a udev
 		// problem shows up at create time.
 		if _, err := s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout); err != nil {
-			s.rollback(ctx, log, ds)
+			s.rollback(ctx, log, spec.Name, ds)
 			return v, err
 		}
 		s.cfg.Faults.Hit("create:after-device")
@@ -451,7 +465,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	}
 	row, err := s.zfs.Get(ctx, ds, volProps...)
 	if err != nil {
-		s.rollback(ctx, log, ds)
+		s.rollback(ctx, log, spec.Name, ds)
 		return v, mapErr(err)
 	}
 	s.setGrowing(spec.Name, row[propGrow] == "yes")
@@ -482,8 +496,8 @@ func roundUp(n, to uint64) uint64 { return (n + to - 1) / to * to }
 
 // createEmpty makes a fresh sparse zvol with a new XFS, or a fresh filesystem dataset; props must
 // carry zgolden:state=creating semantics (the caller marks it ready).
-func (s *Store) createEmpty(ctx context.Context, ds string, kind driver.Kind, size uint64, props zfsutil.Props) error {
-	log := s.log.WithField("dataset", ds)
+func (s *Store) createEmpty(ctx context.Context, name, ds string, kind driver.Kind, size uint64, props zfsutil.Props) error {
+	log := s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds})
 	p := zfsutil.Props{propState: "creating"}
 	for k, v := range props {
 		p[k] = v
@@ -494,13 +508,16 @@ func (s *Store) createEmpty(ctx context.Context, ds string, kind driver.Kind, si
 		if size > 0 {
 			p["refquota"] = strconv.FormatUint(size, 10)
 		}
-		return mapErr(s.zfs.CreateFilesystem(ctx, ds, p))
+		err := s.zfs.CreateFilesystem(ctx, ds, p)
+		s.cleanupLate(name, ds, err, log)
+		return mapErr(err)
 	}
 	if size == 0 {
 		size = s.cfg.DefaultSize
 	}
 	p["volblocksize"] = s.cfg.Volblocksize
 	if err := s.zfs.CreateVolume(ctx, ds, roundUp(size, 8192), p); err != nil {
+		s.cleanupLate(name, ds, err, log)
 		return mapErr(err)
 	}
 	dev, err := s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout)
@@ -508,23 +525,10 @@ func (s *Store) createEmpty(ctx context.Context, ds string, kind driver.Kind, si
 		err = xfsutil.Mkfs(ctx, dev, "zgolden")
 	}
 	if err != nil {
-		s.rollback(ctx, log, ds)
+		s.rollback(ctx, log, name, ds)
 		return mapErr(err)
 	}
 	return nil
-}
-
-// rollback destroys what a failed operation made, logging (not returning) a failure to do so,
-// since the operation's own error is what the caller must see.
-func (s *Store) rollback(ctx context.Context, log *logrus.Entry, ds string) {
-	// The caller's context may be what expired; cleaning up still deserves a bounded try.
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-	defer cancel()
-	if err := s.destroy(cctx, ds, true); err != nil {
-		log.WithError(err).Error("rollback: could not destroy partial dataset; it is destroyed at the next start")
-	} else {
-		log.Info("rolled back partial dataset")
-	}
 }
 
 // Remove implements driver.Backend: the volume goes to the trash (see trash.go), which takes the
@@ -532,15 +536,22 @@ func (s *Store) rollback(ctx context.Context, log *logrus.Entry, ds string) {
 // gone, a name too long for it), Remove destroys the volume itself.
 func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	ds := s.volDataset(v.Name)
-	err := s.trashVolume(ctx, ds, v.Name)
+	dev := held.take(ds)
+	err := s.trashVolume(ctx, ds, v.Name, dev)
 	switch {
 	case errors.Is(err, zfsutil.ErrBusy):
+		if dev != nil {
+			held.hold(ds, dev)
+		}
 		return busy(err, ds)
 	case err != nil && ctx.Err() == nil:
 		// "Does not exist" can be the volume (already gone: destroy says so too) or the trash
 		// (destroyed by hand): destroying in place is right for both, and for a name too long.
 		s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "dataset": ds}).Warn("could not move the volume to the trash; destroying it in place")
+		s.closeDevice(dev, ds)
 		err = s.destroy(ctx, ds, true)
+	case err != nil && dev != nil:
+		held.hold(ds, dev)
 	}
 	if err != nil {
 		return mapErr(err)
@@ -581,7 +592,27 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 
 // Unmount implements driver.Backend.
 func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) error {
-	return mapErr(xfsutil.UnmountRetry(ctx, target, 10))
+	ds := s.volDataset(v.Name)
+	if v.Kind == driver.KindBlock {
+		s.holdDevice(v.Name, ds, target)
+	}
+	err := xfsutil.UnmountRetry(ctx, target, 10)
+	if err != nil {
+		// Still mounted, so the mount keeps the device; a held one would only be a second copy.
+		s.closeDevice(held.take(ds), ds)
+	}
+	return mapErr(err)
+}
+
+// Close stops the trash worker, waiting for its destroy in progress until ctx is done, and
+// closes the devices Unmount held. Removed volumes it did not destroy are destroyed at the next
+// start.
+func (s *Store) Close(ctx context.Context) error {
+	err := s.stopTrash(ctx)
+	for ds, f := range held.under(s.cfg.Parent) {
+		s.closeDevice(f, ds)
+	}
+	return err
 }
 
 // Mounted implements driver.Backend.
@@ -625,6 +656,14 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	}
 	// Removed volumes not destroyed yet still hold their space (see trash.go).
 	st["removed_pending"] = s.trashPending()
+	st["devices_held"] = held.count(s.cfg.Parent)
+	st["cleanups_pending"] = s.tomb.count()
+	if txgs, err := zfsutil.TxgSyncs(pool); err == nil {
+		// What every zfs clone, rename and destroy waits on (see slow.go).
+		worst, last := syncStats(txgs, 10)
+		st["txg_sync_last_seconds"] = last.Seconds()
+		st["txg_sync_max10_seconds"] = worst.Seconds()
+	}
 	return st, nil
 }
 

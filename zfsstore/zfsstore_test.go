@@ -34,6 +34,9 @@ func mustOpen(t *testing.T, parent, workDir string) *zfsstore.Store {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Before the parent's cleanup (t.Cleanup runs last-in first-out): the devices the store
+	// holds open would make its destroy busy.
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
 	return s
 }
 
@@ -408,5 +411,49 @@ func TestRemoveGoesThroughTrash(t *testing.T) {
 	}
 	if inv := harness.ZFSInventory(t, parent); slices.Contains(inv, parent+"/vol/notrash") {
 		t.Fatalf("Remove without a trash left the volume: %v", inv)
+	}
+}
+
+// TestUnmountHoldsTheDeviceUntilRemove: Unmount keeps a written volume's device open, so the
+// last close (which waits for a transaction group) is not on Docker's Unmount; Remove hands it to
+// the trash, which closes it and destroys the volume.
+func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
+	parent, s, _ := withGolden(t)
+	ctx := context.Background()
+	v, err := s.Create(ctx, driver.Spec{Name: "held", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := filepath.Join(t.TempDir(), "m")
+	for round := 0; round < 2; round++ { // a second mount of a held device works the same
+		if err := s.Mount(ctx, v, mp); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if err := os.WriteFile(filepath.Join(mp, "w"), make([]byte, 8<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Unmount(ctx, v, mp); err != nil {
+			t.Fatal(err)
+		}
+		if st, err := s.Status(ctx); err != nil || st["devices_held"] != 1 {
+			t.Fatalf("round %d: Status after Unmount: %v, %v; want devices_held 1", round, st, err)
+		}
+	}
+	ds := parent + "/vol/held"
+	// The device is open: ZFS refuses to destroy the volume under the store.
+	if out, err := harness.Output("zfs", "destroy", ds); err == nil || !strings.Contains(out, "busy") {
+		t.Fatalf("zfs destroy of a volume whose device the store holds: %v %s; want busy", err, out)
+	}
+	if err := s.Remove(ctx, v); err != nil {
+		t.Fatalf("Remove of a volume with a held device: %v", err)
+	}
+	inv := harness.ZFSInventory(t, parent) // waits for the trash to empty
+	for _, name := range inv {
+		if strings.Contains(name, "held") {
+			t.Fatalf("after Remove the parent still holds %s: %v", name, inv)
+		}
+	}
+	if st, err := s.Status(ctx); err != nil || st["devices_held"] != 0 {
+		t.Fatalf("Status after Remove: %v, %v; want devices_held 0", st, err)
 	}
 }

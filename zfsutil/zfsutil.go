@@ -523,3 +523,85 @@ func (z *ZFS) Pools(ctx context.Context) ([]string, error) {
 	}
 	return strings.Fields(string(out)), nil
 }
+
+// OpenZvol opens the block device dev read-only and returns it if it is dataset's zvol. Holding
+// it open keeps the zvol's last close, which waits for a transaction group to sync when the
+// zvol was written (docs/design-facts.md, "The last close of a zvol"), for when it is closed.
+func OpenZvol(dev, dataset string) (*os.File, error) {
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	var name [256]byte
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), blkzname, uintptr(unsafe.Pointer(&name[0]))); errno != 0 {
+		f.Close()
+		return nil, fmt.Errorf("%s is not a zvol: %w", dev, errno)
+	}
+	if got := unix.ByteSliceToString(name[:]); got != dataset {
+		f.Close()
+		return nil, fmt.Errorf("%s is the zvol of %s, not of %s", dev, got, dataset)
+	}
+	return f, nil
+}
+
+// TxgSync is one transaction group's timing, from /proc/spl/kstat/zfs/POOL/txgs.
+type TxgSync struct {
+	Txg      uint64
+	Dirty    uint64        // bytes of dirty data it carried (ndirty)
+	Open     time.Duration // otime: how long it was open for new changes
+	Sync     time.Duration // stime: how long the pool took to write it out
+	Written  uint64        // nwritten
+	Complete bool          // state C: synced
+}
+
+// TxgSyncs returns the pool's recent transaction groups (the kernel keeps zfs_txg_history of
+// them, 100 by default), oldest first. Every admin command (clone, rename, set, destroy) waits for
+// one to sync, so their sync times are what a slow Create is waiting on.
+func TxgSyncs(pool string) ([]TxgSync, error) {
+	data, err := os.ReadFile(filepath.Join("/proc/spl/kstat/zfs", pool, "txgs"))
+	if err != nil {
+		return nil, err
+	}
+	return ParseTxgs(string(data))
+}
+
+// ParseTxgs parses the txgs kstat: a header line naming the columns, then one line a txg.
+func ParseTxgs(s string) ([]TxgSync, error) {
+	var cols map[string]int
+	var out []TxgSync
+	for _, line := range strings.Split(s, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if f[0] == "txg" {
+			cols = map[string]int{}
+			for i, c := range f {
+				cols[c] = i
+			}
+			continue
+		}
+		if cols == nil {
+			continue // the kstat's own header line, before the column names
+		}
+		num := func(c string) uint64 {
+			i, ok := cols[c]
+			if !ok || i >= len(f) {
+				return 0
+			}
+			n, _ := strconv.ParseUint(f[i], 10, 64)
+			return n
+		}
+		state := ""
+		if i, ok := cols["state"]; ok && i < len(f) {
+			state = f[i]
+		}
+		t := TxgSync{Txg: num("txg"), Dirty: num("ndirty"), Written: num("nwritten"),
+			Open: time.Duration(num("otime")), Sync: time.Duration(num("stime")), Complete: state == "C"}
+		out = append(out, t)
+	}
+	if cols == nil {
+		return nil, errors.New("txgs kstat: no column header")
+	}
+	return out, nil
+}

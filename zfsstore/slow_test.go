@@ -1,0 +1,104 @@
+package zfsstore
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/command"
+	"github.com/zgolden/zgolden/tests/harness"
+)
+
+func openInternal(t *testing.T) (*Store, string) {
+	t.Helper()
+	parent := harness.ZFSParent(t)
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30, Log: logrus.NewEntry(l)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	return s, parent
+}
+
+// abandoned returns the error of a command that outlived its deadline and has not exited: a
+// shell killed at the deadline whose child keeps its output open for about two seconds, which
+// is what a zfs clone stuck in txg_wait_synced looks like to internal/command.
+func abandoned(t *testing.T) error {
+	t.Helper()
+	old := command.KillGrace
+	command.KillGrace = 100 * time.Millisecond
+	defer func() { command.KillGrace = old }()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := command.Run(ctx, "sh", "-c", "sleep 2; true")
+	if !errors.Is(err, command.ErrAbandoned) {
+		t.Fatalf("could not make an abandoned command: %v", err)
+	}
+	return err
+}
+
+// TestLateCloneIsDestroyedAndItsNameRefused: when the clone of a Create outlives its deadline,
+// ZFS may still make it. Until the command has exited and what it made is destroyed, a Create of
+// that name is refused as busy; afterwards the dataset is gone and the name is free.
+func TestLateCloneIsDestroyedAndItsNameRefused(t *testing.T) {
+	s, parent := openInternal(t)
+	ds := parent + "/vol/late"
+	harness.Run(t, "zfs", "create", "-s", "-V", "64M", "-o", "zgolden:state=ready", ds) // the clone that landed late
+	err := abandoned(t)
+	if !s.cleanupLate("late", ds, err, s.log) {
+		t.Fatal("cleanupLate did not take over an abandoned command")
+	}
+	ctx := context.Background()
+	_, cerr := s.Create(ctx, driver.Spec{Name: "late", Kind: driver.KindBlock})
+	if !errors.Is(cerr, driver.ErrBusy) || !strings.Contains(cerr.Error(), "retry") {
+		t.Fatalf("Create of a name whose late clone is not cleaned up yet: got %v, want busy with a retry hint", cerr)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for s.tomb.has("late") {
+		if time.Now().After(deadline) {
+			t.Fatal("the late clone's cleanup never finished")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if ok, _ := s.zfs.Exists(ctx, ds); ok {
+		t.Fatalf("%s still exists after its cleanup", ds)
+	}
+	if _, err := s.Create(ctx, driver.Spec{Name: "late", Kind: driver.KindBlock}); err != nil {
+		t.Fatalf("Create after the cleanup: %v", err)
+	}
+	// A command that failed or exited is not taken over: its caller's own rollback applies.
+	if s.cleanupLate("other", parent+"/vol/other", errors.New("exit status 1"), s.log) {
+		t.Fatal("cleanupLate took over an error that is not an abandoned command")
+	}
+}
+
+// TestCreateOutOfTimeLeavesNothing: a Create whose caller's deadline leaves no room for the work
+// and its rollback fails at once, says why with the pool's sync times, and makes nothing.
+func TestCreateOutOfTimeLeavesNothing(t *testing.T) {
+	s, parent := openInternal(t)
+	before := harness.ZFSInventory(t, parent)
+	ctx, cancel := context.WithTimeout(context.Background(), rollbackReserve-time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := s.Create(ctx, driver.Spec{Name: "late", Kind: driver.KindBlock})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want a deadline error", err)
+	}
+	if took := time.Since(start); took > rollbackReserve {
+		t.Fatalf("the Create took %s, past its caller's deadline", took)
+	}
+	pool := harness.RequireZFS(t)
+	if !strings.Contains(err.Error(), "pool "+pool+" took up to") || !strings.Contains(err.Error(), "nothing was left behind") {
+		t.Fatalf("the error does not say what the pool's sync times were: %v", err)
+	}
+	if after := harness.ZFSInventory(t, parent); strings.Join(after, " ") != strings.Join(before, " ") {
+		t.Fatalf("the failed Create left %v (before: %v)", after, before)
+	}
+}

@@ -1,0 +1,35 @@
+package zfsutil
+
+import (
+	"testing"
+	"time"
+)
+
+// What /proc/spl/kstat/zfs/zgt/txgs printed in the guest (zfs 2.1.11), with a txg still open.
+const txgsSample = `18 0 0x01 5 560 23153985030 29480521430
+txg      birth            state ndirty       nread        nwritten     reads    writes   otime        qtime        wtime        stime       
+5        23153985030      C     0            0            274432       0        41       154610820    63250        112250       60159450    
+6        23308595850      C     12582912     4096         13000704     1        300      5000000000   50000        100000       21500000000 
+7        28308645850      O     0            0            0            0        0        0            0            0            0           
+`
+
+func TestParseTxgs(t *testing.T) {
+	txgs, err := ParseTxgs(txgsSample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(txgs) != 3 {
+		t.Fatalf("got %d txgs, want 3: %+v", len(txgs), txgs)
+	}
+	got := txgs[1]
+	want := TxgSync{Txg: 6, Dirty: 12582912, Written: 13000704, Open: 5 * time.Second, Sync: 21500 * time.Millisecond, Complete: true}
+	if got != want {
+		t.Fatalf("txg 6: got %+v, want %+v", got, want)
+	}
+	if txgs[2].Complete {
+		t.Fatal("txg 7 is open (state O), not synced")
+	}
+	if _, err := ParseTxgs("garbage\n"); err == nil {
+		t.Fatal("a kstat with no column header parsed")
+	}
+}
