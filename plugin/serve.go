@@ -81,7 +81,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 }
 
 // waitForZFS checks ZFS's prerequisites, retrying for --wait-pool: at boot the plugin can start
-// before the pool is imported (pitfalls #12).
+// before the pool is imported (docs/design-facts.md, "Boot order").
 func waitForZFS(ctx context.Context, c serveConfig, log *logrus.Entry) error {
 	deadline := time.Now().Add(c.WaitPool)
 	for {

@@ -258,7 +258,7 @@ func (s *Store) reserveGeneration(p *project) (int, error) {
 
 // Promote implements driver.Backend: the volume's image is reflinked to a temporary generation
 // image and renamed into place. A reflink copies no dependency, so the generation never pins the
-// volume and the volume can be removed at once (no clone chains, pitfalls #9).
+// volume and the volume can be removed at once (no clone chains, docs/design-facts.md, "Clone chains").
 func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
 	img, err := s.volumeImage(v.Name)
 	if err != nil {
@@ -321,7 +321,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 }
 
 // cloneConsistent reflinks src into dst. A mounted XFS is synced and frozen around the reflink,
-// so clones of the generation mount without log replay (pitfalls #2); it is thawed whatever
+// so clones of the generation mount without log replay (docs/design-facts.md, "Freeze before a snapshot"); it is thawed whatever
 // happens. Freezing flushes the volume's XFS through its loop device into the image's page cache,
 // and FICLONE writes the image's dirty pages back before sharing its extents.
 func (s *Store) cloneConsistent(ctx context.Context, log *logrus.Entry, dst, src *os.File, mountpoint string) error {

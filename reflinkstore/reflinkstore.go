@@ -66,7 +66,7 @@ type Config struct {
 	// file is sparse: the host only allocates what volumes write. Read only when it is created.
 	StoreSize uint64
 	// Discard mounts volumes with -o discard, so space freed inside a volume punches holes in its
-	// image instead of staying allocated for ever (pitfalls #10).
+	// image instead of staying allocated for ever (docs/design-facts.md, "Volblocksize").
 	Discard bool
 	// DefaultSize is the size of a fresh volume made without -o size, and the least size of an
 	// imported golden (default 100G; images are sparse).

@@ -76,7 +76,7 @@ func TestDuplicateUUIDNeedsNouuid(t *testing.T) {
 }
 
 // TestMkfsForOverlay2 checks the filesystem Mkfs makes: d_type (ftype=1), which overlay2 needs,
-// and 4096-byte sectors and blocks (pitfalls #14).
+// and 4096-byte sectors and blocks (docs/design-facts.md, "Sector size on 8K zvols").
 func TestMkfsForOverlay2(t *testing.T) {
 	orig, _ := images(t)
 	mp, err := mountLoop(t, orig, xfsutil.MountOptions(false))
@@ -92,7 +92,7 @@ func TestMkfsForOverlay2(t *testing.T) {
 }
 
 // TestBusyUnmountIsReported: a held file makes Unmount fail with ErrBusy and leaves the
-// filesystem mounted (no lazy detach, pitfalls #8).
+// filesystem mounted (no lazy detach, docs/design-facts.md, "Busy devices").
 func TestBusyUnmountIsReported(t *testing.T) {
 	orig, _ := images(t)
 	mp := filepath.Join(t.TempDir(), "m")

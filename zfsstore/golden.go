@@ -380,7 +380,7 @@ func (s *Store) reroot(ctx context.Context, log *logrus.Entry, lineage string) e
 }
 
 // snapshotConsistent snapshots a volume. A mounted XFS is synced and frozen around the snapshot,
-// so its clones mount without log replay (pitfalls #2); it is thawed whatever happens.
+// so its clones mount without log replay (docs/design-facts.md, "Freeze before a snapshot"); it is thawed whatever happens.
 func (s *Store) snapshotConsistent(ctx context.Context, kind driver.Kind, mountpoint, snap string) error {
 	if mountpoint == "" || kind == driver.KindFS {
 		return mapErr(s.zfs.Snapshot(ctx, snap, nil))

@@ -188,7 +188,7 @@ func (s *Store) trashPending() int {
 
 // retryBusy runs op until it succeeds or fails with something other than "busy": udev and blkid
 // probe a zvol right after it appears, changes or disappears and hold it open for a moment, which
-// makes a destroy or rename fail with "dataset is busy" (pitfalls #8).
+// makes a destroy or rename fail with "dataset is busy" (docs/design-facts.md, "Busy devices").
 func (s *Store) retryBusy(ctx context.Context, op func() error) error {
 	var err error
 	for i := 0; i < 8; i++ {

@@ -16,7 +16,7 @@
 // When the volume was itself a clone of this project's golden, the new lineage is promoted once
 // more, which moves the older generations into it too: the newest lineage is always the root,
 // the old one is left without snapshots and is destroyed, and clone chains never grow with
-// promotions (a single zfs promote only detaches one level; pitfalls #9).
+// promotions (a single zfs promote only detaches one level; docs/design-facts.md, "Clone chains").
 package zfsstore
 
 import (
@@ -58,7 +58,7 @@ const (
 // Config configures the ZFS store.
 type Config struct {
 	Parent        string          // parent dataset, such as tank/zgolden
-	Volblocksize  string          // for new zvols; 8K (see pitfalls #10)
+	Volblocksize  string          // for new zvols; 8K (see docs/design-facts.md, "Volblocksize")
 	Compression   string          // for new datasets; lz4
 	Discard       bool            // mount XFS with discard
 	DeviceTimeout time.Duration   // bound on waiting for /dev/zvol nodes

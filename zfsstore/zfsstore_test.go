@@ -191,7 +191,7 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 }
 
 // TestRemoveIsNotBlockedByUdev: destroy right after a create and a mount cycle, the moment udev
-// and blkid are probing the device, must succeed (retrying "dataset is busy"; pitfalls #8).
+// and blkid are probing the device, must succeed (retrying "dataset is busy"; docs/design-facts.md, "Busy devices").
 func TestRemoveRightAfterUnmount(t *testing.T) {
 	parent := harness.ZFSParent(t)
 	s := mustOpen(t, parent, t.TempDir())

@@ -1,0 +1,300 @@
+package bench
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/zgolden/zgolden/zfsutil"
+)
+
+// ---- case: a busy pool --------------------------------------------------------------------
+//
+// load times Create+Mount, Unmount (of a volume that has written) and Remove through the plugin,
+// and the raw sequence (clone + device + mount; umount; destroy), on an idle pool and then while
+// LoadWriters session volumes write continuously: sequential 1 MiB writes with an fsync, mixed
+// with random 4-8 KiB overwrites, the way a docker build writes. ZFS admin commands wait for a
+// transaction group to sync, and under that load a group carries up to zfs_dirty_data_max of
+// dirty data: this case is where that shows. It also records the writers' throughput with and
+// without the Creates, and the pool's txg sync times during each phase.
+
+// loadSettings are the case's knobs: ZGOLDEN_BENCH_LOAD_WRITERS (default 4) and
+// ZGOLDEN_BENCH_LOAD_REPS (samples per method and phase; default 5, 3 in the guest, where one
+// raw clone under load took up to two minutes).
+func loadSettings(t *testing.T, guest bool) (writers, reps int) {
+	writers, reps = 4, 5
+	if guest {
+		reps = 3
+	}
+	for _, kv := range []struct {
+		env string
+		p   *int
+	}{{"ZGOLDEN_BENCH_LOAD_WRITERS", &writers}, {"ZGOLDEN_BENCH_LOAD_REPS", &reps}} {
+		if v := os.Getenv(kv.env); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				t.Fatalf("%s=%q: want a positive count", kv.env, v)
+			}
+			*kv.p = n
+		}
+	}
+	return writers, reps
+}
+
+// loadWriters writes into the session volumes mounted at dirs until stopped, counting bytes.
+type loadWriters struct {
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	written atomic.Int64
+	errs    atomic.Int64
+	firstMu sync.Mutex
+	first   error
+}
+
+func startWriters(dirs []string) *loadWriters {
+	w := &loadWriters{stop: make(chan struct{})}
+	for i, dir := range dirs {
+		w.wg.Add(1)
+		go func() {
+			defer w.wg.Done()
+			if err := w.write(dir, uint64(i)); err != nil {
+				w.errs.Add(1)
+				w.firstMu.Lock()
+				if w.first == nil {
+					w.first = err
+				}
+				w.firstMu.Unlock()
+			}
+		}()
+	}
+	return w
+}
+
+// write is one session: a 256 MiB file written sequentially in 1 MiB chunks, wrapping, and a
+// 64 MiB file overwritten at random in 4-8 KiB pieces, 16 of them per chunk, then fsync of both.
+func (w *loadWriters) write(dir string, seed uint64) error {
+	rng := rand.New(rand.NewPCG(seed, 7))
+	seq, err := os.Create(filepath.Join(dir, "seq.bin"))
+	if err != nil {
+		return err
+	}
+	defer seq.Close()
+	rnd, err := os.Create(filepath.Join(dir, "rand.bin"))
+	if err != nil {
+		return err
+	}
+	defer rnd.Close()
+	if err := rnd.Truncate(64 << 20); err != nil {
+		return err
+	}
+	chunk := make([]byte, 1<<20)
+	for i := range chunk {
+		chunk[i] = byte(rng.Uint32())
+	}
+	var off int64
+	for n := 0; ; n++ {
+		select {
+		case <-w.stop:
+			return nil
+		default:
+		}
+		chunk[0], chunk[1] = byte(n), byte(n>>8) // no two chunks alike: nothing compresses away
+		if _, err := seq.WriteAt(chunk, off); err != nil {
+			return err
+		}
+		off = (off + int64(len(chunk))) % (256 << 20)
+		for j := 0; j < 16; j++ {
+			size := 4096 + rng.IntN(4097)
+			if _, err := rnd.WriteAt(chunk[:size], rng.Int64N(64<<20-8192)); err != nil {
+				return err
+			}
+		}
+		if err := seq.Sync(); err != nil {
+			return err
+		}
+		if err := rnd.Sync(); err != nil {
+			return err
+		}
+		w.written.Add(int64(len(chunk)) + 16*6144)
+	}
+}
+
+func (w *loadWriters) halt() error {
+	close(w.stop)
+	w.wg.Wait()
+	return w.first
+}
+
+// rate measures the writers' throughput over d, in MB/s.
+func (w *loadWriters) rate(d time.Duration) float64 {
+	before := w.written.Load()
+	time.Sleep(d)
+	return float64(w.written.Load()-before) / d.Seconds() / 1e6
+}
+
+// loadSamples are one phase's samples, and how many of each failed.
+type loadSamples struct {
+	d      map[string][]time.Duration
+	failed map[string]int
+	errs   []string
+}
+
+func (ls *loadSamples) timed(method string, f func() error) bool {
+	t0 := time.Now()
+	if err := f(); err != nil {
+		ls.failed[method]++
+		ls.errs = append(ls.errs, fmt.Sprintf("%s: %v", method, err))
+		return false
+	}
+	ls.d[method] = append(ls.d[method], time.Since(t0))
+	return true
+}
+
+func (bm *bencher) load(t *testing.T, n int) {
+	b, p := bm.bed, bm.bed.plugin()
+	guest := b.backend() == "zfs"
+	writers, reps := loadSettings(t, guest)
+	golden := map[string]string{"golden": project(n)}
+	gen := bm.gens[n]
+	buf := make([]byte, 4<<20)
+	newRNG(43).fill(buf)
+	const written = 20 << 20 // what each timed volume writes before its Unmount, as a session would
+
+	// The sessions that make the load: plugin volumes from the same golden, mounted.
+	var dirs []string
+	for i := 0; i < writers; i++ {
+		name := fmt.Sprintf("ldw%d", i)
+		if err := p.create(name, golden); err != nil {
+			t.Fatal(err)
+		}
+		mp, err := p.mount(name, "bench")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, mp)
+		t.Cleanup(func() {
+			_ = p.unmount(name, "bench")
+			_ = p.remove(name)
+		})
+	}
+
+	e := Entry{Case: "load", Files: n, Param: fmt.Sprintf("%d writers", writers), Methods: map[string]Stat{}, Ratios: map[string]float64{}, Extra: map[string]any{}}
+	phase := func(name string, loaded bool) {
+		var w *loadWriters
+		txgFrom := bm.lastTxg()
+		if loaded {
+			w = startWriters(dirs)
+			time.Sleep(10 * time.Second) // until the pool has dirty data to sync
+			e.Extra["writers MB/s, no creates"] = w.rate(20 * time.Second)
+		}
+		ls := &loadSamples{d: map[string][]time.Duration{}, failed: map[string]int{}}
+		startBytes, start := int64(0), time.Now()
+		if w != nil {
+			startBytes = w.written.Load()
+		}
+		for r := 0; r < reps; r++ {
+			vol := fmt.Sprintf("ld-%s-%d", name, r)
+			var mp string
+			if ls.timed("plugin create+mount", func() error {
+				if err := p.create(vol, golden); err != nil {
+					return err
+				}
+				var err error
+				mp, err = p.mount(vol, "bench")
+				return err
+			}) {
+				if err := writeFile(filepath.Join(mp, "written.bin"), buf, written); err != nil {
+					t.Fatal(err)
+				}
+				ls.timed("plugin unmount", func() error { return p.unmount(vol, "bench") })
+			}
+			ls.timed("plugin remove", func() error { return p.remove(vol) })
+
+			raw := "ldraw-" + name + "-" + strconv.Itoa(r)
+			target := filepath.Join(filepath.Dir(b.oldDir()), "rawmnt", raw)
+			if ls.timed("raw create+mount", func() error { _, err := b.rawBlock(gen, raw, target); return err }) {
+				if err := writeFile(filepath.Join(target, "written.bin"), buf, written); err != nil {
+					t.Fatal(err)
+				}
+				ls.timed("raw unmount", func() error { return unmountRetry(target) })
+			}
+			ls.timed("raw destroy", func() error { return b.rawDestroy(raw) })
+			_ = os.Remove(target)
+		}
+		if w != nil {
+			during := time.Since(start)
+			e.Extra["writers MB/s, during creates"] = float64(w.written.Load()-startBytes) / during.Seconds() / 1e6
+			if err := w.halt(); err != nil {
+				t.Fatalf("a load writer failed: %v", err)
+			}
+		}
+		for m, s := range ls.d {
+			e.Methods[m+", "+name] = Summarize(s)
+		}
+		for m, k := range ls.failed {
+			e.Extra[m+", "+name+": failed"] = fmt.Sprintf("%d of %d", k, reps)
+		}
+		if len(ls.errs) > 0 {
+			e.Extra["errors, "+name] = ls.errs
+			t.Logf("%s: %d operations failed: %v", name, len(ls.errs), ls.errs)
+		}
+		if syncs := bm.txgSyncsSince(txgFrom); len(syncs) > 0 {
+			e.Extra["txg sync ms, "+name] = SummarizeMs(syncs)
+		}
+	}
+	phase("idle", false)
+	phase("load", true)
+
+	p99 := func(m string) float64 { return e.Methods[m].P99 }
+	med := func(m string) float64 { return e.Methods[m].Median }
+	// The goals, as ratios: under load against zgolden's own idle p50, and against the
+	// raw sequence under the same load.
+	e.Ratios["plugin create+mount p99 load / p50 idle"] = Ratio(p99("plugin create+mount, load"), med("plugin create+mount, idle"))
+	e.Ratios["raw create+mount p99 load / plugin p99 load"] = Ratio(p99("raw create+mount, load"), p99("plugin create+mount, load"))
+	e.Ratios["plugin unmount p99 load / p50 idle"] = Ratio(p99("plugin unmount, load"), med("plugin unmount, idle"))
+	e.Ratios["plugin remove p99 load / p50 idle"] = Ratio(p99("plugin remove, load"), med("plugin remove, idle"))
+	if a, ok := e.Extra["writers MB/s, no creates"].(float64); ok && a > 0 {
+		if d, ok := e.Extra["writers MB/s, during creates"].(float64); ok {
+			e.Ratios["writers throughput during creates / without"] = d / a
+		}
+	}
+	bm.add(e)
+}
+
+// lastTxg is the newest transaction group of the ZFS bed's pool (0 elsewhere).
+func (bm *bencher) lastTxg() uint64 {
+	zb, ok := bm.bed.(*zfsBed)
+	if !ok {
+		return 0
+	}
+	txgs, err := zfsutil.TxgSyncs(zb.pool)
+	if err != nil || len(txgs) == 0 {
+		return 0
+	}
+	return txgs[len(txgs)-1].Txg
+}
+
+// txgSyncsSince returns the sync times, in ms, of the pool's synced txgs after txg from.
+func (bm *bencher) txgSyncsSince(from uint64) []float64 {
+	zb, ok := bm.bed.(*zfsBed)
+	if !ok {
+		return nil
+	}
+	txgs, err := zfsutil.TxgSyncs(zb.pool)
+	if err != nil {
+		return nil
+	}
+	var out []float64
+	for _, x := range txgs {
+		if x.Txg > from && x.Complete {
+			out = append(out, float64(x.Sync.Microseconds())/1000)
+		}
+	}
+	return out
+}
