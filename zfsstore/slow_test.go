@@ -28,16 +28,17 @@ func openInternal(t *testing.T) (*Store, string) {
 }
 
 // abandoned returns the error of a command that outlived its deadline and has not exited: a
-// shell killed at the deadline whose child keeps its output open for about two seconds, which
+// shell killed at the deadline whose child keeps its output open for three more seconds, which
 // is what a zfs clone stuck in txg_wait_synced looks like to internal/command.
 func abandoned(t *testing.T) error {
 	t.Helper()
 	old := command.KillGrace
 	command.KillGrace = 100 * time.Millisecond
 	defer func() { command.KillGrace = old }()
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	// A second for the shell to start its child, even under emulation.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	_, err := command.Run(ctx, "sh", "-c", "sleep 2; true")
+	_, err := command.Run(ctx, "sh", "-c", "sleep 4; true")
 	if !errors.Is(err, command.ErrAbandoned) {
 		t.Fatalf("could not make an abandoned command: %v", err)
 	}

@@ -50,9 +50,10 @@ func TestRunReturnsWithoutAProcessThatWillNotExit(t *testing.T) {
 	old := KillGrace
 	KillGrace = 200 * time.Millisecond
 	defer func() { KillGrace = old }()
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	// A second for the shell to start its child, even under emulation.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	_, err := Run(ctx, "sh", "-c", "sleep 3; true")
+	_, err := Run(ctx, "sh", "-c", "sleep 4; true")
 	var cerr *Error
 	if !errors.As(err, &cerr) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("want a deadline *Error, got %v", err)
