@@ -3,6 +3,8 @@ package zfsstore
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -101,5 +103,55 @@ func TestCreateOutOfTimeLeavesNothing(t *testing.T) {
 	}
 	if after := harness.ZFSInventory(t, parent); strings.Join(after, " ") != strings.Join(before, " ") {
 		t.Fatalf("the failed Create left %v (before: %v)", after, before)
+	}
+}
+
+// TestCreateReleasesSwapOnceCloned: a Create holds the promotion lock (swap) from its pick until
+// its clone exists, not through the device wait. The pool's volumes get volmode=none, so ZFS
+// makes no device for the clone and the Create waits its whole DeviceTimeout, as under a udev
+// stall; during that wait a promotion must be able to take swap.
+func TestCreateReleasesSwapOnceCloned(t *testing.T) {
+	s, parent := openInternal(t)
+	s.cfg.DeviceTimeout = 20 * time.Second
+	ctx := context.Background()
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte("golden"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Import(ctx, "prj", driver.KindBlock, src, nil); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "zfs", "set", "volmode=none", parent+"/vol")
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Create(ctx, driver.Spec{Name: "stalled", Kind: driver.KindBlock, Golden: "prj"})
+		done <- err
+	}()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if ok, _ := s.zfs.Exists(ctx, parent+"/vol/stalled"); ok && s.swap.TryLock() {
+			s.swap.Unlock()
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("the Create ended before the test saw its clone with swap free: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("swap stayed locked while the Create waited for its device")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("the Create returned before its device timeout (%v): volmode=none did not stall it", err)
+	default:
+	}
+	if err := <-done; err == nil || !strings.Contains(err.Error(), "did not appear") {
+		t.Fatalf("a Create whose device never appears: got %v, want the device timeout", err)
+	}
+	if ok, _ := s.zfs.Exists(ctx, parent+"/vol/stalled"); ok {
+		t.Fatal("the failed Create left its clone")
 	}
 }

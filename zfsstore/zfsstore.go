@@ -374,9 +374,15 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	var gen *driver.Generation
 	var genSize uint64
 	pickCached := false
+	// swap is held from the pick until the clone exists, and no longer: the device wait below
+	// can last a minute under load, and a promotion waiting for swap would block every Create
+	// behind it (a waiting writer blocks new readers).
+	unlock := func() {}
+	defer func() { unlock() }()
 	if spec.Golden != "" {
 		s.swap.RLock()
-		defer s.swap.RUnlock()
+		var once sync.Once
+		unlock = func() { once.Do(s.swap.RUnlock) }
 		g, size, cached, err := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind, false)
 		if err != nil {
 			return v, err
@@ -415,6 +421,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			v.Generation = gen.Number
 			err = s.zfs.Clone(ctx, gen.Source, ds, props)
 		}
+		unlock() // the clone exists (or failed): its origin may move now
 		if err != nil {
 			s.cleanupLate(spec.Name, ds, err, log)
 			return v, mapErr(err)
