@@ -77,6 +77,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 	return reflinkstore.New(ctx, reflinkstore.Config{
 		Root: c.Root, StoreSize: c.StoreSize, Discard: c.Discard, DefaultSize: c.DefaultSize,
 		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Faults: faults, Log: log,
+		Reserved: []string{c.MountRoot, c.StateDir},
 	})
 }
 

@@ -75,6 +75,11 @@ type Config struct {
 	WorkDir string
 	// Adopt lets the store use a root that already holds files it did not create.
 	Adopt bool
+	// Reserved are other directories of zgolden's own (the driver's mount root and state
+	// directory) that may lie under Root: with the defaults, /var/lib/zgolden/mounts is the mount
+	// root that any earlier `zgolden serve`, on ZFS too, made inside the default root.
+	// checkForeign counts them as the store's own.
+	Reserved []string
 	// Faults crashes the process at a named step, for crash tests; nil in production.
 	Faults *fault.Injector
 	Log    *logrus.Entry
@@ -350,10 +355,16 @@ func (s *Store) checkForeign() error {
 	if err != nil {
 		return err
 	}
+	reserved := map[string]bool{}
+	for _, r := range s.cfg.Reserved {
+		if rel, err := filepath.Rel(filepath.Clean(s.cfg.Root), filepath.Clean(r)); err == nil && rel != "." && !strings.HasPrefix(rel, "..") {
+			reserved[strings.Split(rel, string(filepath.Separator))[0]] = true
+		}
+	}
 	var foreign []string
 	for _, e := range entries {
 		switch n := e.Name(); {
-		case n == storeDirName || n == storeFileName || n == workDirName || n == lockName || leftover(n):
+		case n == storeDirName || n == storeFileName || n == workDirName || n == lockName || leftover(n) || reserved[n] && e.IsDir():
 		default:
 			foreign = append(foreign, n)
 		}

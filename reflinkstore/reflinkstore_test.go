@@ -791,6 +791,56 @@ func TestRootOwnership(t *testing.T) {
 	e.finish(t)
 }
 
+// TestRootHoldsZgoldensOwnDirs: with the defaults, the driver's mount root (ROOT/mounts) lies in
+// the reflink store's root. Whichever ran first, a store given that directory as Reserved opens
+// the root; without it the same root is refused, and a reserved name that is a file, not a
+// directory, is still foreign.
+func TestRootHoldsZgoldensOwnDirs(t *testing.T) {
+	base := newBase(t)
+	for _, order := range []string{"mount-root-first", "store-first"} {
+		t.Run(order, func(t *testing.T) {
+			root := filepath.Join(base, order)
+			mounts := filepath.Join(root, "mounts")
+			cfg := func() reflinkstore.Config {
+				return reflinkstore.Config{Root: root, StoreSize: 1 << 30, DefaultSize: 1 << 30, Log: testLog(t), Reserved: []string{mounts, "/run/zgolden"}}
+			}
+			if order == "mount-root-first" { // an earlier serve on ZFS made only its mount root
+				if err := os.MkdirAll(filepath.Join(mounts, "v"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s, err := reflinkstore.New(testCtx(t), cfg())
+			if err != nil {
+				t.Fatalf("New: %v", err)
+			}
+			if err := s.Close(testCtx(t)); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.MkdirAll(filepath.Join(mounts, "v"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			s, err = reflinkstore.New(testCtx(t), cfg())
+			if err != nil {
+				t.Fatalf("New again, with the mount root in place: %v", err)
+			}
+			if err := s.Close(testCtx(t)); err != nil {
+				t.Fatal(err)
+			}
+			bare := cfg()
+			bare.Reserved = nil
+			if _, err := reflinkstore.New(testCtx(t), bare); err == nil || !strings.Contains(err.Error(), "mounts") {
+				t.Fatalf("New without Reserved: err = %v, want the mounts directory refused", err)
+			}
+		})
+	}
+	root := filepath.Join(base, "file")
+	writeFile(t, filepath.Join(root, "mounts"), "x")
+	_, err := reflinkstore.New(testCtx(t), reflinkstore.Config{Root: root, StoreSize: 1 << 30, Log: testLog(t), Reserved: []string{filepath.Join(root, "mounts")}})
+	if err == nil || !strings.Contains(err.Error(), "mounts") {
+		t.Fatalf("a file named like a reserved directory: err = %v, want it refused", err)
+	}
+}
+
 // TestConcurrentCloneAndReclaim races Creates of an old generation against its removal: a
 // generation is either removed before a Create picks it (which then fails with ErrNotFound) or
 // kept because the Create made it a dependent, never removed under a volume that names it.
