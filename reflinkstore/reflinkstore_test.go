@@ -834,6 +834,9 @@ func TestRootHoldsZgoldensOwnDirs(t *testing.T) {
 		})
 	}
 	root := filepath.Join(base, "file")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	writeFile(t, filepath.Join(root, "mounts"), "x")
 	_, err := reflinkstore.New(testCtx(t), reflinkstore.Config{Root: root, StoreSize: 1 << 30, Log: testLog(t), Reserved: []string{filepath.Join(root, "mounts")}})
 	if err == nil || !strings.Contains(err.Error(), "mounts") {
