@@ -20,6 +20,8 @@ type serveConfig struct {
 	StoreSize       uint64
 	MountRoot       string
 	StateDir        string
+	Spares          int
+	RecordDir       string
 	Socket          string
 	AdminSocket     string
 	DefaultSize     uint64
@@ -103,6 +105,8 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.integer(&c.KeepGenerations, "keep-generations", "ZGOLDEN_KEEP_GENERATIONS", 1, "after a promotion, keep this many newest generations of the project; older ones are reclaimed once no volume uses them (0 disables automatic reclaim)")
 	fs.str(&c.LegacyGoldens, "legacy-goldens", "ZGOLDEN_LEGACY_GOLDENS", "", "directory pattern of file-based goldens, such as /srv/golden/{project}: a Create for a project with no golden imports its directory in the background")
 	fs.boolean(&c.LegacyRemove, "legacy-remove", "ZGOLDEN_LEGACY_REMOVE", false, "delete a legacy golden directory once its import is verified and complete")
+	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "ZFS: warm clones of each block project's newest generation to keep ready, so a Create on a busy pool runs no zfs command (0: none)")
+	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares are recorded; must survive reboots")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
 	fs.str(&c.LogFormat, "log-format", "ZGOLDEN_LOG_FORMAT", "text", "text or json")
@@ -126,6 +130,12 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if c.LegacyGoldens != "" && (!strings.Contains(c.LegacyGoldens, "{project}") || !strings.HasPrefix(c.LegacyGoldens, "/")) {
 		fs.errs = append(fs.errs, fmt.Sprintf("--legacy-goldens %q must be an absolute path containing {project}", c.LegacyGoldens))
+	}
+	if c.Spares < 0 || c.Spares > 64 {
+		fs.errs = append(fs.errs, fmt.Sprintf("--spares %d must be between 0 and 64 per project", c.Spares))
+	}
+	if !strings.HasPrefix(c.RecordDir, "/") || strings.HasPrefix(c.RecordDir, "/run/") {
+		fs.errs = append(fs.errs, fmt.Sprintf("--record-dir %q must be an absolute path that survives reboots (not under /run)", c.RecordDir))
 	}
 	if c.AdminSocket == "" {
 		c.AdminSocket = c.StateDir + "/admin.sock"

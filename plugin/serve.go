@@ -64,6 +64,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 		return zfsstore.New(ctx, zfsstore.Config{
 			Parent: c.Parent, Volblocksize: c.Volblocksize, Compression: c.Compression,
 			Discard: c.Discard, DefaultSize: c.DefaultSize, Adopt: c.Adopt,
+			Spares: c.Spares, RecordDir: c.RecordDir,
 			WorkDir: filepath.Join(c.StateDir, "work"), Faults: faults, Log: log,
 		})
 	}
@@ -77,7 +78,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 	return reflinkstore.New(ctx, reflinkstore.Config{
 		Root: c.Root, StoreSize: c.StoreSize, Discard: c.Discard, DefaultSize: c.DefaultSize,
 		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Faults: faults, Log: log,
-		Reserved: []string{c.MountRoot, c.StateDir},
+		Reserved: []string{c.MountRoot, c.StateDir, c.RecordDir},
 	})
 }
 

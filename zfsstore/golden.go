@@ -144,6 +144,8 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 			for _, c := range strings.Split(r["clones"], ",") {
 				if v, ok := strings.CutPrefix(c, s.volRoot()+"/"); ok {
 					g.Dependents = append(g.Dependents, v)
+				} else if v := s.claimedBy(c); v != "" { // a volume still named as its spare
+					g.Dependents = append(g.Dependents, v)
 				}
 			}
 			l.gens = append(l.gens, g)
@@ -275,6 +277,9 @@ func (s *Store) ensureProject(ctx context.Context, ps map[string]*project, name 
 // Promote implements driver.Backend. See the package doc for why it clones and promotes.
 func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
 	defer s.goldensChanged()
+	if err := s.finishClaim(ctx, v.Name); err != nil { // the volume must be at vol/NAME
+		return driver.Generation{}, err
+	}
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return driver.Generation{}, err
@@ -515,6 +520,9 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 // RemoveGeneration implements driver.Backend.
 func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
 	defer s.goldensChanged()
+	if err := s.retireSpares(ctx, projectName, n); err != nil {
+		return err
+	}
 	// Removed volumes still pin the generations they were cloned from until destroyed.
 	_ = s.emptyTrash(ctx)
 	ps, err := s.projects(ctx, projectName)
@@ -554,6 +562,9 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 // RemoveGolden implements driver.Backend.
 func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 	defer s.goldensChanged()
+	if err := s.retireSpares(ctx, projectName, 0); err != nil {
+		return err
+	}
 	// Removed volumes still pin the generations they were cloned from until destroyed.
 	_ = s.emptyTrash(ctx)
 	ps, err := s.projects(ctx, projectName)

@@ -115,3 +115,13 @@ func (s *Store) closeDevice(f *os.File, ds string) {
 		s.log.WithFields(logrus.Fields{"dataset": ds, "seconds": d.Seconds()}).Info("closing a removed volume's device waited for the pool to sync")
 	}
 }
+
+// rename moves a held device to the dataset's new name (a claimed spare renamed to its volume).
+func (h *heldDevices) rename(from, to string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if f := h.fds[from]; f != nil {
+		delete(h.fds, from)
+		h.fds[to] = f
+	}
+}

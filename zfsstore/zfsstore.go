@@ -67,7 +67,12 @@ type Config struct {
 	Faults        *fault.Injector // crash points for tests; nil in production
 	// Adopt lets the store use a parent dataset that already has children it did not create.
 	Adopt bool
-	Log   *logrus.Entry
+	// Spares is how many warm spare clones of each block project's newest generation to keep
+	// (spares.go); 0 makes none. RecordDir is where claims of spares are recorded durably; it
+	// must survive reboots (not /run). Claims recorded there are honoured with Spares 0 too.
+	Spares    int
+	RecordDir string
+	Log       *logrus.Entry
 }
 
 // Store is the ZFS backend.
@@ -95,6 +100,9 @@ type Store struct {
 
 	// tomb holds the names whose timed-out Create is still being cleaned up (see slow.go).
 	tomb tombstones
+
+	// spares are the warm clones and the claims of them (see spares.go).
+	spares spareSet
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -165,6 +173,9 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, err
 	}
 	s.startTrash()
+	s.spares.ready = map[string][]spare{}
+	s.spares.claims = map[string]*claim{}
+	s.spares.wake = make(chan struct{}, 1)
 	return s, nil
 }
 
@@ -200,7 +211,7 @@ func (s *Store) initParent(ctx context.Context) error {
 			return err
 		}
 	}
-	for _, child := range []string{s.volRoot(), s.goldenRoot(), s.trashRoot()} {
+	for _, child := range []string{s.volRoot(), s.goldenRoot(), s.trashRoot(), s.spareRoot()} {
 		ok, err := s.zfs.Exists(ctx, child)
 		if err != nil {
 			return err
@@ -297,11 +308,14 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err := s.loadTrash(ctx); err != nil {
 		return nil, err
 	}
+	vols, err := s.loadSpares(ctx)
+	if err != nil {
+		return nil, err
+	}
 	rows, err := s.zfs.List(ctx, s.volRoot(), []string{"volume", "filesystem", "snapshot"}, volProps)
 	if err != nil {
 		return nil, fmt.Errorf("list volumes under %s: %w", s.volRoot(), err)
 	}
-	var vols []driver.Volume
 	for _, r := range rows {
 		name := r["name"]
 		if name == s.volRoot() {
@@ -325,6 +339,10 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 			if err := s.destroy(ctx, name, true); err != nil {
 				return nil, err
 			}
+			continue
+		}
+		if c := s.claimOf(vname); c != nil {
+			log.WithField("spare", c.Dataset).Error("a volume exists both as a dataset and as a claimed spare; keeping the claim, leaving the dataset alone")
 			continue
 		}
 		s.setGrowing(vname, r[propGrow] == "yes")
@@ -390,6 +408,11 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		gen, genSize, pickCached = g, size, cached
 	}
 	log := s.log.WithFields(logrus.Fields{"volume": spec.Name, "dataset": ds})
+	if gen != nil && spec.Kind == driver.KindBlock && spec.Size == 0 {
+		if v, ok := s.claimSpare(spec, gen, genSize, log); ok {
+			return v, nil
+		}
+	}
 	if gen != nil {
 		props[propGolden] = spec.Golden
 		props[propGeneration] = strconv.Itoa(gen.Number)
@@ -542,6 +565,9 @@ func (s *Store) createEmpty(ctx context.Context, name, ds string, kind driver.Ki
 // same time whatever it holds, and is destroyed from there. Should the rename fail (the trash
 // gone, a name too long for it), Remove destroys the volume itself.
 func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
+	if handled, err := s.removeClaimed(ctx, v.Name); handled {
+		return err
+	}
 	ds := s.volDataset(v.Name)
 	dev := held.take(ds)
 	err := s.trashVolume(ctx, ds, v.Name, dev)
@@ -569,11 +595,11 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 
 // Mount implements driver.Backend.
 func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error {
-	ds := s.volDataset(v.Name)
+	ds := s.dsOf(v.Name)
 	if v.Kind == driver.KindFS {
 		return mapErr(xfsutil.MountFS(ctx, "zfs", ds, target, nil))
 	}
-	dev, err := s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout)
+	dev, err := s.deviceOf(ctx, v.Name, ds)
 	if err != nil {
 		return err
 	}
@@ -599,7 +625,7 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 
 // Unmount implements driver.Backend.
 func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) error {
-	ds := s.volDataset(v.Name)
+	ds := s.dsOf(v.Name)
 	if v.Kind == driver.KindBlock {
 		s.holdDevice(v.Name, ds, target)
 	}
@@ -611,11 +637,13 @@ func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) err
 	return mapErr(err)
 }
 
-// Close stops the trash worker, waiting for its destroy in progress until ctx is done, and
+// Close stops the trash and spare workers, waiting for their commands in progress until ctx is
+// done, and
 // closes the devices Unmount held. Removed volumes it did not destroy are destroyed at the next
 // start.
 func (s *Store) Close(ctx context.Context) error {
 	err := s.stopTrash(ctx)
+	err = errors.Join(err, s.stopWorker(ctx))
 	for ds, f := range held.under(s.cfg.Parent) {
 		s.closeDevice(f, ds)
 	}
@@ -630,8 +658,12 @@ func (s *Store) Mounted(target string) (bool, error) {
 
 // Usage implements driver.Backend.
 func (s *Store) Usage(ctx context.Context, v driver.Volume) (driver.Usage, error) {
-	ds := s.volDataset(v.Name)
+	ds := s.dsOf(v.Name)
 	row, err := s.zfs.Get(ctx, ds, "volsize", "refquota", "logicalreferenced", "written", "referenced")
+	if errors.Is(err, zfsutil.ErrNotFound) && ds != s.dsOf(v.Name) { // renamed meanwhile
+		ds = s.dsOf(v.Name)
+		row, err = s.zfs.Get(ctx, ds, "volsize", "refquota", "logicalreferenced", "written", "referenced")
+	}
 	if err != nil {
 		return driver.Usage{}, mapErr(err)
 	}
@@ -664,6 +696,8 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	// Removed volumes not destroyed yet still hold their space (see trash.go).
 	st["removed_pending"] = s.trashPending()
 	st["devices_held"] = held.count(s.cfg.Parent)
+	st["spares_ready"] = s.sparesReady()
+	st["claims_pending"] = s.claimsPending()
 	st["cleanups_pending"] = s.tomb.count()
 	if txgs, err := zfsutil.TxgSyncs(pool); err == nil {
 		// What every zfs clone, rename and destroy waits on (see slow.go).
@@ -688,4 +722,15 @@ func DefaultParent(ctx context.Context) string {
 		return ""
 	}
 	return pools[0] + "/zgolden"
+}
+
+// deviceOf returns the block device of volume name, held in ds. A claimed spare's device is known
+// from when it was made, and stays the same while the finisher renames the spare.
+func (s *Store) deviceOf(ctx context.Context, name, ds string) (string, error) {
+	if c := s.claimOf(name); c != nil && c.dev != "" {
+		if n := zfsutil.ZvolName(c.dev); n == c.Dataset || n == s.volDataset(name) {
+			return c.dev, nil
+		}
+	}
+	return s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout)
 }

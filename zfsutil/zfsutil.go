@@ -466,6 +466,9 @@ func (z *ZFS) forgetZvols(name string) {
 	}
 }
 
+// ZvolName returns the dataset whose zvol the block device dev is, or "" (not a zvol, or gone).
+func ZvolName(dev string) string { return zvolName(dev) }
+
 func zvolName(dev string) string {
 	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {

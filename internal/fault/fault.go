@@ -28,6 +28,8 @@ var Points = []string{
 	"create:after-clone",
 	"create:after-device",
 	"create:after-format",
+	"create:after-claim",
+	"claim:after-rename",
 	"promote:after-snapshot",
 	"promote:after-copy",
 	"import:after-create",

@@ -1,0 +1,555 @@
+package zfsstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/zfsutil"
+)
+
+// Warm spares: clones made ahead of time, so a Create on a busy pool runs no zfs command.
+//
+// Every zfs clone waits for a transaction group to sync (docs/design-facts.md, "Transaction
+// groups"), which under heavy write load took minutes in the guest. With Config.Spares > 0 a
+// worker keeps that many clones of each block project's newest generation under PARENT/spare,
+// each with its device made. A Create of that project's newest generation (no -o size, no
+// -o generation of another) claims one: it writes a claim record, fsyncs it and its directory,
+// and returns. A finisher then sets the volume's creation time and renames the spare to
+// PARENT/vol/NAME in the background; a mounted zvol can be renamed, its device keeps its number.
+//
+// The truth, and when each part of it wins:
+//   - A spare is a dataset under PARENT/spare with zgolden:state=ready and its project and
+//     generation in zgolden:golden and zgolden:generation. Without state=ready it is a clone the
+//     worker had not finished, and Load destroys it.
+//   - A claim record RECORD_DIR/NAME.json names the spare a volume was given. While the spare
+//     exists, the record wins: that spare is volume NAME, whatever ZFS calls it. Once the spare
+//     is gone, the record is spent: if PARENT/vol/NAME exists the rename happened, and if not the
+//     volume was removed (Remove moves the spare to the trash before it deletes the record). Load
+//     deletes spent records.
+//   - A Create returns only after its record and the record's directory are fsynced. A host crash
+//     before that means the Create never returned, and the spare is still a spare.
+//
+// Locks: spares.mu guards the maps only and is never held across a zfs command or I/O. A claim's
+// mu is held by the finisher for its rename and by Remove and Promote of that volume, so none of
+// them sees the volume under a name that is changing; Mount and Usage do not take it (Mount uses
+// the device, which a rename does not change). make is held by the worker for a whole pass and
+// by RemoveGeneration and RemoveGolden while they retire spares, so no spare of a generation
+// being destroyed is made behind their back.
+type spareSet struct {
+	mu     sync.Mutex
+	ready  map[string][]spare // project -> spares not claimed
+	claims map[string]*claim  // volume name -> its claim, until the rename is done
+	wake   chan struct{}
+	make   sync.Mutex
+	start  sync.Once // the worker starts at the end of the first Load
+	stop   context.CancelFunc
+	done   chan struct{}
+}
+
+// stopWorker stops the spare worker, if it started, waiting for it until ctx is done.
+func (s *Store) stopWorker(ctx context.Context) error {
+	s.spares.start.Do(func() {}) // a Load after Close starts nothing
+	if s.spares.stop == nil {
+		return nil
+	}
+	s.spares.stop()
+	select {
+	case <-s.spares.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+type spare struct {
+	ds  string
+	gen int
+	dev string // its /dev/zdN, when known
+}
+
+// claimRecord is the durable claim, RECORD_DIR/NAME.json.
+type claimRecord struct {
+	Name       string `json:"name"`
+	Dataset    string `json:"dataset"`
+	Golden     string `json:"golden"`
+	Generation int    `json:"generation"`
+	Created    int64  `json:"created"`
+	Size       uint64 `json:"size"`
+}
+
+type claim struct {
+	claimRecord
+	dev  string
+	mu   sync.Mutex
+	done bool // renamed or removed; the record is deleted
+}
+
+func (s *Store) spareRoot() string { return s.cfg.Parent + "/spare" }
+
+// recordDir is this parent's claim directory under Config.RecordDir.
+func (s *Store) recordDir() string {
+	return filepath.Join(s.cfg.RecordDir, strings.ReplaceAll(s.cfg.Parent, "/", "%"))
+}
+
+// dsOf is the dataset that holds volume name now.
+func (s *Store) dsOf(name string) string {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	if c := s.spares.claims[name]; c != nil {
+		return c.Dataset
+	}
+	return s.volDataset(name)
+}
+
+func (s *Store) claimOf(name string) *claim {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	return s.spares.claims[name]
+}
+
+// claimedBy returns the volume a spare dataset was claimed for, or "".
+func (s *Store) claimedBy(ds string) string {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	for name, c := range s.spares.claims {
+		if c.Dataset == ds {
+			return name
+		}
+	}
+	return ""
+}
+
+func (s *Store) kickSpares() {
+	select {
+	case s.spares.wake <- struct{}{}:
+	default:
+	}
+}
+
+// takeSpare removes and returns a ready spare of project's generation gen, or nil.
+func (s *Store) takeSpare(project string, gen int) *spare {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	list := s.spares.ready[project]
+	for i, sp := range list {
+		if sp.gen == gen {
+			s.spares.ready[project] = append(list[:i:i], list[i+1:]...)
+			return &sp
+		}
+	}
+	return nil
+}
+
+func (s *Store) putSpare(project string, sp spare) {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	s.spares.ready[project] = append(s.spares.ready[project], sp)
+}
+
+// claimSpare gives volume spec.Name a ready spare of gen, if there is one: the Create's whole cost
+// is the record's write and fsyncs. ok is false when there was none (or the record could not be
+// written), and the caller clones as usual.
+func (s *Store) claimSpare(spec driver.Spec, gen *driver.Generation, size uint64, log *logrus.Entry) (driver.Volume, bool) {
+	if s.cfg.Spares <= 0 || s.cfg.RecordDir == "" {
+		return driver.Volume{}, false
+	}
+	sp := s.takeSpare(spec.Golden, gen.Number)
+	if sp == nil {
+		s.kickSpares()
+		return driver.Volume{}, false
+	}
+	now := time.Now().UTC()
+	rec := claimRecord{Name: spec.Name, Dataset: sp.ds, Golden: spec.Golden, Generation: gen.Number, Created: now.Unix(), Size: size}
+	if err := s.writeRecord(rec); err != nil {
+		log.WithError(err).Warn("could not record a spare's claim; cloning instead")
+		s.putSpare(spec.Golden, *sp)
+		return driver.Volume{}, false
+	}
+	c := &claim{claimRecord: rec, dev: sp.dev}
+	s.spares.mu.Lock()
+	s.spares.claims[spec.Name] = c
+	s.spares.mu.Unlock()
+	s.cfg.Faults.Hit("create:after-claim")
+	s.kickSpares()
+	log.WithField("spare", sp.ds).Debug("claimed a spare")
+	return c.volume(), true
+}
+
+func (c *claim) volume() driver.Volume {
+	return driver.Volume{
+		Name: c.Name, Kind: driver.KindBlock, Golden: c.Golden, Generation: c.Generation,
+		CreatedAt: time.Unix(c.Created, 0).UTC(), Size: c.Size, Source: c.Dataset,
+	}
+}
+
+// writeRecord writes a claim record durably: file, fsync, rename into place, fsync of the dir.
+func (s *Store) writeRecord(rec claimRecord) error {
+	dir := s.recordDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, "."+rec.Name+".tmp")
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err = f.Write(data); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, rec.Name+".json"))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(dir)
+}
+
+func (s *Store) deleteRecord(name string) error {
+	dir := s.recordDir()
+	if err := os.Remove(filepath.Join(dir, name+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// finishClaim renames a claimed spare to its volume's name, unless that is done; Remove and
+// Promote call it (under the volume's driver lock) before they touch the dataset.
+func (s *Store) finishClaim(ctx context.Context, name string) error {
+	c := s.claimOf(name)
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return s.finishLocked(ctx, c)
+}
+
+func (s *Store) finishLocked(ctx context.Context, c *claim) error {
+	if c.done {
+		return nil
+	}
+	dst := s.volDataset(c.Name)
+	log := s.log.WithFields(logrus.Fields{"volume": c.Name, "dataset": dst, "spare": c.Dataset})
+	if err := s.zfs.Set(ctx, c.Dataset, zfsutil.Props{propCreated: strconv.FormatInt(c.Created, 10)}); err != nil {
+		return mapErr(err)
+	}
+	if err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, c.Dataset, dst) }); err != nil {
+		return mapErr(err)
+	}
+	held.rename(c.Dataset, dst)
+	s.cfg.Faults.Hit("claim:after-rename")
+	s.endClaim(c)
+	log.Debug("a claimed spare has its volume's name")
+	return nil
+}
+
+// endClaim forgets a claim whose spare was renamed or removed, and deletes its record.
+func (s *Store) endClaim(c *claim) {
+	c.done = true
+	s.spares.mu.Lock()
+	if s.spares.claims[c.Name] == c {
+		delete(s.spares.claims, c.Name)
+	}
+	s.spares.mu.Unlock()
+	if err := s.deleteRecord(c.Name); err != nil {
+		// Harmless: Load finds the spare gone and deletes the spent record.
+		s.log.WithError(err).WithField("volume", c.Name).Warn("could not delete a spent claim record")
+	}
+}
+
+// removeClaimed moves a volume that is still a claimed spare to the trash. handled is false when
+// the volume had no pending claim, and the caller removes vol/NAME as usual.
+func (s *Store) removeClaimed(ctx context.Context, name string) (handled bool, err error) {
+	c := s.claimOf(name)
+	if c == nil {
+		return false, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		return false, nil
+	}
+	dev := held.take(c.Dataset)
+	if err := s.trashVolume(ctx, c.Dataset, name, dev); err != nil {
+		if dev != nil {
+			held.hold(c.Dataset, dev)
+		}
+		if errors.Is(err, zfsutil.ErrBusy) {
+			return true, busy(err, c.Dataset)
+		}
+		return true, mapErr(err)
+	}
+	s.endClaim(c)
+	return true, nil
+}
+
+// spareWorker finishes claims and keeps the spares stocked until ctx is done.
+func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
+	defer close(done)
+	tick := time.NewTicker(15 * time.Second)
+	defer tick.Stop()
+	for {
+		s.finishAll(ctx)
+		if s.cfg.Spares > 0 {
+			if err := s.stockSpares(ctx); err != nil && ctx.Err() == nil {
+				s.log.WithError(err).Warn("could not make spare volumes; retrying")
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.spares.wake:
+		case <-tick.C:
+		}
+	}
+}
+
+func (s *Store) finishAll(ctx context.Context) {
+	s.spares.mu.Lock()
+	claims := make([]*claim, 0, len(s.spares.claims))
+	for _, c := range s.spares.claims {
+		claims = append(claims, c)
+	}
+	s.spares.mu.Unlock()
+	for _, c := range claims {
+		if err := s.finishClaim(ctx, c.Name); err != nil && ctx.Err() == nil {
+			s.log.WithError(err).WithFields(logrus.Fields{"volume": c.Name, "dataset": c.Dataset}).Warn("could not rename a claimed spare yet; retrying")
+		}
+	}
+}
+
+// stockSpares makes each block project's spares of its newest generation, and retires spares of
+// other generations and of projects that are gone.
+func (s *Store) stockSpares(ctx context.Context) error {
+	s.spares.make.Lock()
+	defer s.spares.make.Unlock()
+	ps, err := s.projects(ctx, "")
+	if err != nil {
+		return err
+	}
+	newest := map[string]*driver.Generation{}
+	for name, p := range ps {
+		if p.kind != driver.KindBlock {
+			continue
+		}
+		importing := false
+		for _, l := range p.lineages {
+			importing = importing || l.state != "ready"
+		}
+		if gens := p.generations(); len(gens) > 0 && !importing {
+			g := gens[len(gens)-1]
+			newest[name] = &g
+		}
+	}
+	var stale []spare
+	s.spares.mu.Lock()
+	for project, list := range s.spares.ready {
+		keep := list[:0]
+		for _, sp := range list {
+			if g := newest[project]; g != nil && g.Number == sp.gen {
+				keep = append(keep, sp)
+			} else {
+				stale = append(stale, sp)
+			}
+		}
+		s.spares.ready[project] = keep
+	}
+	s.spares.mu.Unlock()
+	for _, sp := range stale {
+		if err := s.destroy(ctx, sp.ds, true); err != nil {
+			s.log.WithError(err).WithField("dataset", sp.ds).Warn("could not retire a spare of an older generation; it is retried at the next start")
+		}
+	}
+	names := make([]string, 0, len(newest))
+	for name := range newest {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		for s.spareCount(name) < s.cfg.Spares {
+			if err := s.makeSpare(ctx, name, newest[name]); err != nil {
+				return fmt.Errorf("spare of %s generation %d: %w", name, newest[name].Number, err)
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Store) spareCount(project string) int {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	return len(s.spares.ready[project])
+}
+
+func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generation) error {
+	ds := s.spareRoot() + "/" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	props := zfsutil.Props{
+		propKind: string(driver.KindBlock), propGolden: project, propGeneration: strconv.Itoa(g.Number),
+		propState: "ready", propCreated: strconv.FormatInt(time.Now().Unix(), 10),
+		"dedup": "off", "compression": s.cfg.Compression,
+	}
+	log := s.log.WithFields(logrus.Fields{"dataset": ds, "project": project, "generation": g.Number})
+	s.swap.RLock() // the generation's snapshot must not move while it is cloned (see swap)
+	err := s.zfs.Clone(ctx, g.Source, ds, props)
+	s.swap.RUnlock()
+	if err != nil {
+		s.cleanupLate(ds, ds, err, log)
+		return mapErr(err)
+	}
+	dev, err := s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout)
+	if err != nil {
+		s.rollback(ctx, log, ds, ds)
+		return err
+	}
+	s.putSpare(project, spare{ds: ds, gen: g.Number, dev: dev})
+	log.Debug("made a spare volume")
+	return nil
+}
+
+// retireSpares destroys the ready spares of project (of generation gen, or all when gen is 0),
+// holding off the worker, so that the generation or the golden can be destroyed.
+func (s *Store) retireSpares(ctx context.Context, project string, gen int) error {
+	s.spares.make.Lock()
+	defer s.spares.make.Unlock()
+	s.spares.mu.Lock()
+	var out []spare
+	keep := s.spares.ready[project][:0]
+	for _, sp := range s.spares.ready[project] {
+		if gen == 0 || sp.gen == gen {
+			out = append(out, sp)
+		} else {
+			keep = append(keep, sp)
+		}
+	}
+	s.spares.ready[project] = keep
+	s.spares.mu.Unlock()
+	for _, sp := range out {
+		if err := s.destroy(ctx, sp.ds, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadSpares rebuilds the spares and claims from PARENT/spare and the claim records (see the
+// rules above), and returns the volumes that are still claimed spares.
+func (s *Store) loadSpares(ctx context.Context) ([]driver.Volume, error) {
+	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{propGolden, propGeneration, propState})
+	if err != nil && !errors.Is(err, zfsutil.ErrNotFound) {
+		return nil, mapErr(err)
+	}
+	present := map[string]zfsutil.Row{}
+	for _, r := range rows {
+		present[r["name"]] = r
+	}
+	var vols []driver.Volume
+	if s.cfg.RecordDir != "" {
+		entries, err := os.ReadDir(s.recordDir())
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("read claim records: %w", err)
+		}
+		for _, e := range entries {
+			name, ok := strings.CutSuffix(e.Name(), ".json")
+			if !ok || driver.ValidateName(name) != nil {
+				continue
+			}
+			data, err := os.ReadFile(filepath.Join(s.recordDir(), e.Name()))
+			var rec claimRecord
+			if err == nil {
+				err = json.Unmarshal(data, &rec)
+			}
+			if err != nil || rec.Name != name || !inside(s.spareRoot(), rec.Dataset) {
+				return nil, fmt.Errorf("claim record %s is unreadable (%v); move it away if the volume it names is gone", filepath.Join(s.recordDir(), e.Name()), err)
+			}
+			if _, ok := present[rec.Dataset]; !ok {
+				// Spent: renamed to vol/NAME, or removed. Either way the record says nothing more.
+				if err := s.deleteRecord(name); err != nil {
+					return nil, err
+				}
+				continue
+			}
+			delete(present, rec.Dataset)
+			// Its device, before the finisher can rename the spare: Mount uses it (deviceOf).
+			dev, err := s.zfs.WaitDevice(ctx, rec.Dataset, s.cfg.DeviceTimeout)
+			if err != nil {
+				return nil, err
+			}
+			c := &claim{claimRecord: rec, dev: dev}
+			s.spares.claims[name] = c
+			vols = append(vols, c.volume())
+			s.log.WithFields(logrus.Fields{"volume": name, "dataset": rec.Dataset}).Info("a claimed spare is renamed in the background")
+		}
+	}
+	for ds, r := range present {
+		if ds == s.spareRoot() {
+			continue
+		}
+		gen, err := strconv.Atoi(r[propGeneration])
+		if r[propState] != "ready" || r[propGolden] == "" || err != nil {
+			s.log.WithField("dataset", ds).Warn("destroying a spare whose clone was interrupted")
+			if err := s.destroy(ctx, ds, true); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		dev, _ := s.zfs.WaitDevice(ctx, ds, time.Second) // "" is fine: deviceOf then waits by name
+		s.spares.ready[r[propGolden]] = append(s.spares.ready[r[propGolden]], spare{ds: ds, gen: gen, dev: dev})
+	}
+	// The worker starts only now, so it never makes a spare that this listing would count twice.
+	s.spares.start.Do(func() {
+		bg, cancel := context.WithCancel(context.Background())
+		s.spares.stop, s.spares.done = cancel, make(chan struct{})
+		go s.spareWorker(bg, s.spares.done)
+	})
+	s.kickSpares()
+	return vols, nil
+}
+
+// sparesReady counts the ready spares per project, for Status.
+func (s *Store) sparesReady() map[string]int {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	out := map[string]int{}
+	for p, list := range s.spares.ready {
+		if len(list) > 0 {
+			out[p] = len(list)
+		}
+	}
+	return out
+}
+
+func (s *Store) claimsPending() int {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	return len(s.spares.claims)
+}

@@ -1,0 +1,214 @@
+package zfsstore
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/tests/harness"
+)
+
+func openSpares(t *testing.T, parent, records string, spares int) *Store {
+	t.Helper()
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30, Log: logrus.NewEntry(l), Spares: spares, RecordDir: records})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	return s
+}
+
+func importTiny(t *testing.T, s *Store, project, content string) driver.Generation {
+	t.Helper()
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g, err := s.Import(context.Background(), project, driver.KindBlock, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Minute); !cond(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// spareGenerations lists the zgolden:generation of every dataset under PARENT/spare.
+func spareGenerations(t *testing.T, parent string) []string {
+	t.Helper()
+	out := harness.Run(t, "zfs", "list", "-H", "-r", "-t", "volume", "-o", "zgolden:generation", parent+"/spare")
+	return strings.Fields(out)
+}
+
+// TestSparesAreClaimedAndFinished: with Spares 2 the worker keeps two clones of the newest
+// generation; a Create takes one (no zfs command on its path), the finisher gives it its name in
+// the background while it is mounted, the data stays, the spares are made again, a promotion
+// retires the old generation's spares, and golden rm leaves nothing.
+func TestSparesAreClaimedAndFinished(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	records := t.TempDir()
+	s := openSpares(t, parent, records, 2)
+	ctx := context.Background()
+	g := importTiny(t, s, "prj", "golden")
+	if _, err := s.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "two spares", func() bool { return s.sparesReady()["prj"] == 2 })
+
+	v, err := s.Create(ctx, driver.Spec{Name: "a", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(v.Source, parent+"/spare/") || v.Generation != g.Number || v.Golden != "prj" {
+		t.Fatalf("Create did not claim a spare: %+v", v)
+	}
+	mp := filepath.Join(t.TempDir(), "m")
+	if err := s.Mount(ctx, v, mp); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mp, "f")); err != nil || string(got) != "golden" {
+		t.Fatalf("the claimed spare does not hold the golden: %q, %v", got, err)
+	}
+	if err := os.WriteFile(filepath.Join(mp, "mine"), []byte("session"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ds := parent + "/vol/a"
+	waitFor(t, "the claimed spare's rename", func() bool { ok, _ := s.zfs.Exists(ctx, ds); return ok && s.claimsPending() == 0 })
+	for prop, want := range map[string]string{"zgolden:golden": "prj", "zgolden:generation": strconv.Itoa(g.Number), "zgolden:state": "ready", "zgolden:created": strconv.FormatInt(v.CreatedAt.Unix(), 10), "dedup": "off"} {
+		if got := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-p", "-o", "value", prop, ds)); got != want {
+			t.Errorf("%s of the finished volume is %q, want %q", prop, got, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(s.recordDir(), "a.json")); !os.IsNotExist(err) {
+		t.Fatalf("the claim record outlived the rename: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(mp, "after"), []byte("rename"), 0o644); err != nil {
+		t.Fatalf("writing to the volume after its rename: %v", err)
+	}
+	if err := s.Unmount(ctx, v, mp); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Mount(ctx, v, mp); err != nil {
+		t.Fatalf("mount after the rename: %v", err)
+	}
+	for f, want := range map[string]string{"mine": "session", "after": "rename"} {
+		if got, err := os.ReadFile(filepath.Join(mp, f)); err != nil || string(got) != want {
+			t.Fatalf("%s after remount: %q, %v", f, got, err)
+		}
+	}
+	if err := s.Unmount(ctx, v, mp); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the spares to be made again", func() bool { return s.sparesReady()["prj"] == 2 })
+
+	// A promotion of a volume that is still a claimed spare finishes the claim first.
+	b, err := s.Create(ctx, driver.Spec{Name: "b", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g2, err := s.Promote(ctx, b, "", "prj")
+	if err != nil {
+		t.Fatalf("Promote of a claimed spare: %v", err)
+	}
+	s.kickSpares()
+	waitFor(t, "spares of the new generation only", func() bool {
+		gens := spareGenerations(t, parent)
+		return len(gens) == 2 && gens[0] == strconv.Itoa(g2.Number) && gens[1] == strconv.Itoa(g2.Number)
+	})
+	for _, vol := range []driver.Volume{v, b} {
+		if err := s.Remove(ctx, vol); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.RemoveGolden(ctx, "prj"); err != nil {
+		t.Fatalf("RemoveGolden with spares made: %v", err)
+	}
+	if gens := spareGenerations(t, parent); len(gens) != 0 {
+		t.Fatalf("RemoveGolden left spares of generations %v", gens)
+	}
+}
+
+// TestClaimSurvivesACrash: a claim is durable once Create returns. A store that died before the
+// rename leaves the record and the spare, and the next store's Load returns the volume and
+// finishes the rename; a spare whose record never reached the disk (the Create never returned)
+// is a spare again.
+func TestClaimSurvivesACrash(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	records := t.TempDir()
+	s := openSpares(t, parent, records, 2)
+	ctx := context.Background()
+	g := importTiny(t, s, "prj", "golden")
+	if _, err := s.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "two spares", func() bool { return s.sparesReady()["prj"] == 2 })
+	// Stop the worker, as a crash would, so nothing renames the claims below.
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kept, err := s.Create(ctx, driver.Spec{Name: "kept", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil || !strings.HasPrefix(kept.Source, parent+"/spare/") {
+		t.Fatalf("claim: %+v, %v", kept, err)
+	}
+	lost, err := s.Create(ctx, driver.Spec{Name: "lost", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil || !strings.HasPrefix(lost.Source, parent+"/spare/") {
+		t.Fatalf("claim: %+v, %v", lost, err)
+	}
+	if err := os.Remove(filepath.Join(s.recordDir(), "lost.json")); err != nil { // never reached the disk
+		t.Fatal(err)
+	}
+
+	s2 := openSpares(t, parent, records, 0) // Spares 0: claims are honoured all the same
+	vols, err := s2.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vols) != 1 || vols[0].Name != "kept" || vols[0].Source != kept.Source || vols[0].Generation != g.Number {
+		t.Fatalf("Load after the crash returned %+v; want only the claimed volume kept on %s", vols, kept.Source)
+	}
+	waitFor(t, "the rename of the recorded claim", func() bool { ok, _ := s2.zfs.Exists(ctx, parent+"/vol/kept"); return ok && s2.claimsPending() == 0 })
+	if n := s2.sparesReady()["prj"]; n != 1 {
+		t.Fatalf("the spare whose claim was never recorded is not a spare again: %d ready", n)
+	}
+	mp := filepath.Join(t.TempDir(), "m")
+	v, err := s2.Create(ctx, driver.Spec{Name: "x", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil || strings.HasPrefix(v.Source, parent+"/spare/") {
+		t.Fatalf("with Spares 0 a Create clones: %+v, %v", v, err)
+	}
+	if err := s2.Mount(ctx, vols[0], mp); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mp, "f")); err != nil || string(got) != "golden" {
+		t.Fatalf("the recovered volume: %q, %v", got, err)
+	}
+	if err := s2.Unmount(ctx, vols[0], mp); err != nil {
+		t.Fatal(err)
+	}
+	for _, vol := range []driver.Volume{vols[0], v} {
+		if err := s2.Remove(ctx, vol); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s2.RemoveGolden(ctx, "prj"); err != nil {
+		t.Fatal(err)
+	}
+	if entries, _ := os.ReadDir(s2.recordDir()); len(entries) != 0 {
+		t.Fatalf("claim records left: %v", entries)
+	}
+}
