@@ -184,7 +184,11 @@ func (bm *bencher) load(t *testing.T, n int) {
 		})
 	}
 
-	e := Entry{Case: "load", Files: n, Param: fmt.Sprintf("%d writers", writers), Methods: map[string]Stat{}, Ratios: map[string]float64{}, Extra: map[string]any{}}
+	param := fmt.Sprintf("%d writers", writers)
+	if sp := os.Getenv("ZGOLDEN_BENCH_SPARES"); sp != "" {
+		param += ", spares " + sp
+	}
+	e := Entry{Case: "load", Files: n, Param: param, Methods: map[string]Stat{}, Ratios: map[string]float64{}, Extra: map[string]any{}}
 	phase := func(name string, loaded bool) {
 		var w *loadWriters
 		txgFrom := bm.lastTxg()

@@ -47,6 +47,9 @@ func startPlugin(t testing.TB, dir string, backendArgs ...string) *plugin {
 	t.Cleanup(func() { _ = os.RemoveAll(state) })
 	p.args = append([]string{"serve", "--socket", p.socket, "--admin-socket", p.admin, "--state-dir", state,
 		"--mount-root", p.mountRoot, "--log-level", "info"}, backendArgs...)
+	if n := os.Getenv("ZGOLDEN_BENCH_SPARES"); n != "" { // warm spares (ZFS), see zfsstore/spares.go
+		p.args = append(p.args, "--spares", n, "--record-dir", filepath.Join(dir, "records"))
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
