@@ -320,7 +320,8 @@ func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
 	defer tick.Stop()
 	for {
 		s.finishAll(ctx)
-		if s.cfg.Spares > 0 {
+		// With Spares 0 the pass only retires spares an earlier run made.
+		if s.cfg.Spares > 0 || s.sparesTotal() > 0 {
 			if err := s.stockSpares(ctx); err != nil && ctx.Err() == nil {
 				s.log.WithError(err).Warn("could not make spare volumes; retrying")
 			}
@@ -349,7 +350,7 @@ func (s *Store) finishAll(ctx context.Context) {
 }
 
 // stockSpares makes each block project's spares of its newest generation, and retires spares of
-// other generations and of projects that are gone.
+// other generations, of projects that are gone, and beyond Spares (a lowered setting).
 func (s *Store) stockSpares(ctx context.Context) error {
 	s.spares.make.Lock()
 	defer s.spares.make.Unlock()
@@ -376,7 +377,7 @@ func (s *Store) stockSpares(ctx context.Context) error {
 	for project, list := range s.spares.ready {
 		keep := list[:0]
 		for _, sp := range list {
-			if g := newest[project]; g != nil && g.Number == sp.gen {
+			if g := newest[project]; g != nil && g.Number == sp.gen && len(keep) < s.cfg.Spares {
 				keep = append(keep, sp)
 			} else {
 				stale = append(stale, sp)
@@ -403,6 +404,16 @@ func (s *Store) stockSpares(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+func (s *Store) sparesTotal() int {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	n := 0
+	for _, list := range s.spares.ready {
+		n += len(list)
+	}
+	return n
 }
 
 func (s *Store) spareCount(project string) int {

@@ -176,7 +176,7 @@ func ZFSInventory(t testing.TB, parent string) []string {
 		pending := false
 		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
 			pending = pending || strings.HasPrefix(l, trash+"/")
-			if l != "" && l != parent && l != trash {
+			if l != "" && l != parent && l != trash && l != parent+"/spare" {
 				names = append(names, l)
 			}
 		}
