@@ -793,8 +793,8 @@ func TestRootOwnership(t *testing.T) {
 
 // TestRootHoldsZgoldensOwnDirs: with the defaults, the driver's mount root (ROOT/mounts) lies in
 // the reflink store's root. Whichever ran first, a store given that directory as Reserved opens
-// the root; without it the same root is refused, and a reserved name that is a file, not a
-// directory, is still foreign.
+// the root (and opens it again); without it a root holding the mount root is refused at the
+// store's first start, and a reserved name that is a file, not a directory, is still foreign.
 func TestRootHoldsZgoldensOwnDirs(t *testing.T) {
 	base := newBase(t)
 	for _, order := range []string{"mount-root-first", "store-first"} {
@@ -807,6 +807,12 @@ func TestRootHoldsZgoldensOwnDirs(t *testing.T) {
 			if order == "mount-root-first" { // an earlier serve on ZFS made only its mount root
 				if err := os.MkdirAll(filepath.Join(mounts, "v"), 0o755); err != nil {
 					t.Fatal(err)
+				}
+				// Before the store's first start (its marker then makes the root its own).
+				bare := cfg()
+				bare.Reserved = nil
+				if _, err := reflinkstore.New(testCtx(t), bare); err == nil || !strings.Contains(err.Error(), "mounts") {
+					t.Fatalf("New without Reserved: err = %v, want the mounts directory refused", err)
 				}
 			}
 			s, err := reflinkstore.New(testCtx(t), cfg())
@@ -825,11 +831,6 @@ func TestRootHoldsZgoldensOwnDirs(t *testing.T) {
 			}
 			if err := s.Close(testCtx(t)); err != nil {
 				t.Fatal(err)
-			}
-			bare := cfg()
-			bare.Reserved = nil
-			if _, err := reflinkstore.New(testCtx(t), bare); err == nil || !strings.Contains(err.Error(), "mounts") {
-				t.Fatalf("New without Reserved: err = %v, want the mounts directory refused", err)
 			}
 		})
 	}
