@@ -22,11 +22,14 @@ import (
 // the trash worker does just before it destroys the removed volume, off every caller's path.
 //
 // Rules:
-//   - held maps a volume's dataset to its open device; only Unmount adds, and only Remove (handing
-//     it to the trash) and Close take one away. The map belongs to the process, not to a Store:
-//     an open file is the process's, and a second Store on the same parent in this process (a
-//     test's simulated restart) must find and close it, or its destroys would fail as busy. A held device is read-only and not exclusive, so a
-//     later Mount of the same volume is unaffected.
+//   - held maps a volume's dataset to its open device; only Unmount adds, and Remove (handing it
+//     to the trash), Mount (closing it before the volume is mounted again) and Close take one
+//     away. So the wait moves off Unmount and Remove, and a remount, rare in Docker's use (a
+//     stopped container started again), pays it as it did before. A held device is read-only
+//     and not exclusive.
+//   - The map belongs to the process, not to a Store: an open file is the process's, and a
+//     second Store on the same parent in this process (a test's simulated restart) must find
+//     and close it, or its destroys would fail as busy.
 //   - A dataset whose device is open cannot be destroyed ("dataset is busy"), but it can be
 //     renamed: Remove renames with the device held and closes it in the trash.
 //   - Nothing here is durable. A restart closes every held device (the process exits), which

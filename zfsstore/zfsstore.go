@@ -599,6 +599,11 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 	if v.Kind == driver.KindFS {
 		return mapErr(xfsutil.MountFS(ctx, "zfs", ds, target, nil))
 	}
+	// A device Unmount held goes back to being the mount's: closing it now is the zvol's last
+	// close, with its wait for the pool (held.go). Without it, a remount on a nearly full pool
+	// failed with ENOSPC in XFS's log recovery (hostile TestSpaceExhaustion in the guest), most
+	// likely because what that close syncs still counts against the pool's space.
+	s.closeDevice(held.take(ds), ds)
 	dev, err := s.deviceOf(ctx, v.Name, ds)
 	if err != nil {
 		return err
