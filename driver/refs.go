@@ -38,7 +38,7 @@ func (s refStore) save(name string, ids map[string]struct{}) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(s.path(name), data)
+	return WriteFileAtomic(s.path(name), data)
 }
 
 // loadAll returns every saved reference set by volume name.
@@ -73,9 +73,10 @@ func (s refStore) loadAll() (map[string]map[string]struct{}, error) {
 	return out, nil
 }
 
-// writeFileAtomic replaces path with data so that readers and crashes see either the old or the
-// new content.
-func writeFileAtomic(path string, data []byte) error {
+// WriteFileAtomic replaces path with data so that readers and crashes see either the old or the
+// new content, durably: the file and its directory are fsynced before it returns. Stores use it
+// for their local records.
+func WriteFileAtomic(path string, data []byte) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err

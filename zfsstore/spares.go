@@ -194,35 +194,13 @@ func (c *claim) volume() driver.Volume {
 	}
 }
 
-// writeRecord writes a claim record durably: file, fsync, rename into place, fsync of the dir.
+// writeRecord writes a claim record durably (driver.WriteFileAtomic: file and directory fsynced).
 func (s *Store) writeRecord(rec claimRecord) error {
-	dir := s.recordDir()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
 	data, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, "."+rec.Name+".tmp")
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err = f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, rec.Name+".json"))
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return syncDir(dir)
+	return driver.WriteFileAtomic(filepath.Join(s.recordDir(), rec.Name+".json"), data)
 }
 
 func (s *Store) deleteRecord(name string) error {
