@@ -85,8 +85,9 @@ func RunIO(ctx context.Context, stdin io.Reader, stdout io.Writer, name string, 
 	}
 	done := make(chan error, 1)
 	go func() {
-		done <- cmd.Wait()
-		close(exited)
+		err := cmd.Wait()
+		close(exited) // before the result: an Error that says the command exited has Exited closed
+		done <- err
 	}()
 	var err error
 	select {
