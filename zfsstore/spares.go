@@ -385,11 +385,9 @@ func (s *Store) stockSpares(ctx context.Context) error {
 }
 
 func (s *Store) sparesTotal() int {
-	s.spares.mu.Lock()
-	defer s.spares.mu.Unlock()
 	n := 0
-	for _, list := range s.spares.ready {
-		n += len(list)
+	for _, k := range s.sparesReady() {
+		n += k
 	}
 	return n
 }

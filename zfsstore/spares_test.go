@@ -49,6 +49,20 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// withSpares opens a store with Spares 2 on a new parent, imports project prj, loads, and waits
+// until both spares are ready.
+func withSpares(t *testing.T) (parent, records string, s *Store, g driver.Generation) {
+	t.Helper()
+	parent, records = harness.ZFSParent(t), t.TempDir()
+	s = openSpares(t, parent, records, 2)
+	g = importTiny(t, s, "prj", "golden")
+	if _, err := s.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "two spares", func() bool { return s.sparesReady()["prj"] == 2 })
+	return parent, records, s, g
+}
+
 // spareGenerations lists the zgolden:generation of every dataset under PARENT/spare.
 func spareGenerations(t *testing.T, parent string) []string {
 	t.Helper()
@@ -61,15 +75,8 @@ func spareGenerations(t *testing.T, parent string) []string {
 // the background while it is mounted, the data stays, the spares are made again, a promotion
 // retires the old generation's spares, and golden rm leaves nothing.
 func TestSparesAreClaimedAndFinished(t *testing.T) {
-	parent := harness.ZFSParent(t)
-	records := t.TempDir()
-	s := openSpares(t, parent, records, 2)
+	parent, _, s, g := withSpares(t)
 	ctx := context.Background()
-	g := importTiny(t, s, "prj", "golden")
-	if _, err := s.Load(ctx); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "two spares", func() bool { return s.sparesReady()["prj"] == 2 })
 
 	v, err := s.Create(ctx, driver.Spec{Name: "a", Kind: driver.KindBlock, Golden: "prj"})
 	if err != nil {
@@ -149,15 +156,8 @@ func TestSparesAreClaimedAndFinished(t *testing.T) {
 // finishes the rename; a spare whose record never reached the disk (the Create never returned)
 // is a spare again.
 func TestClaimSurvivesACrash(t *testing.T) {
-	parent := harness.ZFSParent(t)
-	records := t.TempDir()
-	s := openSpares(t, parent, records, 2)
+	parent, records, s, g := withSpares(t)
 	ctx := context.Background()
-	g := importTiny(t, s, "prj", "golden")
-	if _, err := s.Load(ctx); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "two spares", func() bool { return s.sparesReady()["prj"] == 2 })
 	// Stop the worker, as a crash would, so nothing renames the claims below.
 	if err := s.Close(ctx); err != nil {
 		t.Fatal(err)
