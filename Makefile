@@ -19,7 +19,7 @@ FUZZTIME ?= 20s
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 .PHONY: build
 build: ## build bin/zgolden (static)
@@ -33,13 +33,14 @@ run: ## as root: install what the plugin needs and run it (ZFS if a pool is impo
 	exec $(BIN) serve $(SERVE_ARGS)
 
 .PHONY: test
-test: ## everything: unit, fuzz, host integration, Docker end-to-end, and the ZFS guest suite
+test: ## everything: unit, fuzz, host integration, Docker end-to-end, the ZFS suite on 2.4 and the compat suites on 2.1 and 2.3
 	bash tests/setup/host-deps.sh
 	$(MAKE) verify
 	$(MAKE) test-unit
 	$(MAKE) fuzz
 	$(MAKE) test-host
 	$(MAKE) test-vm
+	$(MAKE) test-vm-compat
 
 .PHONY: test-unit
 test-unit: ## quick: unit tests with fakes, race detector on, no root needed
@@ -55,21 +56,33 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 
 # The packages whose tests need ZFS (the rest run on the host).
 VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e ./tests/crash ./tests/stress ./tests/hostile ./tests/plugin
+# The ZFS release of the test bed (tests/vm/build-guest.sh): 2.1, 2.3 or 2.4. `make test-vm` runs
+# every ZFS package on it; `make test-vm-compat` runs the conformance (zfsstore), Docker end-to-end,
+# managed plugin and crash suites on each of COMPAT_ZFS.
+ZFS ?= 2.4
+COMPAT_ZFS ?= 2.1 2.3
+COMPAT_PKGS ?= ./zfsstore ./tests/e2e ./tests/plugin ./tests/crash
 
 # The guest cannot debootstrap (no network), so the managed plugin's rootfs (rootfs/build.sh,
 # cached) goes in as a tarball; tests/plugin assembles the plugin from it and the guest's zgolden.
 .PHONY: test-vm
-test-vm: build ## as root: the ZFS packages inside a qemu guest with the real zfs kernel module
+test-vm: build ## as root: every ZFS package in a qemu guest with the real zfs module of release ZFS (2.1, 2.3, 2.4; default 2.4)
+	@mkdir -p build
 	bash packaging/build-plugin.sh --out build/plugin-vm --tar build/plugin-rootfs.tar
 	extra=ZGOLDEN_PLUGIN_ROOTFS_TAR=/payload/extra/plugin-rootfs.tar; \
 	  [ -z "$${ZGOLDEN_VM_EXTRA_ENV:-}" ] || extra+=$$'\n'"$$ZGOLDEN_VM_EXTRA_ENV"; \
-	  ZGOLDEN_VM_EXTRA_ENV="$$extra" ZGOLDEN_VM_PAYLOAD=$(CURDIR)/build/plugin-rootfs.tar \
+	  ZGOLDEN_ZFS=$(ZFS) ZGOLDEN_VM_EXTRA_ENV="$$extra" ZGOLDEN_VM_PAYLOAD=$(CURDIR)/build/plugin-rootfs.tar \
 	  ZGOLDEN_VM_TIMEOUT=$${ZGOLDEN_VM_TIMEOUT:-3600} ZGOLDEN_VM_TEST_TIMEOUT=$${ZGOLDEN_VM_TEST_TIMEOUT:-40m} \
-	  bash tests/vm/run.sh $(VM_PKGS)
+	  bash tests/vm/run.sh $(VM_PKGS) 2>&1 | tee build/test-vm-$(ZFS).log
+
+# Every release runs even when one fails, so one run reports them all.
+.PHONY: test-vm-compat
+test-vm-compat: ## as root: conformance (zfsstore), Docker end-to-end, managed plugin and crash suites on each COMPAT_ZFS release
+	rc=0; for z in $(COMPAT_ZFS); do $(MAKE) test-vm ZFS=$$z VM_PKGS="$(COMPAT_PKGS)" || rc=1; done; exit $$rc
 
 .PHONY: vm-guest
 vm-guest: ## as root: build (or reuse the cached) guest and test images only
-	bash tests/vm/build-guest.sh
+	ZGOLDEN_ZFS=$(ZFS) bash tests/vm/build-guest.sh
 
 .PHONY: fuzz
 fuzz: ## fuzz name, option and size parsing for FUZZTIME each

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/zfsutil"
 )
 
 // serveConfig is every setting of `zgolden serve`, parsed once from flags with environment
@@ -22,6 +23,8 @@ type serveConfig struct {
 	StateDir        string
 	Spares          int
 	RecordDir       string
+	ZFSProven       []string
+	zfsProven       string
 	Socket          string
 	AdminSocket     string
 	DefaultSize     uint64
@@ -106,6 +109,7 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.str(&c.LegacyGoldens, "legacy-goldens", "ZGOLDEN_LEGACY_GOLDENS", "", "directory pattern of file-based goldens, such as /srv/golden/{project}: a Create for a project with no golden imports its directory in the background")
 	fs.boolean(&c.LegacyRemove, "legacy-remove", "ZGOLDEN_LEGACY_REMOVE", false, "delete a legacy golden directory once its import is verified and complete")
 	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "ZFS: warm clones of each block project's newest generation to keep ready, so a Create on a busy pool runs no zfs command (0: none)")
+	fs.str(&c.zfsProven, "zfs-proven", "ZGOLDEN_ZFS_PROVEN", "", "ZFS: module series (such as 2.3,2.4) the zfs userland may drive besides its own; the managed plugin sets those its bundled userland passed the suites on")
 	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares are recorded; must survive reboots")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
@@ -136,6 +140,11 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if !strings.HasPrefix(c.RecordDir, "/") || strings.HasPrefix(c.RecordDir, "/run/") {
 		fs.errs = append(fs.errs, fmt.Sprintf("--record-dir %q must be an absolute path that survives reboots (not under /run)", c.RecordDir))
+	}
+	if p, err := zfsutil.ParseProven(c.zfsProven); err != nil {
+		fs.errs = append(fs.errs, "--zfs-proven: "+err.Error())
+	} else {
+		c.ZFSProven = p
 	}
 	if c.AdminSocket == "" {
 		c.AdminSocket = c.StateDir + "/admin.sock"

@@ -19,6 +19,7 @@ import (
 	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/reflinkstore"
 	"github.com/zgolden/zgolden/zfsstore"
+	"github.com/zgolden/zgolden/zfsutil"
 )
 
 func newLogger(c serveConfig) (*logrus.Logger, error) {
@@ -43,6 +44,13 @@ func newLogger(c serveConfig) (*logrus.Logger, error) {
 // openBackend chooses and opens the backend, saying which and why.
 func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log *logrus.Entry) (driver.Backend, error) {
 	useZFS := c.Backend == "zfs"
+	// A refused zfs userland and module pair stops the start even in auto: falling back to the
+	// reflink store would hide it, and a managed plugin must refuse at enable time.
+	if c.Backend != "reflink" && zfsstore.Present() {
+		if _, err := zfsstore.Versions(ctx, zfsutil.New(log), c.ZFSProven); errors.Is(err, zfsutil.ErrPair) {
+			return nil, err
+		}
+	}
 	if c.Parent == "" && c.Backend != "reflink" {
 		if c.Parent = zfsstore.DefaultParent(ctx); c.Parent != "" {
 			log.WithField("parent", c.Parent).Info("no --parent given: using the only imported pool")
@@ -64,7 +72,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 		return zfsstore.New(ctx, zfsstore.Config{
 			Parent: c.Parent, Volblocksize: c.Volblocksize, Compression: c.Compression,
 			Discard: c.Discard, DefaultSize: c.DefaultSize, Adopt: c.Adopt,
-			Spares: c.Spares, RecordDir: c.RecordDir,
+			Spares: c.Spares, RecordDir: c.RecordDir, ProvenZFS: c.ZFSProven,
 			WorkDir: filepath.Join(c.StateDir, "work"), Faults: faults, Log: log,
 		})
 	}
@@ -87,7 +95,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 func waitForZFS(ctx context.Context, c serveConfig, log *logrus.Entry) error {
 	deadline := time.Now().Add(c.WaitPool)
 	for {
-		err := zfsstore.Check(ctx, c.Parent)
+		err := zfsstore.Check(ctx, c.Parent, c.ZFSProven)
 		if err == nil || time.Now().After(deadline) {
 			return err
 		}

@@ -7,9 +7,12 @@
 #   xfsprogs            mkfs.xfs, xfs_freeze, xfs_growfs, xfs_db
 #   coreutils           cp -a (golden imports)
 #   zfsutils-linux      zfs, zpool, mount.zfs: Debian bookworm's OpenZFS 2.1 userland, which
-#                       talks to the host's zfs kernel module through /dev/zfs. It must match a
-#                       2.1.x module; hosts with another module run zgolden as a host daemon
-#                       instead (README, "Installing"), which uses the host's own zfs tools.
+#                       talks to the host's zfs kernel module through /dev/zfs. One userland, the
+#                       oldest of the test bed: an older userland on a newer module is the
+#                       direction that works, and the suites prove it on the 2.1, 2.3 and 2.4
+#                       modules (config.json's ZGOLDEN_ZFS_PROVEN). On any other module the
+#                       plugin refuses to start; such hosts run zgolden as a host daemon
+#                       (README, "Installing"), which uses the host's own zfs tools.
 # Docs, man pages, locales and apt's lists are stripped. The zgolden binary is NOT in the cached
 # rootfs: `make plugin` copies bin/zgolden in when it assembles build/plugin/, so a rebuild of
 # zgolden never re-runs debootstrap.

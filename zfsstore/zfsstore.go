@@ -72,6 +72,9 @@ type Config struct {
 	// must survive reboots (not /run). Claims recorded there are honoured with Spares 0 too.
 	Spares    int
 	RecordDir string
+	// ProvenZFS lists the module series (such as "2.3") the zfs userland is proven to drive
+	// besides its own; New refuses any other pair (zfsutil.CheckPair).
+	ProvenZFS []string
 	Log       *logrus.Entry
 }
 
@@ -98,6 +101,8 @@ type Store struct {
 	// trash holds removed volumes until the worker has destroyed them (see trash.go).
 	trash trash
 
+	versions ZFSVersions // read once by New; a module cannot change under a running store
+
 	// tomb holds the names whose timed-out Create is still being cleaned up (see slow.go).
 	tomb tombstones
 
@@ -109,13 +114,7 @@ var _ driver.Backend = (*Store)(nil)
 
 // Check reports, as one error naming what is missing and what to do, whether ZFS can serve parent:
 // the zfs tool, /dev/zfs, the pool and the parent dataset (or its parent, to create it in).
-func Check(ctx context.Context, parent string) error {
-	if parent == "" {
-		return errors.New("no parent dataset configured: pass --parent POOL/DATASET (or ZGOLDEN_PARENT)")
-	}
-	if err := validDataset(parent); err != nil {
-		return err
-	}
+func Check(ctx context.Context, parent string, proven []string) error {
 	if _, err := exec.LookPath("zfs"); err != nil {
 		return fmt.Errorf("the zfs command is not installed (apt-get install zfsutils-linux): %w", err)
 	}
@@ -123,6 +122,16 @@ func Check(ctx context.Context, parent string) error {
 		return errors.New("/dev/zfs is missing: the ZFS kernel module is not loaded (modprobe zfs)")
 	}
 	z := zfsutil.New(logrus.NewEntry(logrus.StandardLogger()))
+	// Before any other zfs command: a refused pair is known to misreport (zfsutil.CheckPair).
+	if _, err := Versions(ctx, z, proven); err != nil {
+		return err
+	}
+	if parent == "" {
+		return errors.New("no parent dataset configured: pass --parent POOL/DATASET (or ZGOLDEN_PARENT)")
+	}
+	if err := validDataset(parent); err != nil {
+		return err
+	}
 	pool := zfsutil.PoolOf(parent)
 	ok, err := z.Exists(ctx, pool)
 	if err != nil {
@@ -132,6 +141,41 @@ func Check(ctx context.Context, parent string) error {
 		return fmt.Errorf("ZFS pool %q is not imported yet (zpool import %s), or does not exist", pool, pool)
 	}
 	return nil
+}
+
+// Present says whether this host has ZFS at all: the zfs command and the module's /dev/zfs.
+func Present() bool {
+	_, err := exec.LookPath("zfs")
+	_, serr := os.Stat("/dev/zfs")
+	return err == nil && serr == nil
+}
+
+// ZFSVersions is what Status reports of the tools the store drives.
+type ZFSVersions struct {
+	Module, Userland string   // as the module and `zfs version` report them
+	Proven           []string // the module series the userland is proven on (Config.ProvenZFS)
+}
+
+// Versions reads the module's and the userland's versions and checks the pair
+// (zfsutil.CheckPair). The error wraps zfsutil.ErrPair when the pair is refused.
+func Versions(ctx context.Context, z *zfsutil.ZFS, proven []string) (ZFSVersions, error) {
+	v := ZFSVersions{Proven: proven}
+	var err error
+	if v.Module, err = zfsutil.ModuleVersion(); err != nil {
+		return v, err
+	}
+	if v.Userland, err = z.UserlandVersion(ctx); err != nil {
+		return v, err
+	}
+	mod, err := zfsutil.ParseRelease(v.Module)
+	if err != nil {
+		return v, fmt.Errorf("%s: %w", zfsutil.ModuleVersionFile, err)
+	}
+	user, err := zfsutil.ParseRelease(v.Userland)
+	if err != nil {
+		return v, fmt.Errorf("zfs version: %w", err)
+	}
+	return v, zfsutil.CheckPair(mod, user, proven)
 }
 
 func validDataset(name string) error {
@@ -169,6 +213,11 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{cfg: cfg, zfs: zfsutil.New(cfg.Log), log: cfg.Log.WithField("backend", "zfs"), growing: map[string]bool{}}
+	var err error
+	if s.versions, err = Versions(ctx, s.zfs, cfg.ProvenZFS); err != nil {
+		return nil, err
+	}
+	s.log.WithFields(logrus.Fields{"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland}).Info("zfs userland and module accepted")
 	if err := s.initParent(ctx); err != nil {
 		return nil, err
 	}
@@ -693,6 +742,8 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	pool := zfsutil.PoolOf(s.cfg.Parent)
 	st := map[string]any{
 		"parent": s.cfg.Parent, "pool": pool,
+		"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland,
+		"zfs_proven":      strings.Join(s.versions.Proven, ","),
 		"available_bytes": row.Uint("available"), "used_bytes": row.Uint("used"),
 	}
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {

@@ -1,11 +1,13 @@
 package plugin
 
 import (
+	"encoding/json"
 	"os"
 	"strings"
 	"testing"
 
 	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/zfsutil"
 )
 
 // hostOnly skips tests that prove the reflink store on the host's Docker engine when they run in
@@ -132,6 +134,17 @@ func TestManagedPluginZFS(t *testing.T) {
 	if st := m.admin(t, "status"); !strings.Contains(st, "zfs") {
 		t.Fatalf("zgolden status does not name the zfs backend:\n%s", st)
 	}
+	// Status names the module it drives and the userland it drives it with: the plugin's own.
+	var st map[string]any
+	if err := json.Unmarshal([]byte(m.admin(t, "status", "--json")), &st); err != nil {
+		t.Fatalf("zgolden status --json: %v", err)
+	}
+	if mod := strings.TrimSpace(readFile(zfsutil.ModuleVersionFile)); st["zfs_module"] != mod {
+		t.Errorf("status zfs_module = %v, want the guest's module %s", st["zfs_module"], mod)
+	}
+	if u, _ := st["zfs_userland"].(string); !strings.HasPrefix(u, pluginUserlandSeries+".") {
+		t.Errorf("status zfs_userland = %v, want the plugin's bundled %s.x userland", st["zfs_userland"], pluginUserlandSeries)
+	}
 	m.seedGolden(t, "prj_z")
 	vol := m.volume(t, "z", "golden=prj_z")
 	ds := parent + "/vol/" + vol
@@ -152,6 +165,44 @@ func TestManagedPluginZFS(t *testing.T) {
 	}
 	harness.DockerCmd(t, "plugin", "disable", m.name)
 	harness.DockerCmd(t, "plugin", "rm", m.name)
+}
+
+// pluginUserlandSeries is the zfs userland rootfs/build.sh ships: Debian 12's.
+const pluginUserlandSeries = "2.1"
+
+// TestManagedPluginRefusesAnUnprovenModule narrows ZGOLDEN_ZFS_PROVEN to the plugin's own series
+// on a guest whose module is newer: the plugin must refuse to start, so `docker plugin enable`
+// fails, and its log must say why, naming both versions and the host daemon, before any zfs
+// command touched the pool.
+func TestManagedPluginRefusesAnUnprovenModule(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	mod, err := zfsutil.ParseRelease(readFile(zfsutil.ModuleVersionFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mod.Series() == pluginUserlandSeries {
+		t.Skipf("the guest's module %s is the plugin's own series: no pair to refuse", mod)
+	}
+	m := newManaged(t)
+	buildPlugin(t, harness.Binary(t), m.name)
+	harness.DockerCmd(t, "plugin", "set", m.name, "data.source="+m.data, "ZGOLDEN_BACKEND=zfs",
+		"ZGOLDEN_PARENT="+parent, "ZGOLDEN_ZFS_PROVEN="+pluginUserlandSeries)
+	out, err := harness.Output("docker", "plugin", "enable", m.name)
+	if err == nil {
+		t.Fatalf("docker plugin enable succeeded with module %s and ZGOLDEN_ZFS_PROVEN=%s:\n%s", mod, pluginUserlandSeries, out)
+	}
+	if en := harness.DockerCmd(t, "plugin", "inspect", "--format", "{{.Enabled}}", m.name); en != "false" {
+		t.Fatalf("after the refused enable the plugin is enabled=%s", en)
+	}
+	logs := m.logs()
+	for _, want := range []string{"not proven", mod.String(), "zfs userland " + pluginUserlandSeries + ".", "host daemon"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("the refusal in the plugin's log lacks %q:\n%s", want, logs)
+		}
+	}
+	if out, err := harness.Output("zfs", "list", "-H", "-o", "name", parent); err == nil {
+		t.Errorf("the refused plugin made its parent dataset: %s", out)
+	}
 }
 
 func readFile(path string) string {

@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # tests/vm/build-guest.sh [CACHE_DIR]: builds, once per set of inputs, the qemu guest that
-# runs zgolden's real-ZFS tests: a kernel (vmlinuz), its initrd, and an ext4 root disk
-# image made with `mke2fs -d` (nothing is mounted on the host).
+# runs zgolden's real-ZFS tests for one ZFS release: a kernel (vmlinuz), its initrd, and an
+# ext4 root disk image made with `mke2fs -d` (nothing is mounted on the host).
 #
-# The guest is the dind rootfs from tests/setup/images.sh (minbase bookworm + docker.io +
-# iptables) plus GUEST_PKGS below, the DKMS-built zfs modules of the host (zfs-dkms built
-# them for the guest kernel; the host kernel cannot load modules), tests/vm/guest-init.sh as
-# /sbin/zgolden-init, and both image tarballs under /zgolden-images/; both are also preloaded
-# in the guest engine as zgolden/busybox:latest and zgolden/dind:latest (importing dind.tar
-# under TCG takes minutes).
+# ZGOLDEN_ZFS picks the release (default 2.4, the newest):
+#   2.1  Debian 12 bookworm: kernel 6.1, zfs 2.1 from bookworm contrib, docker.io 20.10;
+#   2.3  Debian 13 trixie:   kernel 6.12, zfs 2.3 from trixie contrib, docker.io 26;
+#   2.4  Debian 13 trixie:   kernel 6.12, zfs 2.4 from trixie-backports contrib, docker.io 26.
 #
-# The guest kernel version is resolved from linux-image-amd64, as host-deps.sh does.
-# Cache: CACHE_DIR (default ${ZGOLDEN_CACHE:-/var/cache/zgolden-test}) / guest-<key>/, where
-# <key> hashes the kernel and zfs-dkms versions, the headers version, the package list,
-# this script, lib.sh, guest-init.sh and the images key.
-# Output (stdout): kver=, zfs=, kernel=, initrd=, root= lines; progress goes to stderr.
+# The zfs module is built by zfs-dkms inside the guest's own root (a chroot), against the
+# guest's own kernel headers: the host stays a plain Debian 12 and never gets zfs-dkms. The
+# userland comes from the same source package, so module and userland match by construction
+# (checked below).
+#
+# On top of minbase go GUEST_PKGS, tests/vm/guest-init.sh as /sbin/zgolden-init, and both image
+# tarballs of tests/setup/images.sh under /zgolden-images/; both are also preloaded in the
+# guest engine as zgolden/busybox:latest and zgolden/dind:latest (importing dind.tar under TCG
+# takes minutes). The 2.1 guest starts from dind.tar itself (minbase bookworm + docker.io).
+#
+# Versions are resolved from a private apt index of the release's suites, kept in the cache
+# (the host's own apt sources are never changed). Cache: CACHE_DIR (default
+# ${ZGOLDEN_CACHE:-/var/cache/zgolden-test}) / guest-<release>-<key>/, where <key> hashes the
+# kernel, zfs and docker.io versions, the package list, this script, lib.sh, guest-init.sh and
+# the images key. Building one release never drops another's guest.
+# Output (stdout): release=, kver=, zfs=, docker=, kernel=, initrd=, root= lines; progress goes
+# to stderr.
 set -euo pipefail
 
 ZG_NAME=build-guest
@@ -22,44 +32,52 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 
-GUEST_PKGS=(linux-image-KVER zfsutils-linux xfsprogs docker.io iptables udev initramfs-tools
-	util-linux e2fsprogs kmod procps git iproute2 zstd
+GUEST_PKGS=(linux-image-KVER linux-headers-KVER zfs-dkms zfsutils-linux xfsprogs docker.io
+	iptables udev initramfs-tools util-linux e2fsprogs kmod procps git iproute2 zstd
 	btrfs-progs attr acl rsync) # the last line: the host's test tools, for tests of other backends
 ROOT_SIZE="${ZGOLDEN_VM_ROOT_SIZE:-8G}" # sparse; docker's data root in the guest lives here
 
 [ "$(id -u)" = 0 ] || zg_die "must run as root"
+command -v debootstrap >/dev/null || zg_die "debootstrap missing: run tests/setup/host-deps.sh"
 cache=$(zg_cache_dir "${1:-}")
 
-kver=$(zg_guest_kver)
-[ -n "$kver" ] || zg_die "cannot resolve the guest kernel from linux-image-amd64 (apt-get update? run tests/setup/host-deps.sh)"
-dkms_deb=$(dpkg-query -W -f='${Version}' zfs-dkms 2>/dev/null || true)
-[ -n "$dkms_deb" ] || zg_die "zfs-dkms is not installed: run tests/setup/host-deps.sh"
-zver=${dkms_deb#*:}  # drop an epoch
-zver=${zver%%-*}     # drop the Debian revision: 2.1.11-1+deb12u1 -> 2.1.11
-hdrs=$(dpkg-query -W -f='${Version}' "linux-headers-$kver" 2>/dev/null || true)
-[ -n "$hdrs" ] || zg_die "linux-headers-$kver is not installed: run tests/setup/host-deps.sh"
-moddir="/var/lib/dkms/zfs/$zver/$kver/x86_64/module"
+release="${ZGOLDEN_ZFS:-2.4}"
+case "$release" in
+2.1) suite=bookworm zfs_suite=bookworm ;;
+2.3) suite=trixie zfs_suite=trixie ;;
+2.4) suite=trixie zfs_suite=trixie-backports ;;
+*) zg_die "ZGOLDEN_ZFS=$release: the test bed has 2.1, 2.3 and 2.4" ;;
+esac
 
-# --- wait for (or run) the DKMS build of zfs for the guest kernel ------------------------
-dkms_busy() {
-	pgrep -f 'tests/setup/host-deps.sh' >/dev/null ||
-		pgrep -x dkms >/dev/null || pgrep -f '/usr/sbin/dkms' >/dev/null ||
-		pgrep -x apt-get >/dev/null || pgrep -x dpkg >/dev/null
-}
-have_modules() { [ -f "$moddir/zfs.ko" ] || [ -f "$moddir/zfs.ko.xz" ] || [ -f "$moddir/zfs.ko.zst" ]; }
-if ! have_modules; then
-	deadline=$((SECONDS + ${ZGOLDEN_DKMS_WAIT:-2400}))
-	while ! have_modules && dkms_busy; do
-		[ "$SECONDS" -lt "$deadline" ] || zg_die "timed out waiting for the zfs DKMS build (dkms status: $(dkms status 2>&1 | tr '\n' ' '))"
-		zg_log "waiting for the zfs DKMS build for $kver ($(dkms status zfs 2>&1 | tr '\n' ' '))"
-		sleep 15
-	done
-	if ! have_modules; then
-		zg_log "building zfs $zver for $kver with dkms"
-		dkms build -m zfs -v "$zver" -k "$kver" >&2 || zg_die "dkms build failed"
-	fi
-	have_modules || zg_die "no zfs modules in $moddir after the DKMS build"
+# --- versions, from a private index of the release's suites -----------------------------
+index="$cache/apt-index-$suite"
+idx_opts=(-o "Dir::Etc::SourceList=$index/sources.list" -o "Dir::Etc::SourceParts=$index/empty"
+	-o "Dir::State::Lists=$index/lists" -o "Dir::Cache=$index/cache" -o Dir::State::status=/dev/null
+	-o Debug::NoLocking=1)
+mkdir -p "$index/lists/partial" "$index/cache" "$index/empty"
+zg_sources_list "$suite" >"$index/sources.list"
+# The same pin the guest gets, so that the candidates here are the versions it installs.
+prefs="$index/preferences-$release"
+zg_zfs_pin "$zfs_suite" >"$prefs"
+idx_opts+=(-o "Dir::Etc::Preferences=$prefs" -o "Dir::Etc::PreferencesParts=$index/empty")
+# At most one refresh an hour: a warm run should not wait on the mirror, and a guest built
+# from hour-old lists is as valid as one built from fresh ones.
+if [ -z "$(find "$index/lists" -maxdepth 1 -name '*Packages*' -mmin -60 -print -quit)" ]; then
+	zg_log "refreshing the $suite index"
+	apt-get "${idx_opts[@]}" update -qq >&2 ||
+		[ -n "$(find "$index/lists" -maxdepth 1 -name '*Packages*' -print -quit)" ] ||
+		zg_die "cannot read the $suite package index from $(zg_mirror)"
 fi
+idx() { apt-cache "${idx_opts[@]}" "$@"; }
+kver=$(idx depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*-amd64\)$/\1/p' | head -n1)
+[ -n "$kver" ] || zg_die "cannot resolve the $suite kernel from linux-image-amd64"
+kdeb=$(idx policy "linux-image-$kver" | sed -n 's/^  Candidate: //p')
+zfs_deb=$(idx policy zfs-dkms | sed -n 's/^  Candidate: //p')
+[ -n "$zfs_deb" ] && [ "$zfs_deb" != "(none)" ] || zg_die "no zfs-dkms candidate in $suite contrib"
+zver=${zfs_deb#*:}  # drop an epoch
+zver=${zver%%-*}     # drop the Debian revision: 2.1.11-1+deb12u1 -> 2.1.11
+case "$zver" in "$release".*) ;; *) zg_die "$zfs_suite has zfs-dkms $zfs_deb, not $release.x" ;; esac
+docker_deb=$(idx policy docker.io | sed -n 's/^  Candidate: //p')
 
 images=$(bash "$here/../setup/images.sh" "$cache")
 busybox_tar=$(sed -n 's/^busybox=//p' <<<"$images")
@@ -68,13 +86,16 @@ dind_tar=$(sed -n 's/^dind=//p' <<<"$images")
 
 key=$( {
 	cat "$here/build-guest.sh" "$here/lib.sh" "$here/guest-init.sh"
-	echo "kver=$kver zfs-dkms=$dkms_deb headers=$hdrs images=$(dirname "$dind_tar") pkgs=${GUEST_PKGS[*]} root=$ROOT_SIZE"
+	echo "release=$release kernel=$kver/$kdeb zfs-dkms=$zfs_deb docker.io=$docker_deb"
+	echo "images=$(dirname "$dind_tar") pkgs=${GUEST_PKGS[*]} root=$ROOT_SIZE mirror=$(zg_mirror)"
 } | sha256sum | cut -c1-16)
-out="$cache/guest-$key"
+out="$cache/guest-$release-$key"
 
 print_paths() {
+	echo "release=$release"
 	echo "kver=$kver"
 	echo "zfs=$zver"
+	echo "docker=$docker_deb"
 	echo "kernel=$out/vmlinuz"
 	echo "initrd=$out/initrd.img"
 	echo "root=$out/root.img"
@@ -98,24 +119,37 @@ trap 'rm -rf "$work"' EXIT
 r="$work/root"
 mkdir -p "$r"
 
-zg_log "guest kernel $kver, zfs $zver (zfs-dkms $dkms_deb), base $(basename "$(dirname "$dind_tar")")/dind.tar"
-tar --numeric-owner -C "$r" -xf "$dind_tar"
+zg_log "zfs $release guest: $suite, kernel $kver, zfs-dkms $zfs_deb, docker.io $docker_deb"
+if [ "$suite" = bookworm ]; then
+	# dind.tar is minbase bookworm + docker.io already: start from it.
+	tar --numeric-owner -C "$r" -xf "$dind_tar"
+else
+	zg_debootstrap "$r" "$suite"
+fi
 cp /etc/resolv.conf "$r/etc/resolv.conf" # only for apt during the build; removed below
+rm -f "$r/etc/apt/sources.list" "$r/etc/apt/sources.list.d/debian.sources"
+zg_sources_list "$suite" >"$r/etc/apt/sources.list.d/debian.list"
+zg_zfs_pin "$zfs_suite" >"$r/etc/apt/preferences.d/zgolden-zfs"
 zg_chroot "$r" apt-get update -q >&2
 pkgs=("${GUEST_PKGS[@]/KVER/$kver}")
-zg_log "installing ${pkgs[*]}"
+# From trixie on, the docker command is its own package (docker.io only recommends it).
+[ "$suite" = bookworm ] || pkgs+=(docker-cli)
+# zfs-dkms builds the module in its postinst, for every kernel whose headers are installed:
+# here, only the guest's.
+zg_log "installing ${pkgs[*]} (zfs-dkms builds the module now)"
 zg_apt_install "$r" "${pkgs[@]}" >&2
 
-# The userland must match the kernel module (pitfall 11): same upstream version.
+moddir="$r/lib/modules/$kver/updates/dkms"
+ls "$moddir"/zfs.ko* >/dev/null 2>&1 ||
+	zg_die "zfs-dkms built no module for $kver ($(zg_chroot "$r" dkms status 2>&1 | tr '\n' ' '))"
+# Module and userland come from one source package; a mismatch breaks in ways that look like
+# data problems (docs/design-facts.md, "Userland against the module").
 uver=$(zg_chroot "$r" dpkg-query -W -f='${Version}' zfsutils-linux)
-uup=${uver#*:}
-uup=${uup%%-*}
-[ "$uup" = "$zver" ] || zg_die "guest zfsutils-linux $uver does not match the host's zfs-dkms $dkms_deb"
-[ "$uver" = "$dkms_deb" ] || zg_log "note: zfsutils-linux $uver vs zfs-dkms $dkms_deb (same upstream $zver)"
+dver=$(zg_chroot "$r" dpkg-query -W -f='${Version}' zfs-dkms)
+[ "$uver" = "$dver" ] || zg_die "guest zfsutils-linux $uver does not match its zfs-dkms $dver"
+[ "$dver" = "$zfs_deb" ] || zg_log "note: installed zfs-dkms $dver, the index said $zfs_deb"
+dockerv=$(zg_chroot "$r" dpkg-query -W -f='${Version}' docker.io)
 
-zg_log "adding the DKMS zfs modules from $moddir"
-mkdir -p "$r/lib/modules/$kver/updates/dkms"
-cp "$moddir"/*.ko* "$r/lib/modules/$kver/updates/dkms/"
 # The root is ext4 on a virtio disk. MODULES=most (the default) already covers it; the list
 # makes it explicit. MODULES=dep would look at the build host's root, not the guest's.
 printf 'virtio_pci\nvirtio_blk\next4\n' >"$r/etc/initramfs-tools/modules"
@@ -171,15 +205,17 @@ cp "$r/boot/initrd.img-$kver" "$out.tmp/initrd.img"
 zg_log "making the ext4 root image ($ROOT_SIZE sparse)"
 mke2fs -q -t ext4 -L zgroot -d "$r" "$out.tmp/root.img" "$ROOT_SIZE" >&2
 {
+	echo "release=$release"
 	echo "kver=$kver"
-	echo "zfs_dkms=$dkms_deb"
+	echo "zfs_dkms=$dver"
 	echo "zfsutils=$uver"
+	echo "docker=$dockerv"
 	echo "built=$(date -Is)"
 } >"$out.tmp/info"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 touch "$out/done"
-for old in "$cache"/guest-*; do
+for old in "$cache/guest-$release"-*; do
 	[ "$old" = "$out" ] || [ ! -f "$old/done" ] || rm -rf "$old"
 done
 zg_log "built in $((SECONDS - start)) s: $(du -sh "$out" | cut -f1) on disk"

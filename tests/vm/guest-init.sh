@@ -76,7 +76,7 @@ mkdir -p /run/lock
 # The root image is attached with snapshot=on, so /tmp starts empty every boot.
 mkdir -p /tmp
 chmod 1777 /tmp
-# Docker needs cgroups (pitfall 15); bookworm's runc/containerd handle the unified hierarchy.
+# Docker needs cgroups; bookworm's runc/containerd handle the unified hierarchy.
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
@@ -149,6 +149,7 @@ for _ in $(seq 120); do
 done
 [ -n "$ok" ] || setup_fail "dockerd not ready within 120 s: $(tail -n 5 "$RES/dockerd.log")"
 docker info >"$RES/docker-info" 2>&1
+docker info --format '{{.ServerVersion}}' >"$RES/docker-version" 2>&1
 say "dockerd ready ($(docker info --format '{{.ServerVersion}} {{.Driver}}' 2>/dev/null))"
 
 # --- tests ----------------------------------------------------------------------------------

@@ -30,11 +30,6 @@ zg_mirror() {
 	echo "${m:-http://deb.debian.org/debian}"
 }
 
-# zg_guest_kver: the kernel version linux-image-amd64 points at (same as host-deps.sh).
-zg_guest_kver() {
-	apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*-amd64\)$/\1/p' | head -n1
-}
-
 # zg_sha256 FILE...: one hash over the named files' contents.
 zg_sha256() { cat "$@" | sha256sum | cut -c1-16; }
 
@@ -74,30 +69,45 @@ zg_apt_install() {
 		-o Dpkg::Options::=--force-confold -o Dpkg::Use-Pty=0 "$@"
 }
 
-# zg_debootstrap ROOT: a minbase bookworm in ROOT with the updates, security and
-# contrib sources and a policy-rc.d that keeps every service from starting.
+# zg_sources_list SUITE: one-line apt sources for a Debian suite, with its updates and security
+# suites and the contrib component (zfs lives there); trixie also gets trixie-backports, where
+# zfs 2.4 is. Backports are NotAutomatic: nothing comes from there unless pinned (zg_zfs_pin).
+zg_sources_list() {
+	local suite="$1" mirror sec
+	mirror=$(zg_mirror)
+	sec="${mirror%/debian}/debian-security"
+	echo "deb $mirror $suite main contrib"
+	echo "deb $mirror $suite-updates main contrib"
+	echo "deb $sec $suite-security main contrib"
+	[ "$suite" = bookworm ] || echo "deb $mirror $suite-backports main contrib"
+}
+
+# zg_zfs_pin SUITE: apt preferences that take every zfs package from SUITE. It matters only for
+# a backports suite; for the release's own suite it says so and pins nothing.
+zg_zfs_pin() {
+	case "$1" in
+	*-backports)
+		cat <<EOF
+Package: zfs-dkms zfsutils-linux zfs-zed zfs-initramfs libzfs* libzpool* libnvpair* libuutil* python3-pyzfs
+Pin: release n=$1
+Pin-Priority: 990
+EOF
+		;;
+	*) echo "# zgolden: zfs comes from $1 itself; nothing to pin" ;;
+	esac
+}
+
+# zg_debootstrap ROOT [SUITE]: a minbase SUITE (default bookworm) in ROOT with the sources of
+# zg_sources_list and a policy-rc.d that keeps every service from starting.
 zg_debootstrap() {
-	local root="$1" mirror
+	local root="$1" suite="${2:-bookworm}" mirror
 	mirror=$(zg_mirror)
 	mkdir -p "${ZG_APT_ARCHIVES:?}"
-	zg_log "debootstrap minbase bookworm from $mirror"
-	debootstrap --variant=minbase --cache-dir="$ZG_APT_ARCHIVES" bookworm "$root" "$mirror" >&2 ||
+	zg_log "debootstrap minbase $suite from $mirror"
+	debootstrap --variant=minbase --cache-dir="$ZG_APT_ARCHIVES" "$suite" "$root" "$mirror" >&2 ||
 		zg_die "debootstrap failed (see $root/debootstrap/debootstrap.log)"
-	local sec="${mirror%/debian}/debian-security"
-	rm -f "$root/etc/apt/sources.list"
-	cat >"$root/etc/apt/sources.list.d/debian.sources" <<EOF
-Types: deb
-URIs: $mirror
-Suites: bookworm bookworm-updates
-Components: main contrib
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: $sec
-Suites: bookworm-security
-Components: main contrib
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
+	rm -f "$root/etc/apt/sources.list" "$root/etc/apt/sources.list.d/debian.sources"
+	zg_sources_list "$suite" >"$root/etc/apt/sources.list.d/debian.list"
 	printf '#!/bin/sh\n# zgolden: never start services while building an image.\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 	chmod 0755 "$root/usr/sbin/policy-rc.d"
 	zg_chroot "$root" apt-get update -q >&2

@@ -16,6 +16,7 @@
 #
 # Environment:
 #   ZGOLDEN_CACHE            cache root (default /var/cache/zgolden-test)
+#   ZGOLDEN_ZFS              the test bed's release: 2.1, 2.3 or 2.4 (default; build-guest.sh)
 #   ZGOLDEN_VM_TIMEOUT       bound on the whole guest run, seconds (default 1500)
 #   ZGOLDEN_VM_TEST_TIMEOUT  -test.timeout of each binary (default 20m)
 #   ZGOLDEN_VM_TEST_RUN      -test.run pattern passed to every binary (default: all)
@@ -212,9 +213,11 @@ done <"$payload/tests/manifest"
 
 echo
 echo "=================== summary"
+echo "test bed release:  zfs $(gval release) (ZGOLDEN_ZFS; guest built with zfs-dkms $(gval zfs), docker.io $(gval docker))"
 echo "guest kernel:      $(cat "$res/uname-r" 2>/dev/null || echo unknown)"
 echo "zfs module:        $(cat "$res/zfs-module-version" 2>/dev/null || echo unknown)"
 echo "zfs userland:      $(head -n1 "$res/zfs-version" 2>/dev/null || echo unknown)"
+echo "docker engine:     $(cat "$res/docker-version" 2>/dev/null || echo unknown)"
 echo "boot to init:      $(cat "$res/boot-to-init" 2>/dev/null || echo '?') s guest uptime"
 echo "host time:         cache ${t_cache}s, build $((t_build - t_cache))s, guest $((t_boot - t_build))s, total $((SECONDS - t_start))s"
 for l in "${summary[@]}"; do echo "$l"; done

@@ -53,7 +53,7 @@ func must(t *testing.T, argv ...string) string {
 }
 
 // waitDev polls for a device node: zfs create and zfs clone return before udev makes
-// /dev/zvol/... (pitfall 3).
+// /dev/zvol/... (docs/design-facts.md, "Asynchronous device nodes").
 func waitDev(t *testing.T, path string) {
 	t.Helper()
 	start := time.Now()
@@ -71,7 +71,7 @@ func waitDev(t *testing.T, path string) {
 }
 
 // retry runs argv until it succeeds or the bound passes: udev or blkid may hold a zvol
-// for a moment (pitfall 8).
+// for a moment (docs/design-facts.md, "Busy devices").
 func retry(argv ...string) error {
 	var err error
 	for i := 0; i < 20; i++ {
