@@ -9,11 +9,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -134,7 +136,7 @@ func cmdStatus(args []string) error {
 		return printJSON(st)
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	for _, k := range sortedKeys(st) {
+	for _, k := range slices.Sorted(maps.Keys(st)) {
 		v := st[k]
 		if f, ok := v.(float64); ok && strings.HasSuffix(k, "_bytes") {
 			v = humanBytes(uint64(f))
@@ -142,19 +144,6 @@ func cmdStatus(args []string) error {
 		fmt.Fprintf(tw, "%s:\t%v\n", k, v)
 	}
 	return tw.Flush()
-}
-
-func sortedKeys(m map[string]any) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	for i := 1; i < len(keys); i++ {
-		for j := i; j > 0 && keys[j] < keys[j-1]; j-- {
-			keys[j], keys[j-1] = keys[j-1], keys[j]
-		}
-	}
-	return keys
 }
 
 func cmdGoldenList(args []string) error {
