@@ -45,7 +45,8 @@ func newLogger(c serveConfig) (*logrus.Logger, error) {
 func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log *logrus.Entry) (driver.Backend, error) {
 	useZFS := c.Backend == "zfs"
 	// A refused zfs userland and module pair stops the start even in auto: falling back to the
-	// reflink store would hide it, and a managed plugin must refuse at enable time.
+	// reflink store would hide it, and a managed plugin must refuse at enable time. This runs
+	// before any other zfs command (DefaultParent, Check), since a refused pair misreports.
 	if c.Backend != "reflink" && zfsstore.Present() {
 		if _, err := zfsstore.Versions(ctx, zfsutil.New(log), c.ZFSProven); errors.Is(err, zfsutil.ErrPair) {
 			return nil, err
@@ -95,7 +96,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 func waitForZFS(ctx context.Context, c serveConfig, log *logrus.Entry) error {
 	deadline := time.Now().Add(c.WaitPool)
 	for {
-		err := zfsstore.Check(ctx, c.Parent, c.ZFSProven)
+		err := zfsstore.Check(ctx, c.Parent)
 		if err == nil || time.Now().After(deadline) {
 			return err
 		}
