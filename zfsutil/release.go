@@ -1,6 +1,7 @@
 package zfsutil
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -39,15 +40,7 @@ func (r Release) Series() string { return fmt.Sprintf("%d.%d", r.Major, r.Minor)
 
 // Compare orders releases: -1, 0 or +1 as r is older than, the same as or newer than o.
 func (r Release) Compare(o Release) int {
-	for _, d := range [][2]int{{r.Major, o.Major}, {r.Minor, o.Minor}, {r.Patch, o.Patch}} {
-		if d[0] != d[1] {
-			if d[0] < d[1] {
-				return -1
-			}
-			return 1
-		}
-	}
-	return 0
+	return cmp.Or(cmp.Compare(r.Major, o.Major), cmp.Compare(r.Minor, o.Minor), cmp.Compare(r.Patch, o.Patch))
 }
 
 // ModuleVersionFile is where the loaded zfs module reports its version.
