@@ -407,7 +407,7 @@ func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generat
 	}
 	log := s.log.WithFields(logrus.Fields{"dataset": ds, "project": project, "generation": g.Number})
 	s.swap.RLock() // the generation's snapshot must not move while it is cloned (see swap)
-	err := s.zfs.Clone(ctx, g.Source, ds, props)
+	err := s.clone(ctx, g.Source, ds, props)
 	s.swap.RUnlock()
 	if err != nil {
 		s.cleanupLate(ds, ds, err, log)

@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -102,6 +103,10 @@ type Store struct {
 	trash trash
 
 	versions ZFSVersions // read once by New; a module cannot change under a running store
+
+	// oneTask is set while the module can clone in one sync task (clone.go); cleared for good
+	// when the module turns out not to.
+	oneTask atomic.Bool
 
 	// tomb holds the names whose timed-out Create is still being cleaned up (see slow.go).
 	tomb tombstones
@@ -214,7 +219,8 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if s.versions, err = Versions(ctx, s.zfs, cfg.ProvenZFS); err != nil {
 		return nil, err
 	}
-	s.log.WithFields(logrus.Fields{"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland}).Info("zfs userland and module accepted")
+	s.oneTask.Store(oneTaskModule(s.versions.Module))
+	s.log.WithFields(logrus.Fields{"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland, "one_task_clone": s.oneTask.Load()}).Info("zfs userland and module accepted")
 	if err := s.initParent(ctx); err != nil {
 		return nil, err
 	}
@@ -268,7 +274,7 @@ func (s *Store) initParent(ctx context.Context) error {
 			}
 		}
 	}
-	return nil
+	return s.initInherited(ctx)
 }
 
 // Name implements driver.Backend.
@@ -474,7 +480,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if grow {
 			props[propState] = "creating" // until the volsize change below is done
 		}
-		err := s.zfs.Clone(ctx, gen.Source, ds, props)
+		err := s.clone(ctx, gen.Source, ds, props)
 		if errors.Is(err, zfsutil.ErrNotFound) && pickCached {
 			// The cached generation was destroyed behind the store's back: read the tree again.
 			log.WithError(err).WithField("snapshot", gen.Source).Warn("the cached generation is gone; reading the golden again")
@@ -488,7 +494,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			gen, genSize = g, size
 			props[propGeneration] = strconv.Itoa(gen.Number)
 			v.Generation = gen.Number
-			err = s.zfs.Clone(ctx, gen.Source, ds, props)
+			err = s.clone(ctx, gen.Source, ds, props)
 		}
 		unlock() // the clone exists (or failed): its origin may move now
 		if err != nil {
@@ -752,6 +758,7 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	st["spares_ready"] = s.sparesReady()
 	st["claims_pending"] = s.claimsPending()
 	st["cleanups_pending"] = s.tomb.count()
+	st["clone_sync_tasks"] = s.cloneSyncTasks()
 	if txgs, err := zfsutil.TxgSyncs(pool); err == nil {
 		// What every zfs clone, rename and destroy waits on (see slow.go).
 		worst, last := syncStats(txgs, 10)

@@ -1,8 +1,11 @@
 package zfsutil
 
 import (
+	"errors"
 	"testing"
 	"time"
+
+	"github.com/zgolden/zgolden/internal/command"
 )
 
 // What /proc/spl/kstat/zfs/zgt/txgs printed in the guest (zfs 2.1.11), with a txg still open.
@@ -31,5 +34,25 @@ func TestParseTxgs(t *testing.T) {
 	}
 	if _, err := ParseTxgs("garbage\n"); err == nil {
 		t.Fatal("a kstat with no column header parsed")
+	}
+}
+
+// TestClassifyProgram: what the clone program's failures print maps to the sentinel errors.
+func TestClassifyProgram(t *testing.T) {
+	const head = "Channel program execution failed:\n[string \"channel program\"]:6: "
+	for stderr, want := range map[string]error{
+		head + "zgolden: clone p/vol/a: errno 17":           ErrExists,
+		head + "zgolden: clone p/vol/a: errno 2":            ErrNotFound,
+		head + "zgolden: clone p/vol/a: errno 28":           ErrNoSpace,
+		head + "zgolden: set zgolden:x on p/vol/a: errno 7": nil,
+		head + "zgolden: no zfs.sync.clone":                 ErrNoOneTaskClone,
+		"cannot open pool 'p'":                              nil,
+	} {
+		err := classifyProgram(&command.Error{Argv: []string{"zfs", "program"}, Stderr: stderr, Err: errors.New("exit status 1")})
+		for _, kind := range []error{ErrExists, ErrNotFound, ErrNoSpace, ErrNoOneTaskClone} {
+			if errors.Is(err, kind) != (kind == want) {
+				t.Errorf("classifyProgram(%q) = %v; errors.Is %v = %v", stderr, err, kind, !(kind == want))
+			}
+		}
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -184,4 +186,31 @@ func ZFSInventory(t testing.TB, parent string) []string {
 			return names
 		}
 	}
+}
+
+// SyncEvent is one internal event of a dataset in its pool's history: the transaction group it
+// synced in, the operation (clone, set, inherit, rename...) and what followed the dataset's name.
+type SyncEvent struct {
+	Txg        int64
+	Op, Detail string
+}
+
+var historyLine = regexp.MustCompile(`\[txg:(\d+)\] (\S+) (\S+) \(\d+\)\s*(.*)$`)
+
+// SyncEvents returns ds's internal events from zpool history -i, oldest first. Two events with
+// one Txg were one transaction group; the sync tasks of one transaction group are never two
+// waits, which is what tests of the number of waits a call costs read from it.
+func SyncEvents(t testing.TB, ds string) []SyncEvent {
+	t.Helper()
+	pool, _, _ := strings.Cut(ds, "/")
+	var evs []SyncEvent
+	for _, line := range strings.Split(Run(t, "zpool", "history", "-i", pool), "\n") {
+		m := historyLine.FindStringSubmatch(line)
+		if m == nil || m[3] != ds {
+			continue
+		}
+		txg, _ := strconv.ParseInt(m[1], 10, 64)
+		evs = append(evs, SyncEvent{Txg: txg, Op: m[2], Detail: m[4]})
+	}
+	return evs
 }
