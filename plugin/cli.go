@@ -32,8 +32,12 @@ type cli struct {
 	args   []string
 }
 
-func newCLI(name, synopsis string) *cli {
+// helpOut is where a subcommand's usage goes; tests read it.
+var helpOut io.Writer = os.Stderr
+
+func newCLI(name string) *cli {
 	c := &cli{fs: flag.NewFlagSet("zgolden "+name, flag.ContinueOnError)}
+	c.fs.SetOutput(helpOut)
 	def := os.Getenv("ZGOLDEN_ADMIN_SOCKET")
 	if def == "" {
 		def = "/run/zgolden/admin.sock"
@@ -41,7 +45,7 @@ func newCLI(name, synopsis string) *cli {
 	c.fs.StringVar(&c.socket, "admin-socket", def, "admin socket of the running zgolden serve ($ZGOLDEN_ADMIN_SOCKET)")
 	c.fs.BoolVar(&c.json, "json", false, "print JSON for scripts")
 	c.fs.Usage = func() {
-		fmt.Fprintf(c.fs.Output(), "Usage: zgolden %s\n\nFlags:\n", synopsis)
+		fmt.Fprintf(c.fs.Output(), "Usage: zgolden %s\n\nFlags:\n", synopsis(name))
 		c.fs.PrintDefaults()
 	}
 	return c
@@ -124,7 +128,7 @@ func printJSON(v any) error {
 }
 
 func cmdStatus(args []string) error {
-	c := newCLI("status", "status [--json]")
+	c := newCLI("status")
 	if err := c.parse(args, 0); err != nil {
 		return err
 	}
@@ -147,7 +151,7 @@ func cmdStatus(args []string) error {
 }
 
 func cmdGoldenList(args []string) error {
-	c := newCLI("golden ls", "golden ls [--json]")
+	c := newCLI("golden ls")
 	if err := c.parse(args, 0); err != nil {
 		return err
 	}
@@ -178,7 +182,7 @@ func cmdGoldenList(args []string) error {
 }
 
 func cmdGoldenPromote(args []string) error {
-	c := newCLI("golden promote", "golden promote VOLUME --project PRJ [--json]")
+	c := newCLI("golden promote")
 	project := c.fs.String("project", "", "project whose next generation the volume becomes (required)")
 	if err := c.parse(args, 1); err != nil {
 		return err
@@ -201,7 +205,7 @@ func cmdGoldenPromote(args []string) error {
 }
 
 func cmdGoldenImport(args []string) error {
-	c := newCLI("golden import", "golden import DIR --project PRJ [--type block|fs] [--json]")
+	c := newCLI("golden import")
 	project := c.fs.String("project", "", "project to seed (required)")
 	kind := c.fs.String("type", "block", "block (XFS image or zvol, for /var/lib/docker) or fs (ZFS dataset, for git workspaces)")
 	removeSource := c.fs.Bool("remove-source", false, "delete DIR after the copy has been verified entry by entry and snapshotted")
@@ -309,7 +313,7 @@ func isTerminal(f *os.File) bool {
 }
 
 func cmdGoldenReclaim(args []string) error {
-	c := newCLI("golden reclaim", "golden reclaim [PRJ] [--keep N] [--json]")
+	c := newCLI("golden reclaim")
 	keep := c.fs.Int("keep", 1, "keep this many newest generations of each project")
 	if err := c.parse(args, -1); err != nil {
 		return err
@@ -338,7 +342,7 @@ func cmdGoldenReclaim(args []string) error {
 }
 
 func cmdGoldenRemove(args []string) error {
-	c := newCLI("golden rm", "golden rm PRJ [--force]")
+	c := newCLI("golden rm")
 	force := c.fs.Bool("force", false, "also remove every volume cloned from the golden (refused if any is mounted)")
 	if err := c.parse(args, 1); err != nil {
 		return err

@@ -7,26 +7,49 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-const usage = `zgolden: Docker volumes that are instant ZFS clones of a golden snapshot.
+// commands is every subcommand with its arguments and flags, in the order usage lists them. The
+// subcommands' own --help reads its line from here, and TestUsageListsEveryFlag holds each line
+// to the flags its subcommand defines.
+var commands = []struct{ path, args, summary string }{
+	{"serve", "[flags]", "run the volume plugin (see zgolden serve --help)"},
+	{"status", "[--json]", "backend, space, spares, sync times and volume counts"},
+	{"golden ls", "[--json]", "goldens, generations and the volumes using them"},
+	{"golden import", "DIR --project PRJ [--type block|fs] [--remove-source] [--json]", "seed PRJ's next generation from a directory"},
+	{"golden promote", "VOLUME --project PRJ [--json]", "make a volume PRJ's next generation"},
+	{"golden reclaim", "[PRJ] [--keep N] [--json]", "destroy unused older generations"},
+	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
+	{"version", "", "print the version"},
+}
 
-Usage:
-  zgolden serve [flags]                                  run the volume plugin (see zgolden serve --help)
-  zgolden status [--json]                                backend, space and volume counts
-  zgolden golden ls [--json]                             goldens, generations and the volumes using them
-  zgolden golden import DIR --project PRJ [--type T]     seed PRJ's next generation from a directory
-  zgolden golden promote VOLUME --project PRJ            make a volume PRJ's next generation
-  zgolden golden reclaim [PRJ] [--keep N]                destroy unused older generations
-  zgolden golden rm PRJ                                  destroy a golden no volume depends on
-  zgolden version
+// synopsis is "PATH ARGS" of the subcommand path, as its usage line shows it.
+func synopsis(path string) string {
+	for _, c := range commands {
+		if c.path == path {
+			return strings.TrimSpace(c.path + " " + c.args)
+		}
+	}
+	return path
+}
 
-The admin commands talk to the running server over --admin-socket
-(default /run/zgolden/admin.sock, or $ZGOLDEN_ADMIN_SOCKET).
-`
+// usage lists the subcommands under prefix ("" for all of them, "golden" for the golden ones).
+func usage(prefix string) string {
+	var b strings.Builder
+	b.WriteString("zgolden: Docker volumes that are instant ZFS clones of a golden snapshot.\n\nUsage:\n")
+	for _, c := range commands {
+		if prefix == "" || strings.HasPrefix(c.path, prefix+" ") {
+			fmt.Fprintf(&b, "  zgolden %s\n        %s\n", synopsis(c.path), c.summary)
+		}
+	}
+	b.WriteString("\nzgolden COMMAND --help shows a command's flags. The admin commands talk to the running\n" +
+		"server over --admin-socket (default /run/zgolden/admin.sock, or $ZGOLDEN_ADMIN_SOCKET).\n")
+	return b.String()
+}
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
@@ -40,7 +63,7 @@ func main() {
 
 func run(args []string) error {
 	if len(args) == 0 {
-		fmt.Fprint(os.Stderr, usage)
+		fmt.Fprint(os.Stderr, usage(""))
 		return errors.New("no command given")
 	}
 	switch args[0] {
@@ -50,10 +73,13 @@ func run(args []string) error {
 		return cmdStatus(args[1:])
 	case "golden":
 		if len(args) < 2 {
-			fmt.Fprint(os.Stderr, usage)
+			fmt.Fprint(os.Stderr, usage("golden"))
 			return errors.New("golden needs a subcommand: ls, import, promote, reclaim or rm")
 		}
 		switch args[1] {
+		case "help", "-h", "--help":
+			fmt.Print(usage("golden"))
+			return nil
 		case "ls", "list":
 			return cmdGoldenList(args[2:])
 		case "import":
@@ -70,9 +96,9 @@ func run(args []string) error {
 		fmt.Println("zgolden", version)
 		return nil
 	case "help", "-h", "--help":
-		fmt.Print(usage)
+		fmt.Print(usage(""))
 		return nil
 	}
-	fmt.Fprint(os.Stderr, usage)
+	fmt.Fprint(os.Stderr, usage(""))
 	return fmt.Errorf("unknown command %q", args[0])
 }
