@@ -18,7 +18,6 @@ var (
 	ErrNoGolden        = errors.New("no golden")
 	ErrHasDependents   = errors.New("has dependent volumes")
 	ErrImportRunning   = errors.New("golden import in progress")
-	ErrUnsupported     = errors.New("not supported by this backend")
 	ErrGenerationInUse = errors.New("generation is in use")
 )
 

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -124,7 +125,7 @@ func (f *fakeBackend) Mounted(target string) (bool, error) {
 func (f *fakeBackend) Usage(context.Context, Volume) (Usage, error) { return Usage{Size: 1}, nil }
 func (f *fakeBackend) Goldens(context.Context) ([]Golden, error)    { return nil, nil }
 func (f *fakeBackend) Promote(context.Context, Volume, string, string) (Generation, error) {
-	return Generation{}, ErrUnsupported
+	return Generation{}, errFakeUnsupported
 }
 func (f *fakeBackend) Import(ctx context.Context, project string, _ Kind, src string, progress func(Progress)) (Generation, error) {
 	progress(Progress{Phase: "copying", FilesDone: 1, FilesTotal: 4, BytesDone: 1, BytesTotal: 4})
@@ -141,6 +142,9 @@ func (f *fakeBackend) Import(ctx context.Context, project string, _ Kind, src st
 	f.imported = append(f.imported, src)
 	return Generation{Project: project, Number: f.goldens[project]}, nil
 }
-func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return ErrUnsupported }
-func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return ErrUnsupported }
+func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return errFakeUnsupported }
+func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return errFakeUnsupported }
 func (f *fakeBackend) Status(context.Context) (map[string]any, error)      { return map[string]any{}, nil }
+
+// errFakeUnsupported is what the fake answers for the generation calls no driver test needs.
+var errFakeUnsupported = errors.New("not supported by the fake backend")

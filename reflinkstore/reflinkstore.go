@@ -604,7 +604,7 @@ func mapErr(err error) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, driver.ErrNoSpace), errors.Is(err, driver.ErrBusy), errors.Is(err, driver.ErrExists),
-		errors.Is(err, driver.ErrNotFound), errors.Is(err, driver.ErrInvalid), errors.Is(err, driver.ErrUnsupported):
+		errors.Is(err, driver.ErrNotFound), errors.Is(err, driver.ErrInvalid):
 		return err
 	case errors.Is(err, xfsutil.ErrNoSpace), errors.Is(err, unix.ENOSPC), errors.Is(err, unix.EDQUOT):
 		return noSpace(err)

@@ -690,24 +690,7 @@ func TestInvalidNamesTouchNothing(t *testing.T) {
 func inventory(t *testing.T, root string) []string {
 	t.Helper()
 	harness.ReflinkUnlinked(t, filepath.Join(root, "store"))
-	var out []string
-	err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, path)
-		out = append(out, rel)
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range loopsUnder(root) {
-		rel, _ := filepath.Rel(root, l.BackingFile)
-		out = append(out, "loop:"+rel)
-	}
-	slices.Sort(out)
-	return out
+	return harness.ReflinkInventory(t, root)
 }
 
 // TestSizes covers -o size: a fresh volume gets exactly it, a clone grows to it (image at create,

@@ -309,7 +309,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 		// project's snapshots. A full send makes an independent lineage instead; it copies the
 		// volume's data once.
 		log.WithField("origin", origin).Info("promote: full send into a new lineage (the volume was cloned from another golden)")
-		if err := s.zfs.SendReceive(ctx, "", snap, target); err != nil {
+		if err := s.zfs.SendReceive(ctx, snap, target); err != nil {
 			s.rollback(ctx, log, target, target)
 			s.dropSnapshot(ctx, log, snap)
 			return driver.Generation{}, mapErr(err)

@@ -31,7 +31,6 @@ var (
 	ErrBusy          = errors.New("dataset is busy")
 	ErrNoSpace       = errors.New("out of space in the pool")
 	ErrHasDependents = errors.New("dataset has dependent clones or children")
-	ErrNoZFS         = errors.New("the ZFS kernel module or tools are not available")
 )
 
 // stderr fragments, as printed by OpenZFS 2.x, mapped to the sentinel errors above.
@@ -49,9 +48,6 @@ var classes = []struct {
 	{"insufficient replicas", ErrNoSpace},
 	{"dependent clones", ErrHasDependents},
 	{"has children", ErrHasDependents},
-	{"modules are not loaded", ErrNoZFS},
-	{"failed to initialize the libzfs library", ErrNoZFS},
-	{"/dev/zfs", ErrNoZFS},
 }
 
 func classify(err error) error {
@@ -59,12 +55,7 @@ func classify(err error) error {
 		return nil
 	}
 	var cerr *command.Error
-	switch {
-	case errors.As(err, &cerr):
-	default:
-		if errors.Is(err, os.ErrNotExist) || strings.Contains(err.Error(), "executable file not found") {
-			return fmt.Errorf("%w: %v", ErrNoZFS, err)
-		}
+	if !errors.As(err, &cerr) {
 		return err
 	}
 	low := strings.ToLower(cerr.Stderr)
@@ -276,15 +267,11 @@ func (z *ZFS) Get(ctx context.Context, name string, props ...string) (Row, error
 	return row, nil
 }
 
-// Send streams snapshot (incrementally from base, if base is not empty) into Receive at dest.
-// The receive is unmounted (-u) and is created atomically: dest@snap appears only when the whole
-// stream has arrived, which is what lets a racing Create see the old or the new generation only.
-func (z *ZFS) SendReceive(ctx context.Context, base, snapshot, dest string) error {
-	sendArgs := []string{"send"}
-	if base != "" {
-		sendArgs = append(sendArgs, "-i", base)
-	}
-	sendArgs = append(sendArgs, snapshot)
+// SendReceive streams snapshot, whole, into a new dataset dest. The receive is unmounted (-u) and
+// is created atomically: dest@snap appears only when the whole stream has arrived, which is what
+// lets a racing Create see the old or the new generation only.
+func (z *ZFS) SendReceive(ctx context.Context, snapshot, dest string) error {
+	sendArgs := []string{"send", snapshot}
 	pr, pw := io.Pipe()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -199,26 +199,7 @@ func (e *env) inventory(t *testing.T) []string {
 	if e.backend == "zfs" {
 		return harness.ZFSInventory(t, e.parent)
 	}
-	store := filepath.Join(e.root, "store")
-	harness.ReflinkUnlinked(t, store)
-	var out []string
-	for _, top := range []string{"volumes", "goldens"} {
-		_ = filepath.WalkDir(filepath.Join(store, top), func(p string, d os.DirEntry, err error) error {
-			if err == nil {
-				rel, _ := filepath.Rel(store, p)
-				out = append(out, rel)
-			}
-			return nil
-		})
-	}
-	lo := harness.Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE")
-	for _, l := range strings.Split(lo, "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && strings.HasPrefix(f[1], store+"/") {
-			out = append(out, "loop:"+strings.Join(f[1:], " "))
-		}
-	}
-	slices.Sort(out)
-	return out
+	return harness.ReflinkInventory(t, filepath.Join(e.root, "store"), "volumes", "goldens")
 }
 
 // expected is what the inventory must hold given the plugin's volumes and goldens: anything

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -186,6 +187,39 @@ func ZFSInventory(t testing.TB, parent string) []string {
 			return names
 		}
 	}
+}
+
+// ReflinkInventory lists what the reflink store in directory store holds: its files and
+// directories (under the top-level directories tops only, when given), relative to store, and
+// "loop:FILE" for each loop device backed by a file under store, with " (deleted)" when that
+// file was unlinked. It waits for removed images first (ReflinkUnlinked). With ZFSInventory it
+// is how every suite sees what a backend holds.
+func ReflinkInventory(t testing.TB, store string, tops ...string) []string {
+	t.Helper()
+	ReflinkUnlinked(t, store)
+	if len(tops) == 0 {
+		tops = []string{"."}
+	}
+	var out []string
+	for _, top := range tops {
+		_ = filepath.WalkDir(filepath.Join(store, top), func(p string, d os.DirEntry, err error) error {
+			if err == nil {
+				rel, _ := filepath.Rel(store, p)
+				out = append(out, rel)
+			}
+			return nil
+		})
+	}
+	// losetup, not xfsutil: xfsutil's own tests use this package. BACK-FILE ends in
+	// " (deleted)" once the file is unlinked.
+	lo := Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE")
+	for _, l := range strings.Split(lo, "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && strings.HasPrefix(f[1], store+"/") {
+			out = append(out, "loop:"+strings.Join(f[1:], " "))
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // SyncEvent is one internal event of a dataset in its pool's history: the transaction group it

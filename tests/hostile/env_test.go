@@ -211,24 +211,7 @@ func (e *env) inventory(t *testing.T) []string {
 	if e.backend == "zfs" {
 		return harness.ZFSInventory(t, e.parent)
 	}
-	store := filepath.Join(e.root, "store")
-	harness.ReflinkUnlinked(t, store)
-	var out []string
-	_ = filepath.WalkDir(store, func(p string, d os.DirEntry, err error) error {
-		if err == nil {
-			rel, _ := filepath.Rel(store, p)
-			out = append(out, rel)
-		}
-		return nil
-	})
-	lo := harness.Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE")
-	for _, l := range strings.Split(lo, "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && strings.HasPrefix(f[1], store+"/") {
-			out = append(out, "loop:"+strings.Join(f[1:], " "))
-		}
-	}
-	slices.Sort(out)
-	return out
+	return harness.ReflinkInventory(t, filepath.Join(e.root, "store"))
 }
 
 // plantCanaries puts things next to the parent dataset or store root that zgolden must never

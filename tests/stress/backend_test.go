@@ -117,33 +117,7 @@ func (b *backend) inventory(t *testing.T) []string {
 	if b.kind == "zfs" {
 		return harness.ZFSInventory(t, b.parent)
 	}
-	store := filepath.Join(b.root, "store")
-	harness.ReflinkUnlinked(t, store)
-	var out []string
-	for _, top := range []string{"volumes", "goldens"} {
-		_ = filepath.WalkDir(filepath.Join(store, top), func(p string, d os.DirEntry, err error) error {
-			if err == nil {
-				rel, _ := filepath.Rel(store, p)
-				out = append(out, rel)
-			}
-			return nil
-		})
-	}
-	loops, err := xfsutil.Loops()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range loops {
-		if strings.HasPrefix(l.BackingFile, store+"/") {
-			suffix := ""
-			if l.Deleted {
-				suffix = " (deleted)"
-			}
-			out = append(out, "loop:"+l.BackingFile+suffix)
-		}
-	}
-	slices.Sort(out)
-	return out
+	return harness.ReflinkInventory(t, filepath.Join(b.root, "store"), "volumes", "goldens")
 }
 
 // vol is one volume as a client reports it.
