@@ -142,6 +142,9 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 				Used: r.Uint("used"), Referenced: r.Uint("referenced"), Source: r["name"], FromVolume: r[propFrom],
 			}
 			for _, c := range strings.Split(r["clones"], ",") {
+				if s.removalWaiting(c) {
+					continue // a removed volume, destroyed soon: RemoveGeneration empties the trash first
+				}
 				if v, ok := strings.CutPrefix(c, s.volRoot()+"/"); ok {
 					g.Dependents = append(g.Dependents, v)
 				} else if v := s.claimedBy(c); v != "" { // a volume still named as its spare
@@ -524,7 +527,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 		return err
 	}
 	// Removed volumes still pin the generations they were cloned from until destroyed.
-	_ = s.emptyTrash(ctx)
+	_ = s.emptyTrash(ctx, false)
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return err
@@ -566,7 +569,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 		return err
 	}
 	// Removed volumes still pin the generations they were cloned from until destroyed.
-	_ = s.emptyTrash(ctx)
+	_ = s.emptyTrash(ctx, false)
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
 		return err

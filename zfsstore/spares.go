@@ -449,15 +449,18 @@ func (s *Store) retireSpares(ctx context.Context, project string, gen int) error
 }
 
 // loadSpares rebuilds the spares and claims from PARENT/spare and the claim records (see the
-// rules above), and returns the volumes that are still claimed spares.
-func (s *Store) loadSpares(ctx context.Context) ([]driver.Volume, error) {
+// rules above), and returns the volumes that are still claimed spares. The datasets in removed
+// have a removal record, which wins (removal.go): they are neither claims nor spares.
+func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driver.Volume, error) {
 	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{propGolden, propGeneration, propState})
 	if err != nil && !errors.Is(err, zfsutil.ErrNotFound) {
 		return nil, mapErr(err)
 	}
 	present := map[string]zfsutil.Row{}
 	for _, r := range rows {
-		present[r["name"]] = r
+		if !removed[r["name"]] {
+			present[r["name"]] = r
+		}
 	}
 	var vols []driver.Volume
 	if s.cfg.RecordDir != "" {
@@ -479,7 +482,8 @@ func (s *Store) loadSpares(ctx context.Context) ([]driver.Volume, error) {
 				return nil, fmt.Errorf("claim record %s is unreadable (%v); move it away if the volume it names is gone", filepath.Join(s.recordDir(), e.Name()), err)
 			}
 			if _, ok := present[rec.Dataset]; !ok {
-				// Spent: renamed to vol/NAME, or removed. Either way the record says nothing more.
+				// Spent: renamed to vol/NAME, or removed (its removal record, if the dataset is
+				// still there). Either way the record says nothing more.
 				if err := s.deleteRecord(name); err != nil {
 					return nil, err
 				}

@@ -39,7 +39,8 @@ import (
 type trash struct {
 	run     sync.Mutex // held by the one emptyTrash running
 	mu      sync.Mutex
-	pending map[string]int // dataset -> failed destroys so far
+	pending map[string]int  // dataset -> failed destroys so far
+	records map[string]bool // datasets of pending that have a removal record (removal.go)
 	wake    chan struct{}
 	once    sync.Once
 	cancel  context.CancelFunc
@@ -55,6 +56,7 @@ func (s *Store) trashRoot() string { return s.cfg.Parent + "/trash" }
 func (s *Store) startTrash() {
 	s.trash.once.Do(func() {
 		s.trash.pending = map[string]int{}
+		s.trash.records = map[string]bool{}
 		s.trash.wake = make(chan struct{}, 1)
 		s.trash.done = make(chan struct{})
 		ctx, cancel := context.WithCancel(context.Background())
@@ -66,7 +68,7 @@ func (s *Store) startTrash() {
 				case <-ctx.Done():
 					return
 				case <-s.trash.wake:
-					_ = s.emptyTrash(ctx)
+					_ = s.emptyTrash(ctx, true)
 				}
 			}
 		}()
@@ -137,8 +139,9 @@ func (s *Store) loadTrash(ctx context.Context) error {
 }
 
 // emptyTrash destroys every dataset in the trash and returns the first failure; failed ones stay,
-// and the worker retries them later.
-func (s *Store) emptyTrash(ctx context.Context) error {
+// and the worker retries them later. The worker yields to Creates before each destroy; callers
+// that need the trash empty before they go on (RemoveGeneration, RemoveGolden) do not.
+func (s *Store) emptyTrash(ctx context.Context, yield bool) error {
 	s.trash.run.Lock()
 	defer s.trash.run.Unlock()
 	s.trash.mu.Lock()
@@ -151,11 +154,16 @@ func (s *Store) emptyTrash(ctx context.Context) error {
 	retry := time.Duration(0)
 	for _, ds := range todo {
 		log := s.log.WithField("dataset", ds)
+		if yield {
+			s.yieldToCreates(ctx, 30*time.Second)
+		}
 		s.closeDevice(held.take(ds), ds)
 		err := s.destroy(ctx, ds, true)
 		s.trash.mu.Lock()
+		recorded := s.trash.records[ds]
 		if err == nil {
 			delete(s.trash.pending, ds)
+			delete(s.trash.records, ds)
 		} else {
 			s.trash.pending[ds]++
 			pause := min(5*time.Second<<min(s.trash.pending[ds], 6), trashRetryMax)
@@ -170,6 +178,13 @@ func (s *Store) emptyTrash(ctx context.Context) error {
 				first = err
 			}
 			continue
+		}
+		if recorded {
+			s.cfg.Faults.Hit("trash:after-destroy")
+			if err := s.dropRemovalRecord(ds); err != nil {
+				// Harmless: Load finds the dataset gone and deletes the spent record.
+				log.WithError(err).Warn("could not delete a spent removal record")
+			}
 		}
 		log.Debug("destroyed a removed volume")
 	}

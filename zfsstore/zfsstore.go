@@ -104,6 +104,10 @@ type Store struct {
 
 	versions ZFSVersions // read once by New; a module cannot change under a running store
 
+	// cloning counts the Creates making a dataset now; the trash worker yields to them
+	// (removal.go).
+	cloning atomic.Int32
+
 	// oneTask is set while the module can clone in one sync task (clone.go); cleared for good
 	// when the module turns out not to.
 	oneTask atomic.Bool
@@ -360,7 +364,11 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err := s.loadTrash(ctx); err != nil {
 		return nil, err
 	}
-	vols, err := s.loadSpares(ctx)
+	removed, err := s.loadRemovals(ctx)
+	if err != nil {
+		return nil, err
+	}
+	vols, err := s.loadSpares(ctx, removed)
 	if err != nil {
 		return nil, err
 	}
@@ -370,7 +378,7 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	}
 	for _, r := range rows {
 		name := r["name"]
-		if name == s.volRoot() {
+		if name == s.volRoot() || removed[name] {
 			continue
 		}
 		log := s.log.WithField("dataset", name)
@@ -430,6 +438,9 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	}
 	ctx, cancel := workContext(ctx)
 	defer cancel()
+	if err := s.clearRemoval(ctx, spec.Name); err != nil {
+		return driver.Volume{}, err
+	}
 	now := time.Now().UTC()
 	props := zfsutil.Props{
 		propKind:    string(spec.Kind),
@@ -465,6 +476,8 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			return v, nil
 		}
 	}
+	s.cloning.Add(1)
+	defer s.cloning.Add(-1)
 	if gen != nil {
 		props[propGolden] = spec.Golden
 		props[propGeneration] = strconv.Itoa(gen.Number)
@@ -613,10 +626,15 @@ func (s *Store) createEmpty(ctx context.Context, name, ds string, kind driver.Ki
 	return nil
 }
 
-// Remove implements driver.Backend: the volume goes to the trash (see trash.go), which takes the
-// same time whatever it holds, and is destroyed from there. Should the rename fail (the trash
-// gone, a name too long for it), Remove destroys the volume itself.
+// Remove implements driver.Backend. With a record directory it records the removal and returns;
+// the dataset is destroyed in the background (removal.go). Without one the volume goes to the
+// trash (see trash.go), which takes the same time whatever it holds, and is destroyed from
+// there; should the rename fail (the trash gone, a name too long for it), Remove destroys the
+// volume itself.
 func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
+	if s.cfg.RecordDir != "" {
+		return s.removeLater(v.Name)
+	}
 	if handled, err := s.removeClaimed(ctx, v.Name); handled {
 		return err
 	}

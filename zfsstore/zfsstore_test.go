@@ -29,8 +29,17 @@ func open(t *testing.T, parent, workDir string, adopt bool) (*zfsstore.Store, er
 }
 
 func mustOpen(t *testing.T, parent, workDir string) *zfsstore.Store {
+	return mustOpenRecords(t, parent, workDir, "")
+}
+
+// mustOpenRecords opens a store with claims and removals recorded in records ("" for none).
+func mustOpenRecords(t *testing.T, parent, workDir, records string) *zfsstore.Store {
 	t.Helper()
-	s, err := open(t, parent, workDir, false)
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s, err := zfsstore.New(context.Background(), zfsstore.Config{
+		Parent: parent, WorkDir: workDir, DefaultSize: 1 << 30, Discard: true, RecordDir: records, Log: logrus.NewEntry(l),
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,10 +54,12 @@ func TestConformance(t *testing.T) {
 	pool := harness.RequireZFS(t)
 	drivertest.Run(t, func(t *testing.T) drivertest.Env {
 		parent := harness.ZFSParent(t)
-		work := t.TempDir()
+		work, records := t.TempDir(), t.TempDir()
 		return drivertest.Env{
-			Open:      func(t *testing.T) driver.Backend { return mustOpen(t, parent, work) },
-			Inventory: func(t *testing.T) []string { return harness.ZFSInventory(t, parent) },
+			// With a record directory, as zgolden serve always runs it: Remove records and
+			// the worker destroys (removal.go).
+			Open:      func(t *testing.T) driver.Backend { return mustOpenRecords(t, parent, work, records) },
+			Inventory: func(t *testing.T) []string { return harness.ZFSInventory(t, parent, records) },
 			AfterRemove: func(t *testing.T) {
 				z := zfsutil.New(logrus.NewEntry(logrus.New()))
 				n, err := z.DDTEntries(context.Background(), pool)

@@ -30,6 +30,8 @@ var Points = []string{
 	"create:after-format",
 	"create:after-claim",
 	"claim:after-rename",
+	"remove:after-record",
+	"trash:after-destroy",
 	"promote:after-snapshot",
 	"promote:after-copy",
 	"import:after-create",

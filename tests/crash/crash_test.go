@@ -33,6 +33,9 @@ type run struct {
 // scenario drives one operation that can reach a fault point.
 type scenario struct {
 	variant string
+	// spares runs the scenario's plugin with --spares 1, a ready spare of the base golden made
+	// before the fault is armed.
+	spares bool
 	// prepare runs on the plugin before the fault is armed, so that it can use any operation.
 	prepare func(t *testing.T, s *run)
 	// act is the operation, with the fault armed. It runs in its own goroutine: it must not call
@@ -103,6 +106,49 @@ func scenariosFor(point string) []scenario {
 		}
 		t.Errorf("after the retried operation, golden %q has no generation", s.project)
 	}
+	// untilSettled runs act and then waits for the background step the point sits in (a claim's
+	// rename, a recorded removal's destroy) to be done, or for the plugin to die at the point.
+	untilSettled := func(act func(s *run) (string, error), settled func(st status) bool) func(s *run) (string, error) {
+		return func(s *run) (string, error) {
+			out, err := act(s)
+			for deadline := time.Now().Add(2 * time.Minute); err == nil && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+				if st, serr := s.e.status(); serr != nil || settled(st) {
+					break
+				}
+			}
+			return out, err
+		}
+	}
+	rm := func(s *run) (string, error) { return harness.Output("docker", "volume", "rm", s.vol) }
+	removeScenario := func(act func(s *run) (string, error)) scenario {
+		return scenario{
+			variant: "docker-volume-rm",
+			prepare: func(t *testing.T, s *run) {
+				prepareVolume(t, s, s.vol, nil)
+				s.e.writeMarker(t, s.vol, "promoted-never") // a volume that was used
+			},
+			act: act,
+			retry: func(t *testing.T, s *run) error {
+				// Docker forgets a volume once its driver no longer has it, so a retry of a
+				// remove that completed is "no such volume"; what counts is that it is gone.
+				if out, err := rm(s); err != nil && !strings.Contains(strings.ToLower(out), "no such volume") {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
+			after: func(t *testing.T, s *run) {
+				for _, v := range s.e.volumes(t) {
+					if v.Name == s.vol {
+						t.Errorf("the plugin still lists %s after docker volume rm succeeded", s.vol)
+					}
+				}
+				if slices.Contains(s.e.dockerNames(t), s.vol) {
+					t.Errorf("docker still lists %s after docker volume rm succeeded", s.vol)
+				}
+			},
+		}
+	}
+	claimed := func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }
 	switch op {
 	case "create":
 		return []scenario{
@@ -110,7 +156,22 @@ func scenariosFor(point string) []scenario {
 				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }},
 			{variant: "fresh", act: create(), retry: retryCreate(),
 				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, "") }},
+			{variant: "spare", spares: true, act: create("golden=" + baseProject), retry: retryCreate("golden=" + baseProject), after: claimed},
 		}
+	case "claim":
+		// The claim's Create has returned; the spare is renamed to the volume's name after it.
+		return []scenario{{
+			variant: "spare", spares: true,
+			act: untilSettled(create("golden="+baseProject), func(st status) bool { return st.ClaimsPending == 0 }),
+			retry: func(t *testing.T, s *run) error {
+				_, err := s.e.dockerInspect(s.vol)
+				return err
+			},
+			after: claimed,
+		}}
+	case "trash":
+		// The Remove has returned; the worker destroys the dataset and deletes the record after.
+		return []scenario{removeScenario(untilSettled(rm, func(st status) bool { return st.RemovedPending == 0 }))}
 	case "mount":
 		runIt := func(s *run) (string, error) {
 			return dockerRun(s, "-v", s.vol+":/data", harness.BusyboxImage(), "sh", "-c", "echo mounted > /data/m && cat /data/m")
@@ -137,33 +198,7 @@ func scenariosFor(point string) []scenario {
 			},
 		}}
 	case "remove":
-		rm := func(s *run) (string, error) { return harness.Output("docker", "volume", "rm", s.vol) }
-		return []scenario{{
-			variant: "docker-volume-rm",
-			prepare: func(t *testing.T, s *run) {
-				prepareVolume(t, s, s.vol, nil)
-				s.e.writeMarker(t, s.vol, "promoted-never") // a volume that was used
-			},
-			act: rm,
-			retry: func(t *testing.T, s *run) error {
-				// Docker forgets a volume once its driver no longer has it, so a retry of a
-				// remove that completed is "no such volume"; what counts is that it is gone.
-				if out, err := rm(s); err != nil && !strings.Contains(strings.ToLower(out), "no such volume") {
-					return fmt.Errorf("%v: %s", err, out)
-				}
-				return nil
-			},
-			after: func(t *testing.T, s *run) {
-				for _, v := range s.e.volumes(t) {
-					if v.Name == s.vol {
-						t.Errorf("the plugin still lists %s after docker volume rm succeeded", s.vol)
-					}
-				}
-				if slices.Contains(s.e.dockerNames(t), s.vol) {
-					t.Errorf("docker still lists %s after docker volume rm succeeded", s.vol)
-				}
-			},
-		}}
+		return []scenario{removeScenario(rm)}
 	case "promote":
 		// The variants take each of the ZFS backend's promotion paths; the first is the common
 		// one (a session cloned from the newest golden, promoted back into its project), which
@@ -293,9 +328,10 @@ func (e *env) actAndRecover(t *testing.T, point string, act func() (string, erro
 // Otherwise Docker's inspect of each volume must agree with the plugin's Get.
 func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	t.Helper()
+	spares := e.settledSpares(t) // first: a claim still pending names its volume by the spare
 	vols := e.volumes(t)
 	gs := e.goldens(t)
-	got, want := e.inventory(t), e.expected(vols, gs)
+	got, want := e.inventory(t), append(e.expected(vols, gs), spares...)
 	if l := minus(got, want); len(l) > 0 {
 		t.Errorf("%s: leaked (held by the backend, listed by nobody): %v", phase, l)
 	}
@@ -341,8 +377,7 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 		}
 		return
 	}
-	var st struct{ Volumes int }
-	if err := do(e.p.AdminSocket, "GET", "/v1/status", nil, &st); err != nil || st.Volumes != len(vols) {
+	if st, err := e.status(); err != nil || st.Volumes != len(vols) {
 		t.Errorf("%s: zgolden status says %d volumes (%v); List shows %d", phase, st.Volumes, err, len(vols))
 	}
 	for _, v := range vols {
@@ -418,6 +453,39 @@ func (e *env) generationUsable(t *testing.T, phase, project string, n int) {
 	}
 	if err := e.unmount(name, "gen-check"); err != nil {
 		t.Errorf("%s: unmount the clone of generation %d of %s: %v", phase, n, project, err)
+	}
+}
+
+// withSpares restarts the plugin with --spares 1 and waits for a ready spare of the base golden.
+func (e *env) withSpares(t *testing.T) {
+	t.Helper()
+	e.p.Extra("--spares", "1")
+	e.restart(t, "")
+	for deadline := time.Now().Add(3 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		if st, err := e.status(); err == nil && st.SparesReady[baseProject] >= 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no spare of %s was made within 3 minutes", baseProject)
+		}
+	}
+}
+
+// withoutSpares restarts the plugin without --spares, and waits for its worker to retire the
+// spares, so the backend holds what it held before the scenario.
+func (e *env) withoutSpares(t *testing.T) {
+	t.Helper()
+	e.p.Extra()
+	e.restart(t, "")
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		left := e.settledSpares(t)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("after a restart without --spares, spares are left: %v", left)
+			return
+		}
 	}
 }
 
@@ -525,7 +593,17 @@ func TestCrashAtEveryFaultPoint(t *testing.T) {
 				s.projects = []string{s.project}
 				ph := &phases{last: time.Now()}
 				before := e.inventory(t)
+				if sc.spares {
+					if e.backend != "zfs" {
+						t.Logf("%s: spares are ZFS's; not run on the %s backend", point, e.backend)
+						return
+					}
+					e.withSpares(t)
+				}
 				t.Cleanup(func() {
+					if sc.spares {
+						e.withoutSpares(t)
+					}
 					s.cleanup(t, before)
 					ph.done("cleanup")
 					t.Logf("took: %s", strings.Join(ph.steps, ", "))

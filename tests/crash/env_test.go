@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -188,6 +189,52 @@ func (e *env) goldens(t *testing.T) []driver.Golden {
 		t.Fatalf("admin API goldens: %v", err)
 	}
 	return gs
+}
+
+// status is what the suite reads of zgolden status.
+type status struct {
+	Volumes        int            `json:"volumes"`
+	SparesReady    map[string]int `json:"spares_ready"`
+	ClaimsPending  int            `json:"claims_pending"`
+	RemovedPending int            `json:"removed_pending"`
+}
+
+func (e *env) status() (status, error) {
+	var st status
+	err := do(e.p.AdminSocket, "GET", "/v1/status", nil, &st)
+	return st, err
+}
+
+// settledSpares waits until no claimed spare is still to be renamed, and returns the spares
+// under PARENT/spare, which must be as many as zgolden status says are ready: a spare no count
+// knows of has leaked. It is empty on the reflink store, and while the plugin runs without
+// --spares once its worker has retired the last ones.
+func (e *env) settledSpares(t *testing.T) []string {
+	t.Helper()
+	if e.backend != "zfs" {
+		return nil
+	}
+	var last string
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		st1, err := e.status()
+		if err != nil || st1.ClaimsPending > 0 {
+			last = fmt.Sprintf("status %+v, %v", st1, err)
+			continue
+		}
+		out := harness.Run(t, "zfs", "list", "-H", "-r", "-t", "volume", "-o", "name", e.parent+"/spare")
+		spares := strings.Fields(out)
+		st2, err := e.status()
+		ready := 0
+		for _, n := range st2.SparesReady {
+			ready += n
+		}
+		if err == nil && maps.Equal(st1.SparesReady, st2.SparesReady) && st2.ClaimsPending == 0 && ready == len(spares) {
+			return spares
+		}
+		last = fmt.Sprintf("%d spares under %s/spare, status %+v (%v)", len(spares), e.parent, st2, err)
+	}
+	t.Errorf("the spares never settled: %s", last)
+	return nil
 }
 
 // --- what the backend holds ---------------------------------------------------------------

@@ -165,13 +165,22 @@ func ReflinkUnlinked(t testing.TB, store string) {
 	}
 }
 
+// DefaultRecordDir is zgolden serve's default --record-dir, where the suites' plugins record
+// claims and removals.
+const DefaultRecordDir = "/var/lib/zgolden/zfs-records"
+
 // ZFSInventory lists every dataset and snapshot under parent except parent itself, sorted.
 //
-// A removed volume waits in PARENT/trash until the plugin's worker destroys it (zfsstore's
-// trash.go), so the inventory first waits, up to a minute, for the trash to empty: what is
-// still there after that is listed, as the leak it then is. The trash container itself is not.
-func ZFSInventory(t testing.TB, parent string) []string {
+// A removed volume waits until the plugin's worker destroys it: in PARENT/trash (zfsstore's
+// trash.go), or in place with a removal record under the record directory (removal.go; the
+// record directories are recordDirs, DefaultRecordDir when none are given). So the inventory
+// first waits, up to a minute, for the trash to empty and the records to go: what is still
+// there after that is listed, as the leak it then is. The trash and spare containers are not.
+func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 	t.Helper()
+	if len(recordDirs) == 0 {
+		recordDirs = []string{DefaultRecordDir}
+	}
 	trash := parent + "/trash"
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
 		out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
@@ -182,6 +191,10 @@ func ZFSInventory(t testing.TB, parent string) []string {
 			if l != "" && l != parent && l != trash && l != parent+"/spare" {
 				names = append(names, l)
 			}
+		}
+		for _, dir := range recordDirs {
+			records, _ := filepath.Glob(filepath.Join(dir, strings.ReplaceAll(parent, "/", "%"), "removing", "*.json"))
+			pending = pending || len(records) > 0
 		}
 		if !pending || time.Now().After(deadline) {
 			return names

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -24,6 +25,7 @@ type Plugin struct {
 	AdminSocket string
 	MountRoot   string
 	args        []string
+	extra       []string // added to args from the next Start on (Extra)
 	t           testing.TB
 
 	mu   sync.Mutex
@@ -86,12 +88,20 @@ func StartPlugin(t testing.TB, name string, args ...string) *Plugin {
 	return p
 }
 
+// Extra sets arguments that every later Start adds to the plugin's own (none, when empty), for
+// tests that run a phase with another setting such as --spares.
+func (p *Plugin) Extra(args ...string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.extra = args
+}
+
 // Start (re)starts the plugin process and waits for both sockets.
 func (p *Plugin) Start() {
 	p.t.Helper()
 	p.mu.Lock()
 	p.logs = &lockedBuffer{}
-	p.cmd = exec.Command(Binary(p.t), p.args...)
+	p.cmd = exec.Command(Binary(p.t), append(slices.Clone(p.args), p.extra...)...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	p.cmd.Env = append(os.Environ(), "ZGOLDEN_ADMIN_SOCKET="+p.AdminSocket)
 	if err := p.cmd.Start(); err != nil {

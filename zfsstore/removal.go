@@ -1,0 +1,207 @@
+package zfsstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/zfsutil"
+)
+
+// Removal recorded now, carried out later.
+//
+// Moving a volume into the trash is a zfs rename, one sync task, and on a busy pool that waits
+// tens of seconds for a transaction group (docs/design-facts.md, "Transaction groups"). With a
+// record directory (Config.RecordDir) a Remove writes a removal record instead, fsyncs it and
+// its directory, and returns: the trash worker destroys the dataset in place later, pausing while
+// Creates clone (their sync tasks come first), and deletes the record after the destroy.
+//
+// The truth, and when each part of it wins:
+//   - A removal record RECORD_DIR/removing/DATASET.json names a dataset whose volume is gone.
+//     While the dataset exists the record wins over its zgolden:* properties and over a claim
+//     record naming it: Load lists neither, and hands the dataset to the worker. Once the
+//     dataset is gone the record is spent, and Load deletes it.
+//   - A Remove returns only after its record and the record's directory are fsynced. A host
+//     crash before that means the Remove never returned, and the volume is still there.
+//   - A Create of a name whose old dataset still waits (PARENT/vol/NAME) first renames that
+//     dataset into the trash and then deletes its record, so a record never names a dataset
+//     that a later volume holds: the trash listing is the truth for what was renamed.
+//
+// Locks: trash.mu guards the maps only. A Create's clearRemoval runs under the driver's lock of
+// its volume name; the worker takes no volume lock, and a destroy racing that rename fails with
+// "does not exist" on one side or the other, which both treat as done.
+
+// removalRecord is the durable record of one removal.
+type removalRecord struct {
+	Name    string `json:"name"`
+	Dataset string `json:"dataset"`
+	Removed int64  `json:"removed"`
+}
+
+func (s *Store) removalDir() string { return filepath.Join(s.recordDir(), "removing") }
+
+func (s *Store) removalFile(ds string) string {
+	return filepath.Join(s.removalDir(), strings.ReplaceAll(ds, "/", "%")+".json")
+}
+
+// removeLater records volume name (held in ds) as removed and hands ds to the trash worker.
+func (s *Store) removeLater(name string) error {
+	ds := s.volDataset(name)
+	c := s.claimOf(name)
+	if c != nil {
+		c.mu.Lock() // the finisher must not rename the spare under the record
+		defer c.mu.Unlock()
+		if !c.done {
+			ds = c.Dataset
+		}
+	}
+	data, err := json.Marshal(removalRecord{Name: name, Dataset: ds, Removed: time.Now().Unix()})
+	if err == nil {
+		err = driver.WriteFileAtomic(s.removalFile(ds), data)
+	}
+	if err != nil {
+		return fmt.Errorf("record the removal of %s in %s: %w", name, s.removalDir(), err)
+	}
+	s.cfg.Faults.Hit("remove:after-record")
+	if c != nil && !c.done {
+		s.endClaim(c) // the removal record wins over the claim record from here
+	}
+	s.trash.mu.Lock()
+	s.trash.pending[ds] = 0
+	s.trash.records[ds] = true
+	s.trash.mu.Unlock()
+	s.setGrowing(name, false)
+	s.kickTrash()
+	s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds}).Debug("removal recorded; the dataset is destroyed in the background")
+	return nil
+}
+
+// dropRemovalRecord deletes ds's removal record once ds is destroyed or renamed into the trash.
+func (s *Store) dropRemovalRecord(ds string) error {
+	if err := os.Remove(s.removalFile(ds)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(s.removalDir())
+}
+
+// clearRemoval gets a removed volume's dataset out of the way of a new volume of the same name:
+// it renames PARENT/vol/NAME, when a removal still waits for it, into the trash.
+func (s *Store) clearRemoval(ctx context.Context, name string) error {
+	ds := s.volDataset(name)
+	s.trash.mu.Lock()
+	waiting := s.trash.records[ds]
+	s.trash.mu.Unlock()
+	if !waiting {
+		return nil
+	}
+	s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds}).Info("a removed volume of this name is still being destroyed; moving it to the trash first")
+	dev := held.take(ds)
+	dst := s.trashRoot() + "/" + name + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
+	err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, ds, dst) })
+	switch {
+	case errors.Is(err, zfsutil.ErrNotFound): // the worker destroyed it meanwhile
+		s.closeDevice(dev, ds)
+		dst = ""
+	case err != nil:
+		if dev != nil {
+			held.hold(ds, dev)
+		}
+		return fmt.Errorf("%w: volume %s was removed and its dataset %s is still being destroyed: %v; retry shortly", driver.ErrBusy, name, ds, mapErr(err))
+	case dev != nil:
+		held.hold(dst, dev)
+	}
+	if err := s.dropRemovalRecord(ds); err != nil {
+		return fmt.Errorf("delete the removal record of %s: %w", ds, err)
+	}
+	s.trash.mu.Lock()
+	delete(s.trash.records, ds)
+	delete(s.trash.pending, ds)
+	if dst != "" {
+		s.trash.pending[dst] = 0
+	}
+	s.trash.mu.Unlock()
+	s.kickTrash()
+	return nil
+}
+
+// loadRemovals hands the datasets of recorded removals to the worker, deletes spent records, and
+// returns the datasets still waiting, which Load must not list as volumes or claims.
+func (s *Store) loadRemovals(ctx context.Context) (map[string]bool, error) {
+	waiting := map[string]bool{}
+	if s.cfg.RecordDir == "" {
+		return waiting, nil
+	}
+	entries, err := os.ReadDir(s.removalDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return waiting, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read removal records: %w", err)
+	}
+	for _, e := range entries {
+		path := filepath.Join(s.removalDir(), e.Name())
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue // a WriteFileAtomic temporary that a crash left
+		}
+		data, err := os.ReadFile(path)
+		var rec removalRecord
+		if err == nil {
+			err = json.Unmarshal(data, &rec)
+		}
+		if err == nil && (driver.ValidateName(rec.Name) != nil || !(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) || s.removalFile(rec.Dataset) != path) {
+			err = errors.New("it names no dataset of this parent's volumes or spares")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("removal record %s is unreadable (%v); move it away once you have checked what it names", path, err)
+		}
+		ok, err := s.zfs.Exists(ctx, rec.Dataset)
+		if err != nil {
+			return nil, mapErr(err)
+		}
+		if !ok {
+			if err := s.dropRemovalRecord(rec.Dataset); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		waiting[rec.Dataset] = true
+		s.trash.mu.Lock()
+		s.trash.pending[rec.Dataset] = 0
+		s.trash.records[rec.Dataset] = true
+		s.trash.mu.Unlock()
+	}
+	if len(waiting) > 0 {
+		s.log.WithField("datasets", len(waiting)).Info("destroying volumes whose removal was recorded before the last stop")
+		s.kickTrash()
+	}
+	return waiting, nil
+}
+
+// removalWaiting says whether ds is a removed volume's dataset not destroyed yet.
+func (s *Store) removalWaiting(ds string) bool {
+	s.trash.mu.Lock()
+	defer s.trash.mu.Unlock()
+	return s.trash.records[ds]
+}
+
+// yieldToCreates waits, up to limit, while Creates are cloning: the worker's destroys would
+// lengthen the transaction groups those clones wait for (a destroy's group spends at least
+// zfs_free_min_time_ms freeing the volume's blocks).
+func (s *Store) yieldToCreates(ctx context.Context, limit time.Duration) {
+	for deadline := time.Now().Add(limit); s.cloning.Load() > 0 && time.Now().Before(deadline); {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
