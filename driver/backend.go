@@ -21,6 +21,31 @@ var (
 	ErrGenerationInUse = errors.New("generation is in use")
 )
 
+// errorKinds names the errors above for ErrorKind, most specific first.
+var errorKinds = []struct {
+	err  error
+	name string
+}{
+	{ErrInvalid, "invalid"}, {ErrNotFound, "not_found"}, {ErrExists, "exists"}, {ErrBusy, "busy"},
+	{ErrNoSpace, "no_space"}, {ErrNoGolden, "no_golden"}, {ErrHasDependents, "has_dependents"},
+	{ErrImportRunning, "import_running"}, {ErrGenerationInUse, "generation_in_use"},
+	{context.DeadlineExceeded, "deadline"}, {context.Canceled, "canceled"},
+}
+
+// ErrorKind names the kind of err for metrics: one of the errors above in snake case,
+// "deadline" or "canceled", "other" for anything else, and "" for nil.
+func ErrorKind(err error) string {
+	if err == nil {
+		return ""
+	}
+	for _, k := range errorKinds {
+		if errors.Is(err, k.err) {
+			return k.name
+		}
+	}
+	return "other"
+}
+
 // Volume is what a backend records about one volume, in its own durable metadata (ZFS user
 // properties, or the image file's extended attributes).
 type Volume struct {

@@ -48,9 +48,9 @@ type errorResponse struct {
 	Error string `json:"error"`
 }
 
-func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry) http.Handler {
+func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics) http.Handler {
 	mux := http.NewServeMux()
-	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin")}
+	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m}
 	mux.HandleFunc("GET /v1/status", a.status)
 	mux.HandleFunc("GET /v1/goldens", a.goldens)
 	mux.HandleFunc("POST /v1/promote", a.promote)
@@ -64,6 +64,7 @@ type admin struct {
 	d    *driver.Driver
 	keep int
 	log  *logrus.Entry
+	m    *metrics // nil without --metrics-listen
 }
 
 func (a *admin) reply(w http.ResponseWriter, v any, err error) {
@@ -119,7 +120,9 @@ func (a *admin) promote(w http.ResponseWriter, r *http.Request) {
 	// Promotion must finish or roll back even if the client goes away.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Hour)
 	defer cancel()
+	start := time.Now()
 	gen, err := a.d.Promote(ctx, req.Volume, req.Project)
+	a.m.observe("promote", start, err)
 	if err != nil {
 		a.log.WithError(err).WithFields(logrus.Fields{"volume": req.Volume, "project": req.Project}).Warn("promote failed")
 		a.reply(w, nil, err)
@@ -156,6 +159,7 @@ func (a *admin) importGolden(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	var last time.Time
+	start := time.Now()
 	// The import stops (and rolls back) if the client disconnects: an operator's Ctrl-C means stop.
 	gen, err := a.d.Import(r.Context(), req.Project, kind, req.Dir, driver.ImportOptions{RemoveSource: req.RemoveSource}, func(p driver.Progress) {
 		if time.Since(last) >= 500*time.Millisecond || p.Phase == "done" {
@@ -163,6 +167,7 @@ func (a *admin) importGolden(w http.ResponseWriter, r *http.Request) {
 			send(importEvent{Progress: &p})
 		}
 	})
+	a.m.observe("import", start, err)
 	if err != nil {
 		a.log.WithError(err).WithFields(logrus.Fields{"project": req.Project, "dir": req.Dir}).Warn("import failed")
 		send(importEvent{Error: err.Error()})
@@ -177,7 +182,9 @@ func (a *admin) reclaim(w http.ResponseWriter, r *http.Request) {
 		a.reply(w, nil, err)
 		return
 	}
+	start := time.Now()
 	removed, err := a.d.Reclaim(r.Context(), req.Project, req.Keep)
+	a.m.observe("reclaim", start, err)
 	if removed == nil {
 		removed = []driver.Generation{}
 	}
@@ -185,6 +192,8 @@ func (a *admin) reclaim(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *admin) removeGolden(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
 	err := a.d.RemoveGolden(r.Context(), r.PathValue("project"), r.URL.Query().Get("force") == "true")
+	a.m.observe("golden_remove", start, err)
 	a.reply(w, map[string]string{"removed": r.PathValue("project")}, err)
 }

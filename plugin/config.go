@@ -23,6 +23,7 @@ type serveConfig struct {
 	StateDir        string
 	Spares          int
 	RecordDir       string
+	MetricsListen   string
 	ZFSProven       []string
 	zfsProven       string
 	Socket          string
@@ -111,6 +112,7 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "ZFS: warm clones of each block project's newest generation to keep ready, so a Create on a busy pool runs no zfs command (0: none)")
 	fs.str(&c.zfsProven, "zfs-proven", "ZGOLDEN_ZFS_PROVEN", "", "ZFS: module series (such as 2.3,2.4) the zfs userland may drive besides its own; the managed plugin sets those its bundled userland passed the suites on")
 	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares are recorded; must survive reboots")
+	fs.str(&c.MetricsListen, "metrics-listen", "ZGOLDEN_METRICS_LISTEN", "", "serve Prometheus metrics and /healthz on HOST:PORT or unix:PATH (off when empty)")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
 	fs.str(&c.LogFormat, "log-format", "ZGOLDEN_LOG_FORMAT", "text", "text or json")
@@ -140,6 +142,9 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if !strings.HasPrefix(c.RecordDir, "/") || strings.HasPrefix(c.RecordDir, "/run/") {
 		fs.errs = append(fs.errs, fmt.Sprintf("--record-dir %q must be an absolute path that survives reboots (not under /run)", c.RecordDir))
+	}
+	if err := validMetricsListen(c.MetricsListen); err != nil {
+		fs.errs = append(fs.errs, err.Error())
 	}
 	if p, err := zfsutil.ParseProven(c.zfsProven); err != nil {
 		fs.errs = append(fs.errs, "--zfs-proven: "+err.Error())

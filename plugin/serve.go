@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -157,13 +158,29 @@ func serve(args []string) error {
 		pl.Close()
 		return fmt.Errorf("admin socket: %w", err)
 	}
-	api := &volumeAPI{d: d, log: log}
+	var m *metrics
+	var ml net.Listener
+	if c.MetricsListen != "" {
+		if ml, err = metricsListener(c.MetricsListen); err != nil {
+			pl.Close()
+			al.Close()
+			return fmt.Errorf("--metrics-listen %s: %w", c.MetricsListen, err)
+		}
+		m = newMetrics(d, backend.Name())
+	}
+	api := &volumeAPI{d: d, log: log, m: m}
 	// go-plugins-helpers owns the Docker side's HTTP server; closing its listener stops it.
 	plugin := volume.NewHandler(api)
-	admin := &http.Server{Handler: newAdmin(d, c, log), ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 2)
+	admin := &http.Server{Handler: newAdmin(d, c, log, m), ReadHeaderTimeout: 10 * time.Second}
+	metricsSrv := &http.Server{ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 3)
 	go func() { errc <- plugin.Serve(pl) }()
 	go func() { errc <- admin.Serve(al) }()
+	if ml != nil {
+		metricsSrv.Handler = metricsHandler(m, d)
+		go func() { errc <- metricsSrv.Serve(ml) }()
+		log.WithField("metrics", c.MetricsListen).Info("serving Prometheus metrics at /metrics")
+	}
 	log.WithFields(logrus.Fields{"socket": c.Socket, "admin": c.AdminSocket, "backend": backend.Name()}).Info("zgolden serving")
 
 	select {
@@ -175,6 +192,7 @@ func serve(args []string) error {
 	defer cancel()
 	pl.Close()
 	_ = admin.Shutdown(sctx)
+	_ = metricsSrv.Shutdown(sctx)
 	if z, ok := backend.(*zfsstore.Store); ok {
 		// Stops the trash worker and closes the devices Unmount kept open; mounted volumes
 		// stay mounted for their containers.
@@ -184,6 +202,9 @@ func serve(args []string) error {
 	}
 	os.Remove(c.Socket)
 	os.Remove(c.AdminSocket)
+	if path, ok := strings.CutPrefix(c.MetricsListen, "unix:"); ok {
+		os.Remove(path)
+	}
 	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
 		return nil
 	}

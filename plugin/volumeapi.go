@@ -16,6 +16,7 @@ import (
 type volumeAPI struct {
 	d   *driver.Driver
 	log *logrus.Entry
+	m   *metrics // nil without --metrics-listen
 }
 
 var _ volume.Driver = (*volumeAPI)(nil)
@@ -34,6 +35,7 @@ func callCtx(d time.Duration) (context.Context, context.CancelFunc) {
 
 // done logs a call's outcome once, here at the edge, with the volume's fields.
 func (a *volumeAPI) done(call, name string, start time.Time, err error) error {
+	a.m.observe(call, start, err)
 	l := a.log.WithFields(logrus.Fields{"call": call, "volume": name, "took": time.Since(start).Round(time.Millisecond).String()})
 	if err != nil {
 		l.WithError(err).Warn("request failed")

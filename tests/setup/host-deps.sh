@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/setup/host-deps.sh installs what zgolden's tests need on a fresh Debian bookworm host:
-# the real Docker engine, XFS and btrfs tools, and what the qemu ZFS guests are built from
-# (qemu, debootstrap). The zfs module is not built here: each guest builds its own, with DKMS,
+# the real Docker engine, XFS and btrfs tools, Prometheus (which scrapes a running zgolden in
+# tests/e2e), and what the qemu ZFS guests are built from (qemu, debootstrap). The zfs module is not built here: each guest builds its own, with DKMS,
 # inside its own root (tests/vm/build-guest.sh), so the host stays a plain Debian 12.
 # It is idempotent: a second run only checks.
 set -euo pipefail
@@ -12,7 +12,7 @@ pkgs=(xfsprogs btrfs-progs e2fsprogs util-linux kmod rsync attr acl
 	docker.io docker-compose docker-registry busybox-static
 	qemu-system-x86 debootstrap cpio zstd git
 	iproute2 ca-certificates jq procps
-	gnuplot-nox)
+	gnuplot-nox prometheus)
 
 missing=()
 for p in "${pkgs[@]}"; do
