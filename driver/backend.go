@@ -139,7 +139,14 @@ type Backend interface {
 	RemoveGolden(ctx context.Context, project string) error
 	// Status reports backend-wide facts (pool or store, free space) for `zgolden status`.
 	Status(ctx context.Context) (map[string]any, error)
+	// Space reports the free space new data can use and the capacity it is part of, which is
+	// what the driver holds Config.Reserve against.
+	Space(ctx context.Context) (Space, error)
 }
+
+// Space is a backend's free space: Available bytes can still be written (by new volumes and by
+// the ones running), of Total bytes in all.
+type Space struct{ Available, Total uint64 }
 
 // PickGeneration chooses the generation a Create of type want clones from a project's
 // generations (oldest first) and type kind: number n, or the newest when n is 0. It returns nil,

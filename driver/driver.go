@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
@@ -36,6 +37,8 @@ type Config struct {
 	LegacyGoldens string
 	// LegacyRemove deletes a legacy golden directory once its import is verified and complete.
 	LegacyRemove bool
+	// Reserve is free space that new volumes, imports and promotions leave alone (reserve.go).
+	Reserve Reserve
 	// Faults crashes the process at a named step, for crash tests; nil in production.
 	Faults *fault.Injector
 	Log    *logrus.Entry
@@ -52,7 +55,8 @@ type Config struct {
 //     ZFS snapshot or a rename), so a Create racing a promotion clones the old or the new
 //     generation, never a half-made one. Creates for a project whose import is running wait on
 //     the import instead (see Config.ImportWait).
-//   - mu guards the vols and imports maps only, and is never held across a backend call or I/O.
+//   - mu guards the vols and imports maps only, and is never held across a backend call or I/O;
+//     nor is spaceMu, which guards the reserve's cached read of free space.
 //   - Order: a volume lock before a project lock before mu; never the reverse.
 type Driver struct {
 	cfg      Config
@@ -65,6 +69,11 @@ type Driver struct {
 	mu      sync.Mutex
 	vols    map[string]*volState
 	imports map[string]*importState
+
+	// spaceMu guards the last read of the backend's space (reserve.go); never held across it.
+	spaceMu sync.Mutex
+	space   Space
+	spaceAt time.Time
 }
 
 type volState struct {
@@ -208,6 +217,9 @@ func (d *Driver) Create(ctx context.Context, name string, opts map[string]string
 	}
 	if spec.Size == 0 && spec.Golden == "" {
 		spec.Size = d.cfg.DefaultSize
+	}
+	if err := d.checkReserve(ctx, "creating volume "+strconv.Quote(name)); err != nil {
+		return err
 	}
 	start := time.Now()
 	v, err := d.createOrImport(ctx, spec)

@@ -388,3 +388,51 @@ func TestImportRefusesOwnDirectories(t *testing.T) {
 		t.Fatalf("imported %v", f.imported)
 	}
 }
+
+func TestParseReserve(t *testing.T) {
+	for in, want := range map[string]Reserve{"0": {}, "": {}, "10%": {Percent: 10}, "0.5%": {Percent: 0.5}, "50G": {Bytes: 50 << 30}, "512M": {Bytes: 512 << 20}} {
+		if got, err := ParseReserve(in); err != nil || got != want {
+			t.Errorf("ParseReserve(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"100%", "-1%", "x%", "lots", "-5G"} {
+		if _, err := ParseReserve(bad); err == nil {
+			t.Errorf("ParseReserve(%q) accepted it", bad)
+		}
+	}
+	if got := (Reserve{Percent: 10}).of(1000); got != 100 {
+		t.Errorf("10%% of 1000 = %d", got)
+	}
+	for n, want := range map[uint64]string{0: "0 B", 1023: "1023 B", 1536: "1.5 KiB", 3 << 30: "3.0 GiB"} {
+		if got := FormatSize(n); got != want {
+			t.Errorf("FormatSize(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
+
+// TestReserveRefusesNewWork: below the reserve a Create of a new volume fails with ErrNoSpace,
+// naming the free space and the reserve, while a repeated Create of an existing volume (Docker's
+// retry) still succeeds; the space is read again once the cached read is older than spaceTTL.
+func TestReserveRefusesNewWork(t *testing.T) {
+	f := newFake()
+	f.space = Space{Available: 50 << 30, Total: 100 << 30}
+	d := newTestDriver(t, f, "")
+	d.cfg.Reserve = Reserve{Percent: 10}
+	ctx := context.Background()
+	if err := d.Create(ctx, "a", nil); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.space.Available = 5 << 30
+	f.mu.Unlock()
+	d.spaceMu.Lock()
+	d.spaceAt = time.Time{} // as if spaceTTL had passed
+	d.spaceMu.Unlock()
+	err := d.Create(ctx, "b", nil)
+	if !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "5.0 GiB free of 100.0 GiB is below the reserve of 10.0 GiB (--reserve 10%)") {
+		t.Fatalf("Create below the reserve: %v", err)
+	}
+	if err := d.Create(ctx, "a", nil); err != nil {
+		t.Errorf("a repeated Create of an existing volume below the reserve: %v", err)
+	}
+}

@@ -20,6 +20,7 @@ type fakeBackend struct {
 	// importGate, when set, holds every Import until it is closed.
 	importGate chan struct{}
 	imported   []string // sources imported
+	space      Space    // what Space reports
 }
 
 func newFake() *fakeBackend {
@@ -145,6 +146,11 @@ func (f *fakeBackend) Import(ctx context.Context, project string, _ Kind, src st
 func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return errFakeUnsupported }
 func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return errFakeUnsupported }
 func (f *fakeBackend) Status(context.Context) (map[string]any, error)      { return map[string]any{}, nil }
+func (f *fakeBackend) Space(context.Context) (Space, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.space, nil
+}
 
 // errFakeUnsupported is what the fake answers for the generation calls no driver test needs.
 var errFakeUnsupported = errors.New("not supported by the fake backend")

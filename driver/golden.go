@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -118,6 +119,9 @@ func (d *Driver) runImport(ctx context.Context, st *importState, project string,
 	}
 	d.projects.Lock(project)
 	defer d.projects.Unlock(project)
+	if err := d.checkReserve(ctx, "importing golden "+strconv.Quote(project)); err != nil {
+		return Generation{}, err
+	}
 
 	log := d.log.WithFields(logrus.Fields{"project": project, "src": src})
 	log.Info("golden import started")
@@ -196,6 +200,9 @@ func (d *Driver) Promote(ctx context.Context, volume, project string) (Generatio
 	defer d.projects.Unlock(project)
 	if _, running := d.ImportProgress(project); running {
 		return Generation{}, fmt.Errorf("golden %q: %w; wait for it to finish", project, ErrImportRunning)
+	}
+	if err := d.checkReserve(ctx, "promoting "+strconv.Quote(volume)); err != nil {
+		return Generation{}, err
 	}
 	st, ok := d.lookup(volume)
 	if !ok {

@@ -24,6 +24,7 @@ type serveConfig struct {
 	Spares          int
 	RecordDir       string
 	MetricsListen   string
+	Reserve         driver.Reserve
 	ZFSProven       []string
 	zfsProven       string
 	Socket          string
@@ -91,7 +92,7 @@ func (f *flagSet) integer(p *int, name, env string, def int, usage string) {
 func parseServe(args []string) (serveConfig, error) {
 	var c serveConfig
 	fs := &flagSet{FlagSet: flag.NewFlagSet("zgolden serve", flag.ContinueOnError)}
-	var storeSize, defaultSize string
+	var storeSize, defaultSize, reserve string
 	fs.str(&c.Backend, "backend", "ZGOLDEN_BACKEND", "auto", "auto, zfs or reflink: auto uses ZFS when the zfs tools, /dev/zfs and the parent's pool are present, the reflink store otherwise")
 	fs.str(&c.Parent, "parent", "ZGOLDEN_PARENT", "", "ZFS parent dataset that holds every volume and golden, such as tank/zgolden (required for ZFS)")
 	fs.str(&c.Root, "root", "ZGOLDEN_ROOT", "/var/lib/zgolden", "reflink store: directory for golden and volume images")
@@ -112,6 +113,7 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "ZFS: warm clones of each block project's newest generation to keep ready, so a Create on a busy pool runs no zfs command (0: none)")
 	fs.str(&c.zfsProven, "zfs-proven", "ZGOLDEN_ZFS_PROVEN", "", "ZFS: module series (such as 2.3,2.4) the zfs userland may drive besides its own; the managed plugin sets those its bundled userland passed the suites on")
 	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares are recorded; must survive reboots")
+	fs.str(&reserve, "reserve", "ZGOLDEN_RESERVE", "0", "free space (50G, or 10% of the pool or store) that new volumes, imports and promotions leave alone; running volumes keep writing into it (0: none)")
 	fs.str(&c.MetricsListen, "metrics-listen", "ZGOLDEN_METRICS_LISTEN", "", "serve Prometheus metrics and /healthz on HOST:PORT or unix:PATH (off when empty)")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
@@ -142,6 +144,9 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if !strings.HasPrefix(c.RecordDir, "/") || strings.HasPrefix(c.RecordDir, "/run/") {
 		fs.errs = append(fs.errs, fmt.Sprintf("--record-dir %q must be an absolute path that survives reboots (not under /run)", c.RecordDir))
+	}
+	if c.Reserve, err = driver.ParseReserve(reserve); err != nil {
+		fs.errs = append(fs.errs, "--reserve: "+err.Error())
 	}
 	if err := validMetricsListen(c.MetricsListen); err != nil {
 		fs.errs = append(fs.errs, err.Error())

@@ -140,7 +140,7 @@ func serve(args []string) error {
 	}
 	d, err := driver.New(ctx, driver.Config{
 		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir,
-		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Log: log,
+		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Reserve: c.Reserve, Log: log,
 		LegacyGoldens: c.LegacyGoldens, LegacyRemove: c.LegacyRemove, Faults: faults,
 	})
 	if err != nil {

@@ -623,6 +623,21 @@ func noSpace(err error) error {
 	return fmt.Errorf("%w: %v; the store is full: remove unused volumes, reclaim old golden generations, or give the store more room (see `zgolden status`)", driver.ErrNoSpace, err)
 }
 
+// Space implements driver.Backend: the store's filesystem, and for a sparse store file the host's
+// free space too, whichever is smaller (the file's free space is a promise the host must keep).
+func (s *Store) Space(ctx context.Context) (driver.Space, error) {
+	free, total, err := xfsutil.FreeSpace(s.storeDir)
+	if err != nil {
+		return driver.Space{}, err
+	}
+	if s.mode == modeFile {
+		if hfree, _, err := xfsutil.FreeSpace(s.cfg.Root); err == nil {
+			free = min(free, hfree)
+		}
+	}
+	return driver.Space{Available: free, Total: total}, nil
+}
+
 // Status implements driver.Backend.
 func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	free, total, err := xfsutil.FreeSpace(s.storeDir)

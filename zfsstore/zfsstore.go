@@ -786,6 +786,20 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	return st, nil
 }
 
+// Space implements driver.Backend: what the parent dataset can still take (the pool's free
+// space, less any quota above it) of the pool's whole usable capacity.
+func (s *Store) Space(ctx context.Context) (driver.Space, error) {
+	row, err := s.zfs.Get(ctx, s.cfg.Parent, "available")
+	if err != nil {
+		return driver.Space{}, mapErr(err)
+	}
+	pool, err := s.zfs.Get(ctx, zfsutil.PoolOf(s.cfg.Parent), "available", "used")
+	if err != nil {
+		return driver.Space{}, mapErr(err)
+	}
+	return driver.Space{Available: row.Uint("available"), Total: pool.Uint("available") + pool.Uint("used")}, nil
+}
+
 // DefaultParent picks POOL/zgolden when ZFS is usable and exactly one pool is imported, so
 // `make run` on a ZFS host needs no flags. It returns "" when there is no single obvious pool.
 func DefaultParent(ctx context.Context) string {

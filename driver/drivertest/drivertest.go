@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -53,6 +55,7 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"ConcurrentCreates", testConcurrentCreates},
 		{"CreatesDuringPromotion", testCreatesDuringPromotion},
 		{"ImportBlocksOnlyItsProject", testImportBlocksOnlyItsProject},
+		{"ReserveRefusesNewWork", testReserve},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -65,6 +68,8 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 type harness struct {
 	env       Env
 	d         *driver.Driver
+	backend   driver.Backend
+	reserve   driver.Reserve // for the next open
 	mountRoot string
 	stateDir  string
 	baseline  []string
@@ -96,8 +101,9 @@ func (h *harness) open(t *testing.T) {
 	if testing.Verbose() {
 		log.SetLevel(logrus.InfoLevel)
 	}
+	h.backend = h.env.Open(t)
 	d, err := driver.New(ctx(t), driver.Config{
-		Backend: h.env.Open(t), MountRoot: h.mountRoot, StateDir: h.stateDir,
+		Backend: h.backend, MountRoot: h.mountRoot, StateDir: h.stateDir, Reserve: h.reserve,
 		// Long enough for any import a test runs, even under emulation: a Create that gives up
 		// waiting would turn ImportBlocksOnlyItsProject's clone into an error.
 		DefaultSize: 1 << 30, ImportWait: 4 * time.Minute, Log: logrus.NewEntry(log),
@@ -778,4 +784,98 @@ func testImportBlocksOnlyItsProject(t *testing.T, h *harness) {
 	CheckTree(t, mp)
 	h.unmount(t, "waiter", "c")
 	h.removeAllAndCheckLeaks(t)
+}
+
+// testReserve: with a reserve just below the free space, a volume that writes past it makes new
+// Creates, imports and promotions fail with ErrNoSpace, naming the free space and the reserve,
+// while the running volume keeps writing; freeing the space (discard gives it back) lets Creates
+// through again.
+func testReserve(t *testing.T, h *harness) {
+	h.create(t, "writer", map[string]string{"size": "2G"})
+	mp := h.mount(t, "writer", "c1")
+	sp, err := h.backend.Space(ctx(t))
+	if err != nil || sp.Available < 1<<30 || sp.Total < sp.Available {
+		t.Fatalf("Space = %+v, %v; want at least 1 GiB free of a larger total", sp, err)
+	}
+	h.reserve = driver.Reserve{Bytes: sp.Available - 128<<20}
+	h.open(t) // a restart with --reserve; the volume stays mounted
+	big := filepath.Join(mp, "big")
+	writeRandom(t, big, 384<<20)
+	start := time.Now()
+	waitSpace(t, h, func(s driver.Space) bool { return s.Available < h.reserve.Bytes })
+	t.Logf("the write reached the backend's free space in %s", time.Since(start).Round(time.Millisecond))
+	time.Sleep(1100 * time.Millisecond) // past the driver's cached read of the space
+	err = h.d.Create(ctx(t), "refused", nil)
+	if !errors.Is(err, driver.ErrNoSpace) || !strings.Contains(err.Error(), "below the reserve") {
+		t.Fatalf("Create below the reserve: %v; want ErrNoSpace naming the reserve", err)
+	}
+	src := t.TempDir()
+	writeFile(t, filepath.Join(src, "f"), "x")
+	if _, err := h.d.Import(ctx(t), "resproj", driver.KindBlock, src, driver.ImportOptions{}, nil); !errors.Is(err, driver.ErrNoSpace) {
+		t.Errorf("Import below the reserve: %v; want ErrNoSpace", err)
+	}
+	if _, err := h.d.Promote(ctx(t), "writer", "resproj"); !errors.Is(err, driver.ErrNoSpace) {
+		t.Errorf("Promote below the reserve: %v; want ErrNoSpace", err)
+	}
+	writeRandom(t, filepath.Join(mp, "more"), 1<<20) // a running volume keeps writing
+	if err := os.Remove(big); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	// XFS discards freed extents (mounted with discard) in the background, about 30 s later;
+	// fstrim discards them now. ZFS then frees them with its next txg.
+	if out, err := exec.Command("fstrim", mp).CombinedOutput(); err != nil {
+		t.Fatalf("fstrim %s: %v\n%s", mp, err, out)
+	}
+	var last error
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		if last = h.d.Create(ctx(t), "refused", nil); last == nil {
+			break
+		}
+	}
+	if last != nil {
+		t.Fatalf("Create after the space came back: %v", last)
+	}
+	t.Logf("the freed space let Creates through after %s", time.Since(start).Round(time.Millisecond))
+	h.unmount(t, "writer", "c1")
+	h.removeAllAndCheckLeaks(t)
+}
+
+func writeRandom(t *testing.T, path string, n int) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	x := uint64(len(path)) | 1
+	for done := 0; done < n; done += len(buf) {
+		for i := range buf { // incompressible: lz4 on ZFS would store zeros for free
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			buf[i] = byte(x)
+		}
+		if _, err := f.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitSpace waits, up to a minute, until the backend's space satisfies ok (ZFS accounts a
+// write once its transaction group has synced).
+func waitSpace(t *testing.T, h *harness, ok func(driver.Space) bool) {
+	t.Helper()
+	var sp driver.Space
+	var err error
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+		if sp, err = h.backend.Space(ctx(t)); err == nil && ok(sp) {
+			return
+		}
+	}
+	t.Fatalf("the backend's space never reached the wanted level: last %+v, %v", sp, err)
 }

@@ -2,9 +2,11 @@ package plugin
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -256,6 +258,28 @@ func (m *managed) admin(t *testing.T, args ...string) string {
 		t.Fatalf("zgolden %s: %v\n%s\nplugin log:\n%s", strings.Join(args, " "), err, out, m.logs())
 	}
 	return out
+}
+
+// metrics scrapes the plugin's Prometheus metrics from the unix socket config.json puts under its
+// state directory (the plugin's network is none), on the host side of the data mount.
+func (m *managed) metrics(t *testing.T) string {
+	t.Helper()
+	sock := filepath.Join(m.data, "state", "metrics.sock")
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		},
+	}}
+	resp, err := c.Get("http://zgolden/metrics")
+	if err != nil {
+		t.Fatalf("scrape the managed plugin's metrics at %s: %v\nplugin log:\n%s", sock, err, m.logs())
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics on %s: %s, %v", sock, resp.Status, err)
+	}
+	return string(body)
 }
 
 // seedGolden imports a test tree as project's golden, the way the README tells managed-plugin

@@ -45,6 +45,9 @@ func TestManagedPluginFromDirectory(t *testing.T) {
 		t.Fatalf("the container reads %q from the golden's README", got)
 	}
 	m.run(t, vol, "sh", "-c", "echo session-data > /data/mine")
+	if mt := m.metrics(t); !strings.Contains(mt, `zgolden_build_info{backend="reflink"`) || !strings.Contains(mt, `zgolden_operation_duration_seconds_count{op="mount",result="ok"}`) {
+		t.Errorf("the managed plugin's metrics name no reflink backend or no mount:\n%s", mt)
+	}
 
 	// Docker refuses to disable a plugin that volumes use unless forced; the volumes stay.
 	if out, err := harness.Output("docker", "plugin", "disable", m.name); err == nil || !strings.Contains(out, "in use") {
