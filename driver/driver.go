@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -39,6 +40,9 @@ type Config struct {
 	LegacyRemove bool
 	// Reserve is free space that new volumes, imports and promotions leave alone (reserve.go).
 	Reserve Reserve
+	// Holders, if set, names the containers that use a volume as the Docker engine sees them,
+	// for busy errors (a volume plugin is never told). It is bounded to 5 seconds a call.
+	Holders func(ctx context.Context, volume string) ([]string, error)
 	// Faults crashes the process at a named step, for crash tests; nil in production.
 	Faults *fault.Injector
 	Log    *logrus.Entry
@@ -58,6 +62,8 @@ type Config struct {
 //   - mu guards the vols and imports maps only, and is never held across a backend call or I/O;
 //     nor is spaceMu, which guards the reserve's cached read of free space.
 //   - Order: a volume lock before a project lock before mu; never the reverse.
+//   - A busy error asks Docker which containers use the volume (Config.Holders) under the
+//     volume's lock: that query is bounded to 5 seconds and takes no lock of zgolden's.
 type Driver struct {
 	cfg      Config
 	backend  Backend
@@ -272,7 +278,7 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 		return nil
 	}
 	if n := len(st.ids); n > 0 {
-		return fmt.Errorf("volume %q: %w: mounted by %d container(s); stop or remove them first", name, ErrBusy, n)
+		return d.busyWith(ctx, name, fmt.Errorf("volume %q: %w: mounted by %d container(s); stop or remove them first", name, ErrBusy, n))
 	}
 	target := d.mountpoint(name)
 	mounted, err := d.backend.Mounted(target)
@@ -286,7 +292,7 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 	}
 	d.cfg.Faults.Hit("remove:after-unmount")
 	if err := d.backend.Remove(ctx, st.Volume); err != nil {
-		return fmt.Errorf("remove volume %q: %w", name, err)
+		return d.busyWith(ctx, name, fmt.Errorf("remove volume %q: %w", name, err))
 	}
 	d.cfg.Faults.Hit("remove:after-destroy")
 	d.mu.Lock()
@@ -387,7 +393,7 @@ func (d *Driver) Unmount(ctx context.Context, name, id string) error {
 				// the volume as "mounted by 1 container" for ever. The filesystem stays mounted
 				// (never lazily detached); Remove unmounts it, or reports it busy, and the next
 				// Mount reuses it.
-				unmountErr = fmt.Errorf("unmount volume %q: %w", name, err)
+				unmountErr = d.busyWith(ctx, name, fmt.Errorf("unmount volume %q: %w", name, err))
 			} else {
 				d.log.WithFields(logrus.Fields{"volume": name, "source": st.Source}).Info("volume unmounted")
 			}
@@ -484,3 +490,21 @@ func (d *Driver) List() []Info {
 
 // Backend returns the backend's name.
 func (d *Driver) Backend() string { return d.backend.Name() }
+
+// busyWith adds to a busy error the containers that use volume name, as the Docker engine lists
+// them, when Config.Holders is set and Docker answers within 5 seconds.
+func (d *Driver) busyWith(ctx context.Context, name string, err error) error {
+	if d.cfg.Holders == nil || !errors.Is(err, ErrBusy) {
+		return err
+	}
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	names, herr := d.cfg.Holders(hctx, name)
+	if herr != nil || len(names) == 0 {
+		if herr != nil {
+			d.log.WithError(herr).WithField("volume", name).Debug("could not ask Docker which containers use the volume")
+		}
+		return err
+	}
+	return fmt.Errorf("%w; Docker lists these containers using it: %s", err, strings.Join(names, ", "))
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"time"
 
@@ -48,9 +49,10 @@ type errorResponse struct {
 	Error string `json:"error"`
 }
 
-func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics) http.Handler {
+func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics, reap *reaper) http.Handler {
 	mux := http.NewServeMux()
-	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m}
+	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m, reap: reap}
+	mux.HandleFunc("POST /v1/reap", a.reapNow)
 	mux.HandleFunc("GET /v1/status", a.status)
 	mux.HandleFunc("GET /v1/goldens", a.goldens)
 	mux.HandleFunc("POST /v1/promote", a.promote)
@@ -65,6 +67,43 @@ type admin struct {
 	keep int
 	log  *logrus.Entry
 	m    *metrics // nil without --metrics-listen
+	reap *reaper
+}
+
+type reapRequest struct {
+	After  string `json:"after"` // a duration; "" for the server's --reap-unused-after
+	DryRun bool   `json:"dry_run"`
+}
+
+// reapNow runs one reap pass (or lists what it would reap) for `zgolden volume reap`.
+func (a *admin) reapNow(w http.ResponseWriter, r *http.Request) {
+	var req reapRequest
+	if err := decode(r, &req); err != nil {
+		a.reply(w, nil, err)
+		return
+	}
+	after := a.reap.after
+	if req.After != "" {
+		d, err := time.ParseDuration(req.After)
+		if err != nil || d <= 0 {
+			a.reply(w, nil, errors.Join(driver.ErrInvalid, fmt.Errorf("after %q: want a positive duration such as 24h", req.After)))
+			return
+		}
+		after = d
+	}
+	if after <= 0 {
+		a.reply(w, nil, errors.Join(driver.ErrInvalid, errors.New("no idle time given: pass --after DURATION, or run the server with --reap-unused-after")))
+		return
+	}
+	start := time.Now()
+	out, err := a.reap.pass(r.Context(), after, req.DryRun)
+	if !req.DryRun {
+		a.m.observe("reap", start, err)
+	}
+	if out == nil {
+		out = []reapDecision{}
+	}
+	a.reply(w, out, err)
 }
 
 func (a *admin) reply(w http.ResponseWriter, v any, err error) {

@@ -366,3 +366,38 @@ func cmdGoldenRemove(args []string) error {
 	fmt.Println("removed golden", strconv.Quote(c.args[0]))
 	return nil
 }
+
+func cmdVolumeReap(args []string) error {
+	c := newCLI("volume reap")
+	after := c.fs.String("after", "", "idle time after which a volume goes, such as 24h (default: the server's --reap-unused-after)")
+	dryRun := c.fs.Bool("dry-run", false, "list what would be removed, and why, without removing it")
+	if err := c.parse(args, 0); err != nil {
+		return err
+	}
+	var out []reapDecision
+	if err := c.call("POST", "/v1/reap", reapRequest{After: *after, DryRun: *dryRun}, &out); err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out)
+	}
+	if len(out) == 0 {
+		fmt.Println("nothing to reap: every volume was referenced recently")
+	}
+	for _, d := range out {
+		switch {
+		case *dryRun:
+			fmt.Printf("would remove %s: %s\n", d.Volume, d.Reason)
+		case d.Removed:
+			fmt.Printf("removed %s: %s\n", d.Volume, d.Reason)
+		default:
+			fmt.Printf("kept %s: %s, but removing it failed: %s\n", d.Volume, d.Reason, d.Error)
+		}
+	}
+	for _, d := range out {
+		if d.Error != "" {
+			return errors.New("some volumes could not be reaped (see above)")
+		}
+	}
+	return nil
+}

@@ -25,6 +25,7 @@ type serveConfig struct {
 	RecordDir       string
 	MetricsListen   string
 	Reserve         driver.Reserve
+	ReapUnusedAfter time.Duration
 	ZFSProven       []string
 	zfsProven       string
 	Socket          string
@@ -114,6 +115,7 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.str(&c.zfsProven, "zfs-proven", "ZGOLDEN_ZFS_PROVEN", "", "ZFS: module series (such as 2.3,2.4) the zfs userland may drive besides its own; the managed plugin sets those its bundled userland passed the suites on")
 	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares are recorded; must survive reboots")
 	fs.str(&reserve, "reserve", "ZGOLDEN_RESERVE", "0", "free space (50G, or 10% of the pool or store) that new volumes, imports and promotions leave alone; running volumes keep writing into it (0: none)")
+	fs.duration(&c.ReapUnusedAfter, "reap-unused-after", "ZGOLDEN_REAP_UNUSED_AFTER", 0, "remove volumes that no container, running or stopped, has referenced for this long, asking the Docker engine (at least 10m; 0: never)")
 	fs.str(&c.MetricsListen, "metrics-listen", "ZGOLDEN_METRICS_LISTEN", "", "serve Prometheus metrics and /healthz on HOST:PORT or unix:PATH (off when empty)")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
@@ -144,6 +146,9 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if !strings.HasPrefix(c.RecordDir, "/") || strings.HasPrefix(c.RecordDir, "/run/") {
 		fs.errs = append(fs.errs, fmt.Sprintf("--record-dir %q must be an absolute path that survives reboots (not under /run)", c.RecordDir))
+	}
+	if c.ReapUnusedAfter != 0 && c.ReapUnusedAfter < reapMin {
+		fs.errs = append(fs.errs, fmt.Sprintf("--reap-unused-after %s is shorter than %s: a volume and the container that mounts it can be minutes apart", c.ReapUnusedAfter, reapMin))
 	}
 	if c.Reserve, err = driver.ParseReserve(reserve); err != nil {
 		fs.errs = append(fs.errs, "--reserve: "+err.Error())

@@ -24,6 +24,7 @@ var commands = []struct{ path, args, summary string }{
 	{"golden promote", "VOLUME --project PRJ [--json]", "make a volume PRJ's next generation"},
 	{"golden reclaim", "[PRJ] [--keep N] [--json]", "destroy unused older generations"},
 	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
+	{"volume reap", "[--after DURATION] [--dry-run] [--json]", "remove volumes no container has referenced for DURATION (default --reap-unused-after)"},
 	{"version", "", "print the version"},
 }
 
@@ -92,6 +93,18 @@ func run(args []string) error {
 			return cmdGoldenRemove(args[2:])
 		}
 		return fmt.Errorf("unknown golden subcommand %q: use ls, import, promote, reclaim or rm", args[1])
+	case "volume":
+		if len(args) < 2 || args[1] == "help" || args[1] == "-h" || args[1] == "--help" {
+			fmt.Print(usage("volume"))
+			if len(args) < 2 {
+				return errors.New("volume needs a subcommand: reap")
+			}
+			return nil
+		}
+		if args[1] == "reap" {
+			return cmdVolumeReap(args[2:])
+		}
+		return fmt.Errorf("unknown volume subcommand %q: use reap", args[1])
 	case "version", "--version":
 		fmt.Println("zgolden", version)
 		return nil

@@ -138,8 +138,14 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	// The Docker API, for busy errors that name containers and for reaping. Nothing connects
+	// here: a host without a reachable engine (the managed plugin) just gets neither.
+	eng, err := newEngine()
+	if err != nil {
+		return err
+	}
 	d, err := driver.New(ctx, driver.Config{
-		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir,
+		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir, Holders: eng.holders,
 		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Reserve: c.Reserve, Log: log,
 		LegacyGoldens: c.LegacyGoldens, LegacyRemove: c.LegacyRemove, Faults: faults,
 	})
@@ -168,10 +174,15 @@ func serve(args []string) error {
 		}
 		m = newMetrics(d, backend.Name())
 	}
-	api := &volumeAPI{d: d, log: log, m: m}
+	reap := newReaper(d, eng, c.ReapUnusedAfter, log)
+	if c.ReapUnusedAfter > 0 {
+		go reap.run(ctx)
+		log.WithField("after", c.ReapUnusedAfter.String()).Info("reaping volumes no container has referenced")
+	}
+	api := &volumeAPI{d: d, log: log, m: m, reap: reap}
 	// go-plugins-helpers owns the Docker side's HTTP server; closing its listener stops it.
 	plugin := volume.NewHandler(api)
-	admin := &http.Server{Handler: newAdmin(d, c, log, m), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: newAdmin(d, c, log, m, reap), ReadHeaderTimeout: 10 * time.Second}
 	metricsSrv := &http.Server{ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 3)
 	go func() { errc <- plugin.Serve(pl) }()

@@ -14,9 +14,10 @@ import (
 // volumeAPI adapts the driver to go-plugins-helpers' volume.Driver. Every method is written out,
 // not embedded, so a missing one is a compile error rather than a nil-pointer panic at run time.
 type volumeAPI struct {
-	d   *driver.Driver
-	log *logrus.Entry
-	m   *metrics // nil without --metrics-listen
+	d    *driver.Driver
+	log  *logrus.Entry
+	m    *metrics // nil without --metrics-listen
+	reap *reaper  // told of every mount and unmount
 }
 
 var _ volume.Driver = (*volumeAPI)(nil)
@@ -64,6 +65,7 @@ func (a *volumeAPI) Mount(r *volume.MountRequest) (*volume.MountResponse, error)
 	defer cancel()
 	start := time.Now()
 	mp, err := a.d.Mount(ctx, r.Name, r.ID)
+	a.reap.touch(r.Name)
 	if err := a.done("mount", r.Name, start, err); err != nil {
 		return nil, err
 	}
@@ -74,7 +76,9 @@ func (a *volumeAPI) Unmount(r *volume.UnmountRequest) error {
 	ctx, cancel := callCtx(shortCall)
 	defer cancel()
 	start := time.Now()
-	return a.done("unmount", r.Name, start, a.d.Unmount(ctx, r.Name, r.ID))
+	err := a.d.Unmount(ctx, r.Name, r.ID)
+	a.reap.touch(r.Name)
+	return a.done("unmount", r.Name, start, err)
 }
 
 func (a *volumeAPI) Path(r *volume.PathRequest) (*volume.PathResponse, error) {

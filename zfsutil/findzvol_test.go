@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,7 +57,7 @@ func TestFindZvolBehindItsBack(t *testing.T) {
 	// few rounds to fill before the number is the one just freed.
 	reused := ""
 	for i := 1; i <= 20 && reused == ""; i++ {
-		harness.Run(t, "zfs", "destroy", prev) // behind z's back: its index still names prevDev prev
+		destroyBehindItsBack(t, prev) // its index still names prevDev prev
 		gone(prevDev)
 		next := parent + "/v" + strconv.Itoa(i)
 		harness.Run(t, "zfs", "create", "-V", "64M", next)
@@ -86,5 +87,22 @@ func TestFindZvolBehindItsBack(t *testing.T) {
 	}
 	if dev := z.findZvol(reused, noRescan); dev != "" {
 		t.Fatalf("findZvol(%s) = %s after that zvol was renamed away", reused, dev)
+	}
+}
+
+// destroyBehindItsBack destroys ds with the zfs command, not through ZFS, retrying while udev's
+// probe of the new zvol still holds it open ("dataset is busy": on zfs 2.4 with kernel 6.12 the
+// probe was still running when the test destroyed the zvol it had just found).
+func destroyBehindItsBack(t *testing.T, ds string) {
+	t.Helper()
+	for i := 0; ; i++ {
+		out, err := harness.Output("zfs", "destroy", ds)
+		if err == nil {
+			return
+		}
+		if !strings.Contains(out, "busy") || i == 50 {
+			t.Fatalf("zfs destroy %s: %v\n%s", ds, err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
