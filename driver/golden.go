@@ -66,6 +66,9 @@ func (d *Driver) Import(ctx context.Context, project string, kind Kind, src stri
 	if err := ValidateProject(project); err != nil {
 		return Generation{}, err
 	}
+	if kind != "" && kind != KindBlock && kind != KindFS {
+		return Generation{}, invalidf("type must be block or fs, not %q", kind)
+	}
 	if err := d.checkImportSource(src); err != nil {
 		return Generation{}, err
 	}
@@ -244,6 +247,21 @@ func (d *Driver) Goldens(ctx context.Context) ([]Golden, error) {
 	d.mu.Unlock()
 	sort.Slice(gs, func(i, j int) bool { return gs[i].Project < gs[j].Project })
 	return gs, nil
+}
+
+// PromoteAndReclaim is Promote followed by the automatic reclaim: generations of project older
+// than the newest keep that no volume uses are destroyed (keep 0: none). A reclaim that fails is
+// logged and retried at the next promotion; the promotion itself stands.
+func (d *Driver) PromoteAndReclaim(ctx context.Context, volume, project string, keep int) (Generation, []Generation, error) {
+	gen, err := d.Promote(ctx, volume, project)
+	if err != nil || keep <= 0 {
+		return gen, nil, err
+	}
+	reclaimed, err := d.Reclaim(ctx, project, keep)
+	if err != nil {
+		d.log.WithError(err).WithField("project", project).Warn("automatic reclaim after promote failed; it is retried at the next promotion")
+	}
+	return gen, reclaimed, nil
 }
 
 // Reclaim destroys the generations of project (or of every project, if project is "") that are

@@ -160,21 +160,14 @@ func (a *admin) promote(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), time.Hour)
 	defer cancel()
 	start := time.Now()
-	gen, err := a.d.Promote(ctx, req.Volume, req.Project)
+	gen, reclaimed, err := a.d.PromoteAndReclaim(ctx, req.Volume, req.Project, a.keep)
 	a.m.observe("promote", start, err)
 	if err != nil {
 		a.log.WithError(err).WithFields(logrus.Fields{"volume": req.Volume, "project": req.Project}).Warn("promote failed")
 		a.reply(w, nil, err)
 		return
 	}
-	resp := promoteResponse{Generation: gen}
-	if a.keep > 0 {
-		resp.Reclaimed, err = a.d.Reclaim(ctx, req.Project, a.keep)
-		if err != nil { // the promotion itself succeeded; reclaim is retried at the next one
-			a.log.WithError(err).WithField("project", req.Project).Warn("automatic reclaim after promote failed")
-		}
-	}
-	a.reply(w, resp, nil)
+	a.reply(w, promoteResponse{Generation: gen, Reclaimed: reclaimed}, nil)
 }
 
 func (a *admin) importGolden(w http.ResponseWriter, r *http.Request) {
@@ -183,11 +176,7 @@ func (a *admin) importGolden(w http.ResponseWriter, r *http.Request) {
 		a.reply(w, nil, err)
 		return
 	}
-	kind := driver.Kind(req.Type)
-	if kind != "" && kind != driver.KindBlock && kind != driver.KindFS {
-		a.reply(w, nil, errors.Join(driver.ErrInvalid, errors.New("type must be block or fs")))
-		return
-	}
+	kind := driver.Kind(req.Type) // the driver checks it
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	enc := json.NewEncoder(w)
 	flusher, _ := w.(http.Flusher)
