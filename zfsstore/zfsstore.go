@@ -679,7 +679,12 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 		return err
 	}
 	if err := xfsutil.Mount(ctx, dev, target, xfsutil.MountOptions(s.cfg.Discard)); err != nil {
-		return mapErr(err)
+		if err = mapErr(err); errors.Is(err, driver.ErrNoSpace) {
+			// XFS writes its log at mount; a pool with no space left refuses that write (zfs
+			// 2.4 in the guest, where 2.1 still let it through).
+			err = fmt.Errorf("%w; the pool has no space left for XFS to write its log: free space (remove volumes, `zgolden golden reclaim`) and mount again; the volume's data is intact", err)
+		}
+		return err
 	}
 	if s.isGrowing(v.Name) {
 		if err = xfsutil.Grow(ctx, target); err == nil {

@@ -147,8 +147,15 @@ func TestSpaceExhaustion(t *testing.T) {
 	if !strings.Contains(out, "dd-exit=1") || !(strings.Contains(out, "No space left") || strings.Contains(out, "I/O error")) {
 		t.Errorf("dd in the container did not stop on a full store or pool: %s", out)
 	}
-	if _, err := e.mount(fill, "probe"); err != nil { // the plugin answers, and the full volume still mounts
-		t.Errorf("after a container filled the space, mounting its volume fails: %v", err)
+	// The plugin answers, and the full volume mounts again, or (on zfs 2.4, where a full pool
+	// refuses even the write of XFS's log at mount) refuses saying the space ran out and what to
+	// do; it mounts once space is freed (checked below with the volume kept).
+	if _, err := e.mount(fill, "probe"); err != nil {
+		if !saysSpace(err.Error()) || !strings.Contains(err.Error(), "free space") {
+			t.Errorf("after a container filled the space, mounting its volume fails without saying why: %v", err)
+		} else {
+			t.Logf("after a container filled the space, its volume refuses to mount until space is freed: %v", err)
+		}
 	} else if err := e.unmount(fill, "probe"); err != nil {
 		t.Errorf("unmount %s: %v", fill, err)
 	}
