@@ -33,14 +33,13 @@ run: ## as root: install what the plugin needs and run it (ZFS if a pool is impo
 	exec $(BIN) serve $(SERVE_ARGS)
 
 .PHONY: test
-test: ## everything: unit, fuzz, host integration, Docker end-to-end, the ZFS suite on 2.4 and the compat suites on 2.1 and 2.3
+test: ## everything: unit, fuzz, host integration, Docker end-to-end, the ZFS suite on 2.4 and the compat suites on 2.1
 	bash tests/setup/host-deps.sh
 	$(MAKE) verify
-	$(MAKE) test-unit
-	$(MAKE) fuzz
-	$(MAKE) test-host
-	$(MAKE) test-vm
-	$(MAKE) test-vm-compat
+	@# Every suite runs even after one fails, so one CI run reports all of them.
+	@rc=0; for t in test-unit fuzz test-host test-vm test-vm-compat; do \
+	  $(MAKE) $$t || { echo "make test: $$t failed"; rc=1; }; \
+	done; exit $$rc
 
 .PHONY: test-unit
 test-unit: ## quick: unit tests with fakes, race detector on, no root needed
@@ -58,9 +57,11 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e ./tests/crash ./tests/stress ./tests/hostile ./tests/plugin
 # The ZFS release of the test bed (tests/vm/build-guest.sh): 2.1, 2.3 or 2.4. `make test-vm` runs
 # every ZFS package on it; `make test-vm-compat` runs the conformance (zfsstore), Docker end-to-end,
-# managed plugin and crash suites on each of COMPAT_ZFS.
+# managed plugin and crash suites on each of COMPAT_ZFS. CI (make test) runs the newest in full and
+# the oldest for compatibility: with 2.3 too, a cold run (three guests to build) does not fit CI's
+# 90 minutes. `make test-vm-compat COMPAT_ZFS=2.3` runs the third.
 ZFS ?= 2.4
-COMPAT_ZFS ?= 2.1 2.3
+COMPAT_ZFS ?= 2.1
 COMPAT_PKGS ?= ./zfsstore ./tests/e2e ./tests/plugin ./tests/crash
 
 # The guest cannot debootstrap (no network), so the managed plugin's rootfs (rootfs/build.sh,
