@@ -36,9 +36,11 @@ import (
 //     dataset into the trash and then deletes its record, so a record never names a dataset
 //     that a later volume holds: the trash listing is the truth for what was renamed.
 //
-// Locks: trash.mu guards the maps only. A Create's clearRemoval runs under the driver's lock of
-// its volume name; the worker takes no volume lock, and a destroy racing that rename fails with
-// "does not exist" on one side or the other, which both treat as done.
+// Locks: trash.mu guards the maps only, and is never held across a zfs command or I/O.
+// trash.place serialises the worker's destroy of a recorded dataset with a Create of the same
+// name moving it into the trash (clearRemoval, under the driver's lock of that name), so the
+// worker never destroys a PARENT/vol/NAME that a later Create made; each holds it across one zfs
+// command. The worker takes no volume lock.
 
 // removalRecord is the durable record of one removal.
 type removalRecord struct {
@@ -97,11 +99,13 @@ func (s *Store) dropRemovalRecord(ds string) error {
 // it renames PARENT/vol/NAME, when a removal still waits for it, into the trash.
 func (s *Store) clearRemoval(ctx context.Context, name string) error {
 	ds := s.volDataset(name)
-	s.trash.mu.Lock()
-	waiting := s.trash.records[ds]
-	s.trash.mu.Unlock()
-	if !waiting {
+	if !s.removalWaiting(ds) {
 		return nil
+	}
+	s.trash.place.Lock() // the worker must not destroy ds while it is moved (destroyPending)
+	defer s.trash.place.Unlock()
+	if !s.removalWaiting(ds) {
+		return nil // destroyed meanwhile
 	}
 	s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds}).Info("a removed volume of this name is still being destroyed; moving it to the trash first")
 	dev := held.take(ds)

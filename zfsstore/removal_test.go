@@ -64,6 +64,14 @@ func TestRemoveIsRecorded(t *testing.T) {
 	if _, err := os.Stat(s.removalFile(ds)); !os.IsNotExist(err) {
 		t.Fatalf("the removal record of %s outlived the rename into the trash (%v): a restart would destroy the new volume", ds, err)
 	}
+	// A worker whose list of datasets to destroy was taken before that Create must not destroy
+	// the new volume under the old one's name.
+	if _, err := s.destroyPending(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.zfs.Exists(ctx, ds); !ok || err != nil {
+		t.Fatalf("a stale destroy of the removed volume's name destroyed the new volume %s (exists %v, %v)", ds, ok, err)
+	}
 	if err := s.Remove(ctx, v2); err != nil {
 		t.Fatal(err)
 	}

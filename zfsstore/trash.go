@@ -37,7 +37,11 @@ import (
 //   - The worker's destroys run under the store's context, which Close cancels; each is bounded
 //     by zfsutil.CommandTimeout.
 type trash struct {
-	run     sync.Mutex // held by the one emptyTrash running
+	run sync.Mutex // held by the one emptyTrash running
+	// place is held while a recorded removal's dataset (still at PARENT/vol/NAME) is destroyed,
+	// and by a Create of NAME while it moves that dataset away (removal.go). It is held across
+	// that one zfs destroy or rename, each bounded by zfsutil.CommandTimeout.
+	place   sync.Mutex
 	mu      sync.Mutex
 	pending map[string]int  // dataset -> failed destroys so far
 	records map[string]bool // datasets of pending that have a removal record (removal.go)
@@ -153,45 +157,67 @@ func (s *Store) emptyTrash(ctx context.Context, yield bool) error {
 	var first error
 	retry := time.Duration(0)
 	for _, ds := range todo {
-		log := s.log.WithField("dataset", ds)
 		if yield {
 			s.yieldToCreates(ctx, 30*time.Second)
 		}
-		s.closeDevice(held.take(ds), ds)
-		err := s.destroy(ctx, ds, true)
-		s.trash.mu.Lock()
-		recorded := s.trash.records[ds]
-		if err == nil {
-			delete(s.trash.pending, ds)
-			delete(s.trash.records, ds)
-		} else {
-			s.trash.pending[ds]++
-			pause := min(5*time.Second<<min(s.trash.pending[ds], 6), trashRetryMax)
+		failures, err := s.destroyPending(ctx, ds)
+		if err != nil {
+			s.log.WithError(err).WithField("dataset", ds).Warn("could not destroy a removed volume; retrying later")
+			pause := min(5*time.Second<<min(failures, 6), trashRetryMax)
 			if retry == 0 || pause < retry {
 				retry = pause
 			}
-		}
-		s.trash.mu.Unlock()
-		if err != nil {
-			log.WithError(err).Warn("could not destroy a removed volume; retrying later")
 			if first == nil {
 				first = err
 			}
-			continue
 		}
-		if recorded {
-			s.cfg.Faults.Hit("trash:after-destroy")
-			if err := s.dropRemovalRecord(ds); err != nil {
-				// Harmless: Load finds the dataset gone and deletes the spent record.
-				log.WithError(err).Warn("could not delete a spent removal record")
-			}
-		}
-		log.Debug("destroyed a removed volume")
 	}
 	if retry > 0 {
 		time.AfterFunc(retry, s.kickTrash)
 	}
 	return first
+}
+
+// destroyPending destroys one pending dataset and, when it had a removal record, deletes the
+// record, and returns how many times its destroy has failed. A recorded dataset is destroyed
+// under trash.place, which a Create of the same name takes to move it out of the way
+// (clearRemoval): without it the worker could destroy PARENT/vol/NAME after that Create had made
+// a new volume there.
+func (s *Store) destroyPending(ctx context.Context, ds string) (int, error) {
+	s.trash.mu.Lock()
+	recorded := s.trash.records[ds]
+	s.trash.mu.Unlock()
+	if recorded {
+		s.trash.place.Lock()
+		defer s.trash.place.Unlock()
+	}
+	s.trash.mu.Lock()
+	_, still := s.trash.pending[ds]
+	recorded = s.trash.records[ds]
+	s.trash.mu.Unlock()
+	if !still {
+		return 0, nil // a Create of its name moved it into the trash (clearRemoval)
+	}
+	s.closeDevice(held.take(ds), ds)
+	if err := s.destroy(ctx, ds, true); err != nil {
+		s.trash.mu.Lock()
+		defer s.trash.mu.Unlock()
+		s.trash.pending[ds]++
+		return s.trash.pending[ds], err
+	}
+	if recorded {
+		s.cfg.Faults.Hit("trash:after-destroy")
+		if err := s.dropRemovalRecord(ds); err != nil {
+			// Harmless: Load finds the dataset gone and deletes the spent record.
+			s.log.WithError(err).WithField("dataset", ds).Warn("could not delete a spent removal record")
+		}
+	}
+	s.trash.mu.Lock()
+	delete(s.trash.pending, ds)
+	delete(s.trash.records, ds)
+	s.trash.mu.Unlock()
+	s.log.WithField("dataset", ds).Debug("destroyed a removed volume")
+	return 0, nil
 }
 
 // trashPending is how many removed volumes wait to be destroyed.
