@@ -92,3 +92,11 @@ func TestCopyCompact(t *testing.T) {
 		t.Fatalf("the compact copy has %d extents (source %d); want at most 4", after, before)
 	}
 }
+
+func TestParseMkfsVersion(t *testing.T) {
+	for in, want := range map[string][2]int{"mkfs.xfs version 6.13.0\n": {6, 13}, "mkfs.xfs version 6.1.0": {6, 1}, "mkfs.xfs version 5.19": {5, 19}, "no version": {}, "mkfs.xfs version x.1": {}} {
+		if got := parseMkfsVersion(in); got != want {
+			t.Errorf("parseMkfsVersion(%q) = %v, want %v", in, got, want)
+		}
+	}
+}

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/moby/sys/mountinfo"
@@ -76,9 +78,10 @@ func classify(err error) error {
 //   - sector size 4096: an 8K-volblocksize zvol reports 8192-byte physical sectors, and mkfs.xfs
 //     would otherwise fall back to 512-byte sectors, so every log write would be a
 //     read-modify-write of a whole zvol block;
-//   - -K: skip discarding a brand-new sparse device, which only costs time.
+//   - -K: skip discarding a brand-new sparse device, which only costs time;
+//   - the on-disk features pinned (featureArgs), whatever this mkfs.xfs defaults to.
 func Mkfs(ctx context.Context, dev, label string) error {
-	args := []string{"-q", "-f", "-K", "-n", "ftype=1", "-s", "size=4096", "-b", "size=4096"}
+	args := append([]string{"-q", "-f", "-K", "-s", "size=4096", "-b", "size=4096"}, featureArgs(ctx)...)
 	if label != "" {
 		if len(label) > 12 {
 			label = label[:12] // XFS labels are at most 12 bytes
@@ -315,4 +318,61 @@ func UnmountRetry(ctx context.Context, target string, attempts int) error {
 		}
 	}
 	return fmt.Errorf("%w: a process still has files open under %s (find it with `fuser -vm %s`)", err, target, target)
+}
+
+// featureArgs pins the XFS features of every volume and golden to one set that each kernel
+// zgolden supports mounts, Linux 6.1 (Debian 12) through 6.12 (Debian 13) and later: a golden
+// made on one host is cloned and mounted on others (docs/design-facts.md, "XFS features"). It is
+// Debian 12's mkfs.xfs 6.1 defaults, written out: Debian 13's 6.13 turns on rmapbt and nrext64
+// (large extent counts, experimental before Linux 6.10). The switches of features newer than
+// 6.1's mkfs (exchange, parent, metadir) are passed only to a mkfs.xfs that knows them, and
+// they stay off.
+func featureArgs(ctx context.Context) []string {
+	meta := "crc=1,finobt=1,reflink=1,rmapbt=0,bigtime=1,inobtcount=1"
+	inode := "sparse=1,nrext64=0"
+	naming := "ftype=1"
+	v := mkfsVersion(ctx)
+	if v[0] > 6 || v[0] == 6 && v[1] >= 10 {
+		inode += ",exchange=0"
+		naming += ",parent=0"
+	}
+	if v[0] > 6 || v[0] == 6 && v[1] >= 13 {
+		meta += ",metadir=0"
+	}
+	return []string{"-m", meta, "-i", inode, "-n", naming}
+}
+
+var mkfsVer struct {
+	once sync.Once
+	v    [2]int
+}
+
+// mkfsVersion is mkfs.xfs's major and minor version ({0, 0} when it does not say).
+func mkfsVersion(ctx context.Context) [2]int {
+	mkfsVer.once.Do(func() {
+		out, err := command.Run(ctx, "mkfs.xfs", "-V")
+		if err != nil {
+			return
+		}
+		mkfsVer.v = parseMkfsVersion(string(out))
+	})
+	return mkfsVer.v
+}
+
+// parseMkfsVersion reads "mkfs.xfs version 6.13.0".
+func parseMkfsVersion(s string) [2]int {
+	_, ver, ok := strings.Cut(strings.TrimSpace(s), "version ")
+	if !ok {
+		return [2]int{}
+	}
+	parts := strings.SplitN(ver, ".", 3)
+	var v [2]int
+	for i := 0; i < 2 && i < len(parts); i++ {
+		n, err := strconv.Atoi(parts[i])
+		if err != nil {
+			return [2]int{}
+		}
+		v[i] = n
+	}
+	return v
 }

@@ -405,3 +405,22 @@ func TestConcurrentLoopMounts(t *testing.T) {
 		}
 	}
 }
+
+// TestMkfsFeatureSet: whatever mkfs.xfs this machine has (Debian 12's 6.1 on the host and the 2.1
+// guest, Debian 13's 6.13 in the 2.3 and 2.4 guests), a volume gets the same on-disk features,
+// the set Linux 6.1 mounts; so a golden made on any of them mounts on all of them.
+func TestMkfsFeatureSet(t *testing.T) {
+	orig, _ := images(t)
+	out := harness.Run(t, "xfs_db", "-r", "-c", "version", orig)
+	t.Logf("mkfs.xfs: %s; features: %s", strings.TrimSpace(harness.Run(t, "mkfs.xfs", "-V")), strings.TrimSpace(out))
+	for _, want := range []string{"CRC", "FTYPE", "FINOBT", "SPARSE_INODES", "REFLINK", "INOBTCNT", "BIGTIME"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the XFS lacks %s: %s", want, out)
+		}
+	}
+	for _, unwanted := range []string{"RMAPBT", "NREXT64", "EXCHANGE", "PARENT", "METADIR"} {
+		if strings.Contains(out, unwanted) {
+			t.Errorf("the XFS has %s, which Linux 6.1 does not mount (or only as experimental): %s", unwanted, out)
+		}
+	}
+}
