@@ -53,6 +53,7 @@ func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics, re
 	mux := http.NewServeMux()
 	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m, reap: reap}
 	mux.HandleFunc("POST /v1/reap", a.reapNow)
+	mux.HandleFunc("GET /v1/doctor", a.doctor)
 	mux.HandleFunc("GET /v1/status", a.status)
 	mux.HandleFunc("GET /v1/goldens", a.goldens)
 	mux.HandleFunc("POST /v1/promote", a.promote)
@@ -68,6 +69,12 @@ type admin struct {
 	log  *logrus.Entry
 	m    *metrics // nil without --metrics-listen
 	reap *reaper
+}
+
+func (a *admin) doctor(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
+	defer cancel()
+	a.reply(w, a.d.Doctor(ctx), nil)
 }
 
 type reapRequest struct {

@@ -401,3 +401,40 @@ func cmdVolumeReap(args []string) error {
 	}
 	return nil
 }
+
+func cmdDoctor(args []string) error {
+	c := newCLI("doctor")
+	if err := c.parse(args, 0); err != nil {
+		return err
+	}
+	var fs []driver.Finding
+	if err := c.call("GET", "/v1/doctor", nil, &fs); err != nil {
+		return err
+	}
+	problems := 0
+	for _, f := range fs {
+		if f.Level == driver.LevelProblem {
+			problems++
+		}
+	}
+	if c.json {
+		if err := printJSON(fs); err != nil {
+			return err
+		}
+	} else {
+		tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		for _, f := range fs {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", strings.ToUpper(string(f.Level)), f.Check, f.Detail)
+			if f.Action != "" {
+				fmt.Fprintf(tw, "\t\t-> %s\n", f.Action)
+			}
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	if problems > 0 {
+		return fmt.Errorf("doctor: %d problem(s) need action", problems)
+	}
+	return nil
+}

@@ -24,6 +24,7 @@ var commands = []struct{ path, args, summary string }{
 	{"golden promote", "VOLUME --project PRJ [--json]", "make a volume PRJ's next generation"},
 	{"golden reclaim", "[PRJ] [--keep N] [--json]", "destroy unused older generations"},
 	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
+	{"doctor", "[--json]", "check the pool or store and the settings; exits 1 when something needs action"},
 	{"volume reap", "[--after DURATION] [--dry-run] [--json]", "remove volumes no container has referenced for DURATION (default --reap-unused-after)"},
 	{"version", "", "print the version"},
 }
@@ -72,6 +73,8 @@ func run(args []string) error {
 		return serve(args[1:])
 	case "status":
 		return cmdStatus(args[1:])
+	case "doctor":
+		return cmdDoctor(args[1:])
 	case "golden":
 		if len(args) < 2 {
 			fmt.Fprint(os.Stderr, usage("golden"))

@@ -56,3 +56,14 @@ func TestClassifyProgram(t *testing.T) {
 		}
 	}
 }
+
+func TestParseHumanSize(t *testing.T) {
+	for in, want := range map[string]uint64{"256B": 256, "1.5K": 1536, "3M": 3 << 20, "160B,": 160, "2": 2} {
+		if got, ok := parseHumanSize(in); !ok || got != want {
+			t.Errorf("parseHumanSize(%q) = %d, %v; want %d", in, got, ok, want)
+		}
+	}
+	if _, ok := parseHumanSize("lots"); ok {
+		t.Error("parseHumanSize accepted lots")
+	}
+}

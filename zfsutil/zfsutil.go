@@ -595,3 +595,58 @@ func ParseTxgs(s string) ([]TxgSync, error) {
 	}
 	return out, nil
 }
+
+// DDT reads the pool's dedup table from `zpool status -D`: its entries and the RAM they take
+// (entries times the in-core size of one, which the same line gives).
+func (z *ZFS) DDT(ctx context.Context, pool string) (entries, inCore uint64, err error) {
+	out, err := z.zpool(ctx, "status", "-D", pool)
+	if err != nil {
+		return 0, 0, classify(err)
+	}
+	if entries, err = ParseDDTEntries(string(out)); err != nil || entries == 0 {
+		return entries, 0, err
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		// dedup: DDT entries 7, size 1.12K on disk, 256B in core
+		if f := strings.Fields(line); len(f) > 2 && f[0] == "dedup:" && f[len(f)-1] == "core" {
+			if per, ok := parseHumanSize(f[len(f)-3]); ok {
+				return entries, entries * per, nil
+			}
+		}
+	}
+	return entries, 0, nil
+}
+
+// parseHumanSize reads zpool's sizes: 256B, 1.12K, 3M (powers of 1024).
+func parseHumanSize(s string) (uint64, bool) {
+	s = strings.TrimSuffix(s, ",")
+	mult := 1.0
+	for i, u := range "BKMGTP" {
+		if strings.HasSuffix(s, string(u)) {
+			s = strings.TrimSuffix(s, string(u))
+			for range i {
+				mult *= 1024
+			}
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil {
+		return 0, false
+	}
+	return uint64(f * mult), true
+}
+
+// PoolHealth is `zpool list`'s health (ONLINE, DEGRADED...) and capacity (percent used).
+func (z *ZFS) PoolHealth(ctx context.Context, pool string) (string, int, error) {
+	out, err := z.zpool(ctx, "list", "-H", "-p", "-o", "health,capacity", pool)
+	if err != nil {
+		return "", 0, classify(err)
+	}
+	f := strings.Fields(string(out))
+	if len(f) != 2 {
+		return "", 0, fmt.Errorf("zpool list %s: unexpected output %q", pool, out)
+	}
+	pct, err := strconv.Atoi(strings.TrimSuffix(f[1], "%"))
+	return f[0], pct, err
+}

@@ -33,14 +33,15 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// metricsPlugin starts the plugin on this machine's backend with --metrics-listen and returns
-// it with the address it serves metrics on.
-func metricsPlugin(t *testing.T) (*harness.Plugin, string, string) {
+// metricsPlugin starts the plugin on this machine's backend with --metrics-listen (and extra)
+// and returns it with the address it serves metrics on, and the backend's name.
+func metricsPlugin(t *testing.T, extra ...string) (*harness.Plugin, string, string) {
 	t.Helper()
 	harness.Docker(t)
 	addr := freeAddr(t)
+	extra = append(extra, "--metrics-listen", addr)
 	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
-		return harness.StartPlugin(t, pluginName, "--backend", "zfs", "--parent", harness.ZFSParent(t), "--metrics-listen", addr), addr, "zfs"
+		return harness.StartPlugin(t, pluginName, append([]string{"--backend", "zfs", "--parent", harness.ZFSParent(t)}, extra...)...), addr, "zfs"
 	}
 	root, err := filepath.EvalSymlinks(t.TempDir())
 	if err != nil {
@@ -48,7 +49,7 @@ func metricsPlugin(t *testing.T) (*harness.Plugin, string, string) {
 	}
 	root = filepath.Join(root, "root")
 	t.Cleanup(func() { _, _ = harness.Output("umount", filepath.Join(root, "store")) })
-	return harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", root, "--store-size", "8G", "--metrics-listen", addr), addr, "reflink"
+	return harness.StartPlugin(t, pluginName, append([]string{"--backend", "reflink", "--root", root, "--store-size", "8G"}, extra...)...), addr, "reflink"
 }
 
 // sessionLifecycle creates, mounts (a container writes), unmounts and removes one volume through
