@@ -40,7 +40,8 @@ import (
 // trash.place serialises the worker's destroy of a recorded dataset with a Create of the same
 // name moving it into the trash (clearRemoval, under the driver's lock of that name), so the
 // worker never destroys a PARENT/vol/NAME that a later Create made; each holds it across one zfs
-// command. The worker takes no volume lock.
+// command, and clearRemoval also across the wait (30 s at most) for the moved zvol's device to
+// give up the name. The worker takes no volume lock.
 
 // removalRecord is the durable record of one removal.
 type removalRecord struct {
@@ -112,7 +113,7 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 	dst := s.trashRoot() + "/" + name + "." + strconv.FormatInt(time.Now().UnixNano(), 36)
 	err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, ds, dst) })
 	switch {
-	case errors.Is(err, zfsutil.ErrNotFound): // the worker destroyed it meanwhile
+	case errors.Is(err, zfsutil.ErrNotFound): // destroyed behind zgolden's back
 		s.closeDevice(dev, ds)
 		dst = ""
 	case err != nil:
@@ -123,9 +124,6 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 	case dev != nil:
 		held.hold(dst, dev)
 	}
-	if err := s.dropRemovalRecord(ds); err != nil {
-		return fmt.Errorf("delete the removal record of %s: %w", ds, err)
-	}
 	s.trash.mu.Lock()
 	delete(s.trash.records, ds)
 	delete(s.trash.pending, ds)
@@ -134,6 +132,16 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 	}
 	s.trash.mu.Unlock()
 	s.kickTrash()
+	if err := s.dropRemovalRecord(ds); err != nil {
+		return fmt.Errorf("delete the removal record of %s: %w", ds, err)
+	}
+	if dst != "" {
+		// The new volume's clone must not be made while the old device still has its name:
+		// it would get no device (zfsutil.WaitNameGone; seen in the stress suite on zfs 2.4).
+		if err := s.zfs.WaitNameGone(ctx, ds, 30*time.Second); err != nil {
+			return fmt.Errorf("%w: volume %s was removed and %v; retry shortly", driver.ErrBusy, name, err)
+		}
+	}
 	return nil
 }
 

@@ -346,6 +346,25 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 	}
 }
 
+// WaitNameGone waits, up to timeout, until no zvol device names dataset any more: after a rename,
+// ZFS renames the zvol's device from a task queue, after zfs rename has returned. A zvol created
+// under the old name before that task ran gets no device at all (ZFS skips a device whose name
+// is taken, and the rename then moves the only one away), so whoever reuses a name waits here
+// first.
+func (z *ZFS) WaitNameGone(ctx context.Context, dataset string, timeout time.Duration) error {
+	for deadline := time.Now().Add(timeout); z.findZvol(dataset, 0) != ""; {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the zvol device of %s still has that name %s after the dataset was renamed", dataset, timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
 // deviceReport says what WaitDevice saw when it gave up, for its error.
 func (z *ZFS) deviceReport(dataset string) string {
 	link := "no udev link " + DevicePath(dataset)

@@ -183,18 +183,20 @@ func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 	}
 	trash := parent + "/trash"
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		// The records first, then the listing: a record is deleted only after its destroy, so
+		// none before the listing means the listing shows no recorded removal's dataset.
+		pending := false
+		for _, dir := range recordDirs {
+			records, _ := filepath.Glob(filepath.Join(dir, strings.ReplaceAll(parent, "/", "%"), "removing", "*.json"))
+			pending = pending || len(records) > 0
+		}
 		out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
 		var names []string
-		pending := false
 		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
 			pending = pending || strings.HasPrefix(l, trash+"/")
 			if l != "" && l != parent && l != trash && l != parent+"/spare" {
 				names = append(names, l)
 			}
-		}
-		for _, dir := range recordDirs {
-			records, _ := filepath.Glob(filepath.Join(dir, strings.ReplaceAll(parent, "/", "%"), "removing", "*.json"))
-			pending = pending || len(records) > 0
 		}
 		if !pending || time.Now().After(deadline) {
 			return names
