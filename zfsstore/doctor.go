@@ -17,8 +17,12 @@ var _ driver.Diagnoser = (*Store)(nil)
 // Diagnose implements driver.Diagnoser: what on this pool makes sessions slow or fragile.
 func (s *Store) Diagnose(ctx context.Context) []driver.Finding {
 	pool := zfsutil.PoolOf(s.cfg.Parent)
+	proven := "its own series"
+	if len(s.versions.Proven) > 0 {
+		proven = "its own series and " + strings.Join(s.versions.Proven, ", ")
+	}
 	out := []driver.Finding{{Check: "zfs versions", Level: driver.LevelOK,
-		Detail: fmt.Sprintf("module %s, userland %s (proven on %s)", s.versions.Module, s.versions.Userland, strings.Join(s.versions.Proven, ", "))}}
+		Detail: fmt.Sprintf("module %s, userland %s (the userland may drive %s)", s.versions.Module, s.versions.Userland, proven)}}
 	out = append(out, s.checkDedup(ctx, pool)...)
 	out = append(out, s.checkVolblocksize(ctx))
 	if !s.cfg.Discard {
