@@ -29,6 +29,14 @@ type Diagnoser interface {
 	Diagnose(ctx context.Context) []Finding
 }
 
+// DiscardOff is the finding of a store that mounts volumes without discard, where the blocks
+// Docker frees inside a volume stay (in the pool, in the store).
+func DiscardOff(where string) Finding {
+	return Finding{Check: "discard", Level: LevelWarn,
+		Detail: "volumes are mounted without discard: blocks Docker frees inside a volume stay allocated " + where,
+		Action: "run fstrim on each mounted volume regularly (a systemd fstrim.timer), or start with --discard"}
+}
+
 // Doctor runs every check: the driver's own (the reserve against free space), then the
 // backend's.
 func (d *Driver) Doctor(ctx context.Context) []Finding {

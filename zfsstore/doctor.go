@@ -26,9 +26,7 @@ func (s *Store) Diagnose(ctx context.Context) []driver.Finding {
 	out = append(out, s.checkDedup(ctx, pool)...)
 	out = append(out, s.checkVolblocksize(ctx))
 	if !s.cfg.Discard {
-		out = append(out, driver.Finding{Check: "discard", Level: driver.LevelWarn,
-			Detail: "volumes are mounted without discard: blocks Docker frees inside a volume never return to the pool",
-			Action: "run fstrim on each mounted volume regularly (a systemd fstrim.timer), or start with --discard"})
+		out = append(out, driver.DiscardOff("in the pool"))
 	}
 	out = append(out, s.checkPool(ctx, pool), s.checkTxgs(pool))
 	return out
