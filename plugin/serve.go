@@ -129,10 +129,11 @@ func serve(args []string) error {
 	// Fault injection is for crash tests only: an environment variable, never a flag.
 	faults := fault.FromEnv()
 	if !faults.Valid() {
-		return fmt.Errorf("$%s=%q is not a fault point; known points: %v", fault.EnvVar, faults.Point(), fault.Points)
+		return fmt.Errorf("$%s=%q or $%s=%q names no fault point; known points: %v, pause points (POINT=DURATION): %v",
+			fault.EnvVar, faults.Point(), fault.PauseEnvVar, os.Getenv(fault.PauseEnvVar), fault.Points, fault.Pauses)
 	}
 	if faults != nil {
-		log.WithField("point", faults.Point()).Warn("fault injection is on: the plugin will SIGKILL itself at this point")
+		log.WithFields(logrus.Fields{"point": faults.Point(), "pause": os.Getenv(fault.PauseEnvVar)}).Warn("fault injection is on: the plugin will SIGKILL itself at this point, or pause at that one")
 	}
 	backend, err := openBackend(ctx, c, faults, log)
 	if err != nil {

@@ -32,11 +32,17 @@ import (
 //     dataset is gone the record is spent, and Load deletes it.
 //   - A Remove returns only after its record and the record's directory are fsynced. A host
 //     crash before that means the Remove never returned, and the volume is still there.
+//   - A Remove of a claimed spare that the finisher is renaming does not wait for the rename:
+//     its record names the spare and, in Then, PARENT/vol/NAME. The finisher, when its rename
+//     returns, records whichever holds the volume and hands it to the worker. Once the spare is
+//     gone, Then is the removed volume: a Create of NAME waits for that hand-over first.
 //   - A Create of a name whose old dataset still waits (PARENT/vol/NAME) first renames that
 //     dataset into the trash and then deletes its record, so a record never names a dataset
 //     that a later volume holds: the trash listing is the truth for what was renamed.
 //
-// Locks: trash.mu guards the maps only, and is never held across a zfs command or I/O.
+// Locks: trash.mu guards the maps only, and is never held across a zfs command or I/O. A
+// claim's rm is held by Remove across its record's write, and by the finisher to look at and
+// change renaming and removed; never across a zfs command.
 // trash.place serialises the worker's destroy of a recorded dataset with a Create of the same
 // name moving it into the trash (clearRemoval, under the driver's lock of that name), so the
 // worker never destroys a PARENT/vol/NAME that a later Create made; each holds it across one zfs
@@ -48,6 +54,10 @@ type removalRecord struct {
 	Name    string `json:"name"`
 	Dataset string `json:"dataset"`
 	Removed int64  `json:"removed"`
+	// Then is where a claimed spare's rename was taking Dataset when the Remove came
+	// (removeDuring). Once Dataset is gone, Then is the removed volume: no Create of Name can
+	// have made it, since a Create of Name waits for that rename to be handed over first.
+	Then string `json:"then,omitempty"`
 }
 
 func (s *Store) removalDir() string { return filepath.Join(s.recordDir(), "removing") }
@@ -61,18 +71,28 @@ func (s *Store) removeLater(name string) error {
 	ds := s.volDataset(name)
 	c := s.claimOf(name)
 	if c != nil {
-		c.mu.Lock() // the finisher must not rename the spare under the record
+		c.rm.Lock()
+		if c.renaming {
+			err := s.removeDuring(c)
+			c.rm.Unlock()
+			return err
+		}
+		c.removed = true // the finisher must not start a rename under the record
+		c.rm.Unlock()
+		c.mu.Lock() // a finisher past its check of removed returns at once
 		defer c.mu.Unlock()
 		if !c.done {
 			ds = c.Dataset
 		}
 	}
-	data, err := json.Marshal(removalRecord{Name: name, Dataset: ds, Removed: time.Now().Unix()})
-	if err == nil {
-		err = driver.WriteFileAtomic(s.removalFile(ds), data)
-	}
+	err := s.writeRemoval(removalRecord{Name: name, Dataset: ds, Removed: time.Now().Unix()})
 	if err != nil {
-		return fmt.Errorf("record the removal of %s in %s: %w", name, s.removalDir(), err)
+		if c != nil {
+			c.rm.Lock()
+			c.removed = false // the volume stays; the finisher may rename it again
+			c.rm.Unlock()
+		}
+		return err
 	}
 	s.cfg.Faults.Hit("remove:after-record")
 	if c != nil && !c.done {
@@ -85,6 +105,34 @@ func (s *Store) removeLater(name string) error {
 	s.setGrowing(name, false)
 	s.kickTrash()
 	s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds}).Debug("removal recorded; the dataset is destroyed in the background")
+	return nil
+}
+
+// writeRemoval writes rec durably, under its dataset's name.
+func (s *Store) writeRemoval(rec removalRecord) error {
+	data, err := json.Marshal(rec)
+	if err == nil {
+		err = driver.WriteFileAtomic(s.removalFile(rec.Dataset), data)
+	}
+	if err != nil {
+		return fmt.Errorf("record the removal of %s in %s: %w", rec.Name, s.removalDir(), err)
+	}
+	return nil
+}
+
+// removeDuring records the removal of a claimed volume whose spare the finisher is renaming,
+// without waiting for the rename (two sync tasks, transaction groups on a busy pool): the record
+// names the spare and where it is going, and the finisher hands whichever holds the volume to
+// the trash worker when its rename returns (handOverRemoved). Called with c.rm held, which the
+// finisher needs before it looks at c.removed.
+func (s *Store) removeDuring(c *claim) error {
+	if err := s.writeRemoval(removalRecord{Name: c.Name, Dataset: c.Dataset, Then: s.volDataset(c.Name), Removed: time.Now().Unix()}); err != nil {
+		return err
+	}
+	s.cfg.Faults.Hit("remove:during-rename")
+	c.removed = true
+	s.setGrowing(c.Name, false)
+	s.log.WithFields(logrus.Fields{"volume": c.Name, "dataset": c.Dataset}).Debug("removal recorded while the spare is renamed; the finisher hands it to the trash")
 	return nil
 }
 
@@ -169,7 +217,7 @@ func (s *Store) loadRemovals(ctx context.Context) (map[string]bool, error) {
 		if err == nil {
 			err = json.Unmarshal(data, &rec)
 		}
-		if err == nil && (driver.ValidateName(rec.Name) != nil || !(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) || s.removalFile(rec.Dataset) != path) {
+		if err == nil && (driver.ValidateName(rec.Name) != nil || !(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) || s.removalFile(rec.Dataset) != path || rec.Then != "" && rec.Then != s.volDataset(rec.Name)) {
 			err = errors.New("it names no dataset of this parent's volumes or spares")
 		}
 		if err != nil {
@@ -178,6 +226,22 @@ func (s *Store) loadRemovals(ctx context.Context) (map[string]bool, error) {
 		ok, err := s.zfs.Exists(ctx, rec.Dataset)
 		if err != nil {
 			return nil, mapErr(err)
+		}
+		if !ok && rec.Then != "" {
+			// Removed while its spare was renamed, and the crash came before the finisher
+			// re-recorded it: the rename landed (Then exists) or never will.
+			if then, err := s.zfs.Exists(ctx, rec.Then); err != nil {
+				return nil, mapErr(err)
+			} else if then {
+				if err := s.writeRemoval(removalRecord{Name: rec.Name, Dataset: rec.Then, Removed: rec.Removed}); err != nil {
+					return nil, err
+				}
+				s.trash.mu.Lock()
+				s.trash.pending[rec.Then] = 0
+				s.trash.records[rec.Then] = true
+				s.trash.mu.Unlock()
+				waiting[rec.Then] = true
+			}
 		}
 		if !ok {
 			if err := s.dropRemovalRecord(rec.Dataset); err != nil {

@@ -2,13 +2,17 @@ package zfsstore
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/tests/harness"
 )
 
@@ -94,4 +98,116 @@ func TestRemoveIsRecorded(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(s2.removalDir(), "*")); len(left) != 0 {
 		t.Errorf("removal records left after the destroys: %v", left)
 	}
+}
+
+// TestRemoveDuringRename: a Remove of a claimed spare while the finisher renames it (paused in
+// the rename, as a busy pool holds it for transaction groups) returns without waiting for it,
+// recording the spare and where it is going; a Create of the same name waits until the rename
+// is handed over and then gets a new volume; the old one is destroyed and no record is left.
+func TestRemoveDuringRename(t *testing.T) {
+	t.Setenv(fault.PauseEnvVar, "claim:renaming=20s")
+	parent, records := harness.ZFSParent(t), t.TempDir()
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30,
+		Log: logrus.NewEntry(l), Spares: 1, RecordDir: records, Faults: fault.FromEnv()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	importTiny(t, s, "prj", "golden")
+	ctx := context.Background()
+	if _, err := s.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a spare", func() bool { return s.sparesReady()["prj"] == 1 })
+	v, err := s.Create(ctx, driver.Spec{Name: "v", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := s.claimOf("v")
+	if c == nil {
+		t.Fatal("the Create did not claim the ready spare")
+	}
+	spareDS := c.Dataset
+	renaming := func() bool { c.rm.Lock(); defer c.rm.Unlock(); return c.renaming }
+	waitFor(t, "the finisher to start renaming", renaming)
+	if err := s.Remove(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	if !renaming() {
+		t.Fatal("Remove returned only after the rename: it waited for the finisher's sync tasks")
+	}
+	data, err := os.ReadFile(s.removalFile(spareDS))
+	if err != nil {
+		t.Fatalf("no removal record naming the spare: %v", err)
+	}
+	var rec removalRecord
+	if err := json.Unmarshal(data, &rec); err != nil || rec.Then != parent+"/vol/v" {
+		t.Fatalf("removal record %s = %+v (%v); want Then = %s/vol/v", data, rec, err, parent)
+	}
+
+	// A Create of the name waits for the hand-over, then makes a new volume.
+	if _, err := s.Create(ctx, driver.Spec{Name: "v", Kind: driver.KindBlock, Golden: "prj"}); err != nil {
+		t.Fatalf("Create of the removed name after the rename: %v", err)
+	}
+	if renaming() {
+		t.Error("the Create of the name returned while the old volume's rename was still under way")
+	}
+	waitFor(t, "the trash and the claims to settle", func() bool {
+		st, err := s.Status(ctx)
+		return err == nil && st["removed_pending"] == 0 && st["claims_pending"] == 0
+	})
+	if ok, err := s.zfs.Exists(ctx, spareDS); ok || err != nil {
+		t.Errorf("the removed volume's spare %s is still there (%v)", spareDS, err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(s.removalDir(), "*")); len(left) != 0 {
+		t.Errorf("removal records left: %v", left)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	vols, err := openSpares(t, parent, records, 0).Load(ctx)
+	if err != nil || len(vols) != 1 || vols[0].Name != "v" {
+		t.Errorf("a restart lists %+v (%v); want the new volume v alone", vols, err)
+	}
+}
+
+// TestLoadFinishesRemovalAfterRename: a crash after the rename of a spare whose volume was
+// removed meanwhile, before the finisher re-recorded it, leaves a record naming the gone spare
+// and PARENT/vol/NAME after it; Load treats vol/NAME as the removed volume and destroys it.
+func TestLoadFinishesRemovalAfterRename(t *testing.T) {
+	parent, records := harness.ZFSParent(t), t.TempDir()
+	s := openSpares(t, parent, records, 0)
+	importTiny(t, s, "prj", "golden")
+	ctx := context.Background()
+	if _, err := s.Create(ctx, driver.Spec{Name: "w", Kind: driver.KindBlock, Golden: "prj"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	gone := parent + "/spare/renamed"
+	if err := os.MkdirAll(s.removalDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.writeRemoval(removalRecord{Name: "w", Dataset: gone, Then: parent + "/vol/w", Removed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	s2 := openSpares(t, parent, records, 0)
+	vols, err := s2.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vols) != 0 {
+		t.Errorf("Load listed %+v; vol/w is the removed volume", vols)
+	}
+	waitFor(t, "the destroy", func() bool {
+		ok, err := s2.zfs.Exists(ctx, parent+"/vol/w")
+		return err == nil && !ok
+	})
+	waitFor(t, "the records to go", func() bool {
+		left, _ := filepath.Glob(filepath.Join(s2.removalDir(), "*"))
+		return len(left) == 0
+	})
 }

@@ -42,8 +42,10 @@ import (
 //     before that means the Create never returned, and the spare is still a spare.
 //
 // Locks: spares.mu guards the maps only and is never held across a zfs command or I/O. A claim's
-// mu is held by the finisher for its rename and by Remove and Promote of that volume, so none of
-// them sees the volume under a name that is changing; Mount and Usage do not take it (Mount uses
+// mu is held by the finisher for its rename and by Promote of that volume, so it never sees the
+// volume under a name that is changing; a Remove takes it only when no rename is under way, and
+// otherwise records the removal beside the rename (removal.go, removeDuring), because the rename
+// can last transaction groups on a busy pool and Docker gives a Remove a minute; Mount and Usage do not take it (Mount uses
 // the device, which a rename does not change). make is held by the worker for a whole pass and
 // by RemoveGeneration and RemoveGolden while they retire spares, so no spare of a generation
 // being destroyed is made behind their back.
@@ -94,6 +96,14 @@ type claim struct {
 	dev  string
 	mu   sync.Mutex
 	done bool // renamed or removed; the record is deleted
+
+	// rm orders a Remove against the finisher's rename without making the Remove wait for it:
+	// the rename is two sync tasks, which on a busy pool last transaction groups. rm is held
+	// across the removal record's write and fsync at most, never across a zfs command.
+	rm       sync.Mutex
+	renaming bool   // the finisher's set and rename are under way
+	removed  bool   // a Remove took the volume; the finisher must not start, or hands it over
+	handover string // the dataset a failed hand-over left to retry (handOverRemoved)
 }
 
 func (s *Store) spareRoot() string { return s.cfg.Parent + "/spare" }
@@ -236,18 +246,99 @@ func (s *Store) finishLocked(ctx context.Context, c *claim) error {
 	if c.done {
 		return nil
 	}
+	c.rm.Lock()
+	if c.removed { // Remove has it, and records its removal under c.mu once this returns
+		retry := c.handover
+		c.rm.Unlock()
+		if retry != "" {
+			return s.handOverRemoved(ctx, c, retry, nil)
+		}
+		return nil
+	}
+	c.renaming = true
+	c.rm.Unlock()
+	s.cfg.Faults.Pause(ctx, "claim:renaming")
 	dst := s.volDataset(c.Name)
 	log := s.log.WithFields(logrus.Fields{"volume": c.Name, "dataset": dst, "spare": c.Dataset})
-	if err := s.zfs.Set(ctx, c.Dataset, zfsutil.Props{propCreated: strconv.FormatInt(c.Created, 10)}); err != nil {
+	err := s.zfs.Set(ctx, c.Dataset, zfsutil.Props{propCreated: strconv.FormatInt(c.Created, 10)})
+	if err == nil {
+		err = s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, c.Dataset, dst) })
+	}
+	if err == nil {
+		held.rename(c.Dataset, dst)
+		s.cfg.Faults.Hit("claim:after-rename")
+	}
+	c.rm.Lock()
+	c.renaming = false
+	removed := c.removed
+	c.rm.Unlock()
+	if removed {
+		return s.handOverRemoved(ctx, c, dst, err)
+	}
+	if err != nil {
 		return mapErr(err)
 	}
-	if err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, c.Dataset, dst) }); err != nil {
-		return mapErr(err)
-	}
-	held.rename(c.Dataset, dst)
-	s.cfg.Faults.Hit("claim:after-rename")
 	s.endClaim(c)
 	log.Debug("a claimed spare has its volume's name")
+	return nil
+}
+
+// handOverRemoved finishes a Remove that came while the finisher renamed the volume's spare
+// (removeDuring): it gives the trash worker whichever dataset holds the volume now, recording
+// it under that name first, and ends the claim. renameErr is the rename's outcome.
+func (s *Store) handOverRemoved(ctx context.Context, c *claim, dst string, renameErr error) error {
+	ds := dst
+	if renameErr != nil {
+		// The rename failed, or was abandoned at its deadline and may still land: ask ZFS.
+		if ok, err := s.zfs.Exists(ctx, c.Dataset); err != nil || ok {
+			ds = c.Dataset
+		}
+	}
+	log := s.log.WithFields(logrus.Fields{"volume": c.Name, "dataset": ds, "spare": c.Dataset})
+	if ds != c.Dataset {
+		// Record dst before the spare's record goes: a crash between them leaves two records
+		// that both name dst (loadRemovals), never none.
+		data, err := json.Marshal(removalRecord{Name: c.Name, Dataset: ds, Removed: time.Now().Unix()})
+		if err == nil {
+			err = driver.WriteFileAtomic(s.removalFile(ds), data)
+		}
+		if err == nil {
+			s.cfg.Faults.Hit("remove:after-handover-record")
+			err = s.dropRemovalRecord(c.Dataset)
+		}
+		if err != nil {
+			// Its record still names the spare and then dst, which the next Load hands over;
+			// until then the claim stays, so no Create of the name can take dst's place.
+			c.rm.Lock()
+			c.handover = ds
+			c.rm.Unlock()
+			return fmt.Errorf("re-record the removal of %s as %s: %w", c.Name, ds, err)
+		}
+	}
+	s.endClaim(c)
+	s.trash.mu.Lock()
+	s.trash.pending[ds] = 0
+	s.trash.records[ds] = true
+	s.trash.mu.Unlock()
+	s.kickTrash()
+	log.Debug("removed while its spare was renamed; the dataset is destroyed in the background")
+	return nil
+}
+
+// waitRenaming waits until a finisher renaming the spare of a removed volume of this name has
+// handed it to the trash worker, so that a Create of the name finds the old dataset as a
+// pending removal (clearRemoval) and never clones into a name a rename is about to take. A
+// Create only comes for a name the driver has no volume of, so any claim of it is a removed one.
+func (s *Store) waitRenaming(name string) error {
+	c := s.claimOf(name)
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	c.mu.Unlock() //nolint:staticcheck // a barrier: the finisher holds mu across its rename
+	if s.claimOf(name) == c {
+		return fmt.Errorf("%w: the removal of an earlier volume %s is still being recorded (its spare %s was being renamed); retry shortly", driver.ErrBusy, name, c.Dataset)
+	}
 	return nil
 }
 

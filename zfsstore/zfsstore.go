@@ -438,6 +438,9 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	}
 	ctx, cancel := workContext(ctx)
 	defer cancel()
+	if err := s.waitRenaming(spec.Name); err != nil {
+		return driver.Volume{}, err
+	}
 	if err := s.clearRemoval(ctx, spec.Name); err != nil {
 		return driver.Volume{}, err
 	}
