@@ -51,7 +51,7 @@ type errorResponse struct {
 
 func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics, reap *reaper) http.Handler {
 	mux := http.NewServeMux()
-	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m, reap: reap}
+	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m, reap: reap, mountRoot: c.MountRoot}
 	mux.HandleFunc("POST /v1/reap", a.reapNow)
 	mux.HandleFunc("GET /v1/doctor", a.doctor)
 	mux.HandleFunc("GET /v1/status", a.status)
@@ -69,12 +69,14 @@ type admin struct {
 	log  *logrus.Entry
 	m    *metrics // nil without --metrics-listen
 	reap *reaper
+	// mountRoot is where volumes are mounted, for doctor's propagation check.
+	mountRoot string
 }
 
 func (a *admin) doctor(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
 	defer cancel()
-	a.reply(w, a.d.Doctor(ctx), nil)
+	a.reply(w, append(a.d.Doctor(ctx), propagationFinding(a.mountRoot)), nil)
 }
 
 type reapRequest struct {

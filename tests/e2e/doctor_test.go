@@ -96,4 +96,16 @@ func TestDoctor(t *testing.T) {
 	if _, has := fs["discard"]; has {
 		t.Errorf("doctor warns of discard with discard on: %+v", fs["discard"])
 	}
+	expect(t, fs, "mount propagation", "ok", "dockerd")
+
+	// The same plugin in a mount namespace of its own, on private mounts, as a unit with
+	// PrivateMounts=yes starts it: its volume mounts never reach dockerd.
+	p2.Stop(syscall.SIGTERM)
+	p2.Wrap("unshare", "--mount", "--propagation", "private", "--")
+	p2.Start()
+	fs, ok = doctor(t, p2)
+	if ok {
+		t.Error("doctor exited 0 for a plugin whose mounts cannot reach dockerd")
+	}
+	expect(t, fs, "mount propagation", "problem", "never reach dockerd")
 }

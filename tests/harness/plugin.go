@@ -26,6 +26,7 @@ type Plugin struct {
 	MountRoot   string
 	args        []string
 	extra       []string // added to args from the next Start on (Extra)
+	wrap        []string // a command the plugin runs under, from the next Start on (Wrap)
 	t           testing.TB
 
 	mu   sync.Mutex
@@ -88,6 +89,14 @@ func StartPlugin(t testing.TB, name string, args ...string) *Plugin {
 	return p
 }
 
+// Wrap makes every later Start run the plugin under argv (for example unshare), or directly
+// when argv is empty.
+func (p *Plugin) Wrap(argv ...string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.wrap = argv
+}
+
 // Extra sets arguments that every later Start adds to the plugin's own (none, when empty), for
 // tests that run a phase with another setting such as --spares.
 func (p *Plugin) Extra(args ...string) {
@@ -101,7 +110,8 @@ func (p *Plugin) Start() {
 	p.t.Helper()
 	p.mu.Lock()
 	p.logs = &lockedBuffer{}
-	p.cmd = exec.Command(Binary(p.t), append(slices.Clone(p.args), p.extra...)...)
+	argv := append(append(slices.Clone(p.wrap), Binary(p.t)), append(slices.Clone(p.args), p.extra...)...)
+	p.cmd = exec.Command(argv[0], argv[1:]...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	p.cmd.Env = append(os.Environ(), "ZGOLDEN_ADMIN_SOCKET="+p.AdminSocket)
 	if err := p.cmd.Start(); err != nil {
