@@ -36,6 +36,8 @@ type scenario struct {
 	// spares runs the scenario's plugin with --spares 1, a ready spare of the base golden made
 	// before the fault is armed.
 	spares bool
+	// pause is a fault.PauseEnvVar setting for every plugin the scenario starts.
+	pause string
 	// prepare runs on the plugin before the fault is armed, so that it can use any operation.
 	prepare func(t *testing.T, s *run)
 	// act is the operation, with the fault armed. It runs in its own goroutine: it must not call
@@ -148,6 +150,18 @@ func scenariosFor(point string) []scenario {
 			},
 		}
 	}
+	// removeRenaming removes a volume that is a claimed spare while its rename is under way: the
+	// finisher pauses in it (claim:renaming) long enough for docker volume rm to come.
+	removeRenaming := func(act func(s *run) (string, error)) scenario {
+		sc := removeScenario(act)
+		sc.variant, sc.spares, sc.pause = "spare-being-renamed", true, "claim:renaming=30s"
+		sc.prepare = func(t *testing.T, s *run) {
+			prepareVolume(t, s, s.vol, map[string]string{"golden": baseProject})
+			s.e.writeMarker(t, s.vol, "promoted-never")
+		}
+		return sc
+	}
+	settledRemoval := func(st status) bool { return st.RemovedPending == 0 && st.ClaimsPending == 0 }
 	claimed := func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }
 	switch op {
 	case "create":
@@ -198,7 +212,10 @@ func scenariosFor(point string) []scenario {
 			},
 		}}
 	case "remove":
-		return []scenario{removeScenario(rm)}
+		if point == "remove:after-handover-record" { // in the background, after docker volume rm returned
+			return []scenario{removeRenaming(untilSettled(rm, settledRemoval))}
+		}
+		return []scenario{removeScenario(rm), removeRenaming(rm)}
 	case "promote":
 		// The variants take each of the ZFS backend's promotion paths; the first is the common
 		// one (a session cloned from the newest golden, promoted back into its project), which
@@ -598,10 +615,14 @@ func TestCrashAtEveryFaultPoint(t *testing.T) {
 						t.Logf("%s: spares are ZFS's; not run on the %s backend", point, e.backend)
 						return
 					}
+					if sc.pause != "" {
+						t.Setenv(fault.PauseEnvVar, sc.pause)
+					}
 					e.withSpares(t)
 				}
 				t.Cleanup(func() {
 					if sc.spares {
+						os.Unsetenv(fault.PauseEnvVar) // t.Setenv restores it after this cleanup
 						e.withoutSpares(t)
 					}
 					s.cleanup(t, before)
