@@ -387,6 +387,8 @@ func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
 	defer close(done)
 	tick := time.NewTicker(15 * time.Second)
 	defer tick.Stop()
+	pickTick := time.NewTicker(pickMaxAge / 2)
+	defer pickTick.Stop()
 	for {
 		s.finishAll(ctx)
 		// With Spares 0 the pass only retires spares an earlier run made.
@@ -395,11 +397,29 @@ func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
 				s.log.WithError(err).Warn("could not make spare volumes; retrying")
 			}
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-s.spares.wake:
-		case <-tick.C:
+		for waiting := true; waiting; {
+			select {
+			case <-ctx.Done():
+				return
+			case <-s.spares.wake:
+				waiting = false
+			case <-tick.C:
+				waiting = false
+			case <-pickTick.C:
+				s.refreshPicks(ctx)
+			}
+		}
+	}
+}
+
+// refreshPicks re-reads the pick (pickGeneration) of every project with a spare ready before it
+// expires, so that a Create that claims a spare runs no zfs command at all: a pick older than
+// pickMaxAge is read again on the Create's path, and under load that zfs list cost the bench
+// ~0.45 s of a 0.5 s Create. It is a read, with no transaction group to wait for.
+func (s *Store) refreshPicks(ctx context.Context) {
+	for project := range s.sparesReady() {
+		if _, _, _, err := s.pickGeneration(ctx, project, 0, driver.KindBlock, true); err != nil && ctx.Err() == nil {
+			s.log.WithError(err).WithField("project", project).Debug("could not refresh the pick of a project with spares")
 		}
 	}
 }

@@ -214,3 +214,19 @@ func TestClaimSurvivesACrash(t *testing.T) {
 		}
 	}
 }
+
+// TestSparePicksStayFresh: with spares ready, the worker reads a project's pick again before it
+// expires, so the Create that claims a spare finds it in memory even after a quiet spell longer
+// than pickMaxAge (without the refresh its Create would run a zfs list, which on a busy pool is
+// most of what is left of it).
+func TestSparePicksStayFresh(t *testing.T) {
+	_, _, s, g := withSpares(t)
+	time.Sleep(pickMaxAge + 2*time.Second)
+	got, _, cached, err := s.pickGeneration(context.Background(), "prj", 0, driver.KindBlock, false)
+	if err != nil || got == nil || got.Number != g.Number {
+		t.Fatalf("pick after a quiet spell: %+v, %v", got, err)
+	}
+	if !cached {
+		t.Errorf("after %s with spares ready, the pick of prj was read from ZFS again on the Create's path", pickMaxAge+2*time.Second)
+	}
+}
