@@ -293,6 +293,9 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	}
 	n := p.maxGeneration() + 1
 	ds := s.volDataset(v.Name)
+	if mountpoint == "" && v.Kind == driver.KindBlock {
+		mountpoint = s.premountOf(ds) // an early-mounted spare's XFS is frozen like Docker's mount
+	}
 	snap := genSnapshot(ds, n)
 	target := s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
 	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds, "project": projectName, "generation": n, "lineage": target})

@@ -492,7 +492,30 @@ func (s *Store) stockSpares(ctx context.Context) error {
 			}
 		}
 	}
+	s.premountReady(ctx)
 	return nil
+}
+
+// premountReady mounts ready spares that have no early mount (after a reboot, or one that
+// failed before).
+func (s *Store) premountReady(ctx context.Context) {
+	pm, err := s.premounts()
+	if err != nil {
+		return
+	}
+	s.spares.mu.Lock()
+	var todo []spare
+	for _, list := range s.spares.ready {
+		for _, sp := range list {
+			if pm[sp.ds] == "" && sp.dev != "" {
+				todo = append(todo, sp)
+			}
+		}
+	}
+	s.spares.mu.Unlock()
+	for _, sp := range todo {
+		s.premount(ctx, sp.ds, sp.dev)
+	}
 }
 
 func (s *Store) sparesTotal() int {
@@ -529,6 +552,7 @@ func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generat
 		s.rollback(ctx, log, ds, ds)
 		return err
 	}
+	s.premount(ctx, ds, dev)
 	s.putSpare(project, spare{ds: ds, gen: g.Number, dev: dev})
 	log.Debug("made a spare volume")
 	return nil

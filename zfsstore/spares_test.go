@@ -13,13 +13,18 @@ import (
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/xfsutil"
 )
 
 func openSpares(t *testing.T, parent, records string, spares int) *Store {
 	t.Helper()
 	l := logrus.New()
 	l.SetLevel(logrus.WarnLevel)
-	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30, Log: logrus.NewEntry(l), Spares: spares, RecordDir: records})
+	// One work directory per parent, as a restarted plugin keeps its state directory: the early
+	// mounts of spares live there (premount.go).
+	work := filepath.Join(os.TempDir(), "zgolden-work-"+strings.ReplaceAll(parent, "/", "_"))
+	t.Cleanup(func() { _ = os.RemoveAll(work) })
+	s, err := New(context.Background(), Config{Parent: parent, WorkDir: work, DefaultSize: 1 << 30, Log: logrus.NewEntry(l), Spares: spares, RecordDir: records})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,5 +233,81 @@ func TestSparePicksStayFresh(t *testing.T) {
 	}
 	if !cached {
 		t.Errorf("after %s with spares ready, the pick of prj was read from ZFS again on the Create's path", pickMaxAge+2*time.Second)
+	}
+}
+
+// TestSparesAreMountedAhead: the worker mounts each ready spare's XFS ahead of its claim; the
+// claiming volume's Mount binds that mount (the golden's data is there) and detaches the early
+// one; a crash between the bind and the detach leaves both, and Load detaches the early one;
+// Close unmounts the early mounts of the spares still ready.
+func TestSparesAreMountedAhead(t *testing.T) {
+	_, _, s, _ := withSpares(t)
+	ctx := context.Background()
+	waitFor(t, "two early mounts", func() bool { pm, err := s.premounts(); return err == nil && len(pm) == 2 })
+	v, err := s.Create(ctx, driver.Spec{Name: "early", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds := s.dsOf("early")
+	pm := s.premountOf(ds)
+	if pm == "" {
+		t.Fatalf("the claimed spare %s has no early mount", ds)
+	}
+	target := filepath.Join(t.TempDir(), "m")
+	if err := s.Mount(ctx, v, target); err != nil {
+		t.Fatal(err)
+	}
+	if data, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(data) != "golden" {
+		t.Errorf("the early-mounted volume holds %q (%v); want the golden's file", data, err)
+	}
+	if m, _ := xfsutil.MountedAt(pm); m != nil || s.premountOf(ds) != "" {
+		t.Errorf("the early mount %s is still there after the Mount took it", pm)
+	}
+	if err := os.WriteFile(filepath.Join(target, "w"), []byte("session"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Unmount(ctx, v, target); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := xfsutil.MountedAt(target); m != nil {
+		t.Fatalf("Unmount left %s mounted", target)
+	}
+
+	// A crash between a Mount's bind and its detach: the next Load detaches the early mount.
+	v2, err := s.Create(ctx, driver.Spec{Name: "early2", Kind: driver.KindBlock, Golden: "prj"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pm2 := s.premountOf(s.dsOf("early2"))
+	if pm2 == "" {
+		t.Fatal("the second claimed spare has no early mount")
+	}
+	target2 := filepath.Join(t.TempDir(), "m2")
+	if err := os.MkdirAll(target2, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "mount", "--bind", pm2, target2)
+	if err := s.loadPremounts(); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := xfsutil.MountedAt(pm2); m != nil {
+		t.Errorf("Load left the early mount %s of a volume mounted at %s", pm2, target2)
+	}
+	if _, err := os.Stat(filepath.Join(target2, "f")); err != nil {
+		t.Errorf("the volume's own mount lost its data when the early mount was detached: %v", err)
+	}
+	if err := s.Unmount(ctx, v2, target2); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []driver.Volume{v, v2} {
+		if err := s.Remove(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := xfsutil.MountsUnder(s.premountDir()); err != nil || len(left) != 0 {
+		t.Errorf("Close left early mounts %+v (%v)", left, err)
 	}
 }

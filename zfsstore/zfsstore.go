@@ -302,6 +302,9 @@ func (s *Store) destroy(ctx context.Context, ds string, recursive bool) error {
 	if !inside(s.cfg.Parent, ds) || ds == s.cfg.Parent {
 		return fmt.Errorf("refusing to destroy %s: it is outside zgolden's parent dataset %s", ds, s.cfg.Parent)
 	}
+	if err := s.unmountPremount(ctx, ds); err != nil {
+		return mapErr(err)
+	}
 	err := s.retryBusy(ctx, func() error { return s.zfs.Destroy(ctx, ds, recursive) })
 	switch {
 	case err == nil || errors.Is(err, zfsutil.ErrNotFound):
@@ -363,6 +366,9 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	}
 	if err := s.loadTrash(ctx); err != nil {
 		return nil, err
+	}
+	if err := s.loadPremounts(); err != nil {
+		return nil, fmt.Errorf("early mounts of spares: %w", err)
 	}
 	removed, err := s.loadRemovals(ctx)
 	if err != nil {
@@ -677,6 +683,11 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 	// failed with ENOSPC in XFS's log recovery (hostile TestSpaceExhaustion in the guest), most
 	// likely because what that close syncs still counts against the pool's space.
 	s.closeDevice(held.take(ds), ds)
+	if pm := s.premountOf(ds); pm != "" && !s.isGrowing(v.Name) {
+		if s.mountEarly(pm, target, s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})) {
+			return nil
+		}
+	}
 	dev, err := s.deviceOf(ctx, v.Name, ds)
 	if err != nil {
 		return err
@@ -730,6 +741,18 @@ func (s *Store) Close(ctx context.Context) error {
 	for ds, f := range held.under(s.cfg.Parent) {
 		s.closeDevice(f, ds)
 	}
+	// Early mounts of spares go with the process that made them (premount.go): nothing stays
+	// mounted that Docker did not ask for, and the next start mounts them again in the
+	// background. A volume claimed and not yet mounted mounts its device as usual then.
+	if pm, perr := s.premounts(); perr == nil {
+		for ds, p := range pm {
+			if uerr := xfsutil.UnmountRetry(ctx, p, 5); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("unmount the early mount %s of %s: %w", p, ds, uerr))
+				continue
+			}
+			_ = os.Remove(p)
+		}
+	}
 	return err
 }
 
@@ -780,6 +803,9 @@ func (s *Store) Status(ctx context.Context) (map[string]any, error) {
 	}
 	// Removed volumes not destroyed yet still hold their space (see trash.go).
 	st["removed_pending"] = s.trashPending()
+	if pm, err := s.premounts(); err == nil {
+		st["spares_mounted"] = len(pm) // spares (and claimed volumes) mounted ahead of a Mount
+	}
 	st["devices_held"] = held.count(s.cfg.Parent)
 	st["spares_ready"] = s.sparesReady()
 	st["claims_pending"] = s.claimsPending()

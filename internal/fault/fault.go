@@ -40,6 +40,7 @@ var Points = []string{
 	"create:after-device",
 	"create:after-format",
 	"create:after-claim",
+	"mount:after-bind",
 	"claim:after-rename",
 	"remove:after-record",
 	"remove:during-rename",

@@ -14,6 +14,8 @@ import (
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/xfsutil"
+	"github.com/zgolden/zgolden/zfsutil"
 )
 
 // baseProject is the golden every clone scenario clones; no scenario changes it.
@@ -189,6 +191,32 @@ func scenariosFor(point string) []scenario {
 	case "mount":
 		runIt := func(s *run) (string, error) {
 			return dockerRun(s, "-v", s.vol+":/data", harness.BusyboxImage(), "sh", "-c", "echo mounted > /data/m && cat /data/m")
+		}
+		// The volume claims a spare that the worker mounted ahead (after the armed restart, as
+		// a stop unmounts them), and its first Mount binds that mount.
+		claimAndRun := func(s *run) (string, error) {
+			for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+				if st, err := s.e.status(); err == nil && st.SparesMounted > 0 {
+					break
+				}
+			}
+			if out, err := dockerCreate(s, "golden="+baseProject); err != nil {
+				return out, err
+			}
+			return runIt(s)
+		}
+		earlyMounted := scenario{
+			variant: "early-mounted-spare", spares: true, act: claimAndRun,
+			retry: func(t *testing.T, s *run) error {
+				if out, err := runIt(s); err != nil || strings.TrimSpace(out) != "mounted" {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
+			after: claimed,
+		}
+		if point == "mount:after-bind" {
+			return []scenario{earlyMounted}
 		}
 		return []scenario{{
 			variant: "docker-run",
@@ -370,8 +398,31 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	if gotMounts := mountsUnder(t, e.p.MountRoot); !slices.Equal(gotMounts, wantMounts) {
 		t.Errorf("%s: mounts under the mount root %v, but the plugin's references say %v", phase, gotMounts, wantMounts)
 	}
-	if m := mountsUnder(t, filepath.Join(e.stateDir, "work")); len(m) > 0 {
-		t.Errorf("%s: import mounts left in the work directory: %v", phase, m)
+	// Under work/spares the worker mounts spares ahead of their claim (zfsstore/premount.go): each
+	// must be of a spare, or of a claimed volume not mounted yet, never of one mounted for Docker
+	// (its Mount, or the Load after a crash in it, detaches it); anything else is an import's.
+	forDocker := map[string]bool{}
+	for _, m := range wantMounts {
+		if me, err := xfsutil.MountedAt(m); err == nil && me != nil {
+			forDocker[zfsutil.ZvolName(me.Source)] = true
+		}
+	}
+	var imports []string
+	for _, m := range mountsUnder(t, filepath.Join(e.stateDir, "work")) {
+		if filepath.Dir(m) != filepath.Join(e.stateDir, "work", "spares") {
+			imports = append(imports, m)
+			continue
+		}
+		me, err := xfsutil.MountedAt(m)
+		if err != nil || me == nil {
+			continue // unmounted since the listing
+		}
+		if ds := zfsutil.ZvolName(me.Source); ds == "" || forDocker[ds] || !strings.HasPrefix(ds, e.parent+"/") {
+			t.Errorf("%s: the early mount %s is of %q, a volume mounted for Docker or no dataset of %s", phase, m, ds, e.parent)
+		}
+	}
+	if len(imports) > 0 {
+		t.Errorf("%s: import mounts left in the work directory: %v", phase, imports)
 	}
 	if dn := e.dockerNames(t); !slices.Equal(dn, names) {
 		t.Errorf("%s: docker volume ls says %v, the plugin lists %v", phase, dn, names)

@@ -195,6 +195,7 @@ func (e *env) goldens(t *testing.T) []driver.Golden {
 type status struct {
 	Volumes        int            `json:"volumes"`
 	SparesReady    map[string]int `json:"spares_ready"`
+	SparesMounted  int            `json:"spares_mounted"`
 	ClaimsPending  int            `json:"claims_pending"`
 	RemovedPending int            `json:"removed_pending"`
 }
