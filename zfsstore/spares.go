@@ -45,8 +45,8 @@ import (
 // mu is held by the finisher for its rename and by Promote of that volume, so it never sees the
 // volume under a name that is changing; a Remove takes it only when no rename is under way, and
 // otherwise records the removal beside the rename (removal.go, removeDuring), because the rename
-// can last transaction groups on a busy pool and Docker gives a Remove a minute; Mount and Usage do not take it (Mount uses
-// the device, which a rename does not change). make is held by the worker for a whole pass and
+// can last transaction groups on a busy pool and Docker gives a Remove a minute. Mount and Usage
+// do not take it (Mount uses the device, which a rename does not change). make is held by the worker for a whole pass and
 // by RemoveGeneration and RemoveGolden while they retire spares, so no spare of a generation
 // being destroyed is made behind their back.
 type spareSet struct {
@@ -251,7 +251,7 @@ func (s *Store) finishLocked(ctx context.Context, c *claim) error {
 		retry := c.handover
 		c.rm.Unlock()
 		if retry != "" {
-			return s.handOverRemoved(ctx, c, retry, nil)
+			return s.handOverRemoved(ctx, c, retry, errRetry)
 		}
 		return nil
 	}
@@ -290,7 +290,14 @@ func (s *Store) handOverRemoved(ctx context.Context, c *claim, dst string, renam
 	ds := dst
 	if renameErr != nil {
 		// The rename failed, or was abandoned at its deadline and may still land: ask ZFS.
-		if ok, err := s.zfs.Exists(ctx, c.Dataset); err != nil || ok {
+		ok, err := s.zfs.Exists(ctx, c.Dataset)
+		if err != nil {
+			c.rm.Lock()
+			c.handover = dst // asked again at the worker's next pass
+			c.rm.Unlock()
+			return mapErr(err)
+		}
+		if ok {
 			ds = c.Dataset
 		}
 	}
@@ -324,6 +331,9 @@ func (s *Store) handOverRemoved(ctx context.Context, c *claim, dst string, renam
 	log.Debug("removed while its spare was renamed; the dataset is destroyed in the background")
 	return nil
 }
+
+// errRetry makes a retried hand-over ask ZFS again where the volume is.
+var errRetry = errors.New("hand-over retried")
 
 // waitRenaming waits until a finisher renaming the spare of a removed volume of this name has
 // handed it to the trash worker, so that a Create of the name finds the old dataset as a
@@ -515,7 +525,28 @@ func (s *Store) premountReady(ctx context.Context) {
 	s.spares.mu.Unlock()
 	for _, sp := range todo {
 		s.premount(ctx, sp.ds, sp.dev)
+		// A Create may have claimed it meanwhile, and its Mount mounted the device without
+		// waiting for this one: then the early mount must not outlive it.
+		if !s.isReady(sp.ds) {
+			if pm := s.premountOf(sp.ds); pm != "" {
+				s.dropPremount(pm, s.log.WithField("dataset", sp.ds))
+			}
+		}
 	}
+}
+
+// isReady says whether ds is a spare not claimed.
+func (s *Store) isReady(ds string) bool {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	for _, list := range s.spares.ready {
+		for _, sp := range list {
+			if sp.ds == ds {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (s *Store) sparesTotal() int {
