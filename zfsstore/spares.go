@@ -305,10 +305,7 @@ func (s *Store) handOverRemoved(ctx context.Context, c *claim, dst string, renam
 	if ds != c.Dataset {
 		// Record dst before the spare's record goes: a crash between them leaves two records
 		// that both name dst (loadRemovals), never none.
-		data, err := json.Marshal(removalRecord{Name: c.Name, Dataset: ds, Removed: time.Now().Unix()})
-		if err == nil {
-			err = driver.WriteFileAtomic(s.removalFile(ds), data)
-		}
+		err := s.writeRemoval(removalRecord{Name: c.Name, Dataset: ds, Removed: time.Now().Unix()})
 		if err == nil {
 			s.cfg.Faults.Hit("remove:after-handover-record")
 			err = s.dropRemovalRecord(c.Dataset)
