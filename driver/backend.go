@@ -57,6 +57,9 @@ type Volume struct {
 	CreatedAt  time.Time
 	Size       uint64 // bytes
 	Source     string // dataset name or image path, for status and logs
+	// ForkOf is the volume this one was forked from (-o from=), which may be gone since: a fork
+	// never depends on its source. Golden and Generation are then the source's.
+	ForkOf string
 }
 
 // Usage is a volume's live space accounting.
@@ -116,6 +119,11 @@ type Backend interface {
 	Load(ctx context.Context) ([]Volume, error)
 	// Create makes a volume, cloning the requested golden generation if there is one.
 	Create(ctx context.Context, spec Spec) (Volume, error)
+	// Fork makes spec.Name (spec.From is src.Name) from src's current content, in time
+	// independent of the data it holds. A mounted src is frozen at mountpoint ("" when it is not
+	// mounted) for the instant of its snapshot, so the fork is crash-consistent. The fork never
+	// pins src: removing src leaves the fork whole, and the other way round.
+	Fork(ctx context.Context, src Volume, mountpoint string, spec Spec) (Volume, error)
 	// Remove destroys an unmounted volume in time independent of the data it holds.
 	Remove(ctx context.Context, v Volume) error
 	// Mount makes the volume's filesystem available at target.

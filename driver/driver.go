@@ -61,7 +61,9 @@ type Config struct {
 //     the import instead (see Config.ImportWait).
 //   - mu guards the vols and imports maps only, and is never held across a backend call or I/O;
 //     nor is spaceMu, which guards the reserve's cached read of free space.
-//   - Order: a volume lock before a project lock before mu; never the reverse.
+//   - Order: a volume lock before a project lock before mu; never the reverse. A fork (Create
+//     with -o from=) holds two volume locks, its own name's and its source's, taken in name
+//     order; nothing else holds two.
 //   - A busy error asks Docker which containers use the volume (Config.Holders) under the
 //     volume's lock: that query is bounded to 5 seconds and takes no lock of zgolden's.
 type Driver struct {
@@ -207,10 +209,16 @@ func (d *Driver) Create(ctx context.Context, name string, opts map[string]string
 	if err != nil {
 		return err
 	}
+	if spec.From != "" {
+		return d.fork(ctx, spec)
+	}
 	d.locks.Lock(name)
 	defer d.locks.Unlock(name)
 
 	if st, ok := d.lookup(name); ok {
+		if st.ForkOf != "" {
+			return fmt.Errorf("volume %q: %w as a fork of %q; remove it first or choose another name", name, ErrExists, st.ForkOf)
+		}
 		if spec.Golden != st.Golden || spec.Kind != st.Kind {
 			return fmt.Errorf("volume %q: %w with golden=%q type=%s; remove it first or choose another name", name, ErrExists, st.Golden, st.Kind)
 		}
@@ -240,6 +248,54 @@ func (d *Driver) Create(ctx context.Context, name string, opts map[string]string
 		"volume": name, "source": v.Source, "golden": v.Golden, "generation": v.Generation,
 		"cold_start": v.ColdStart, "took": time.Since(start).Round(time.Millisecond).String(),
 	}).Info("volume created")
+	return nil
+}
+
+// fork makes spec.Name from the current content of volume spec.From. It holds both names' locks,
+// so the source can be neither removed nor unmounted while it is snapshotted; they are taken in
+// name order (see the lock rules), so two forks that name each other cannot deadlock.
+func (d *Driver) fork(ctx context.Context, spec Spec) error {
+	first, second := spec.Name, spec.From
+	if second < first {
+		first, second = second, first
+	}
+	d.locks.Lock(first)
+	defer d.locks.Unlock(first)
+	d.locks.Lock(second)
+	defer d.locks.Unlock(second)
+	if st, ok := d.lookup(spec.Name); ok {
+		if st.ForkOf != spec.From {
+			return fmt.Errorf("volume %q: %w and is not a fork of %q; remove it first or choose another name", spec.Name, ErrExists, spec.From)
+		}
+		return nil // Docker's retry of a slow Create
+	}
+	src, ok := d.lookup(spec.From)
+	if !ok {
+		return fmt.Errorf("fork volume %q from %q: %w", spec.Name, spec.From, notFound(spec.From))
+	}
+	if err := d.checkReserve(ctx, "forking volume "+strconv.Quote(spec.From)); err != nil {
+		return err
+	}
+	mountpoint := ""
+	mounted, err := d.backend.Mounted(d.mountpoint(spec.From))
+	if err != nil {
+		return err
+	}
+	if mounted {
+		mountpoint = d.mountpoint(spec.From)
+	}
+	start := time.Now()
+	v, err := d.backend.Fork(ctx, src.Volume, mountpoint, spec)
+	if err != nil {
+		return fmt.Errorf("fork volume %q from %q: %w", spec.Name, spec.From, err)
+	}
+	d.mu.Lock()
+	d.vols[spec.Name] = &volState{Volume: v, ids: map[string]struct{}{}}
+	d.mu.Unlock()
+	d.log.WithFields(logrus.Fields{
+		"volume": spec.Name, "source": v.Source, "fork_of": spec.From, "frozen": mounted,
+		"golden": v.Golden, "generation": v.Generation, "took": time.Since(start).Round(time.Millisecond).String(),
+	}).Info("volume forked")
 	return nil
 }
 

@@ -42,6 +42,7 @@ func TestParseCreate(t *testing.T) {
 		{"v", map[string]string{"golden": "p", "generation": "3", "size": "20G", "type": "fs", "cold": "deny"},
 			Spec{Name: "v", Golden: "p", Generation: 3, Size: 20 << 30, Kind: KindFS, RequireGolden: true}},
 		{strings.Repeat("f", 64), nil, Spec{Name: strings.Repeat("f", 64), Kind: KindBlock}}, // docker's generated names
+		{"b", map[string]string{"from": "a"}, Spec{Name: "b", Kind: KindBlock, From: "a"}},
 	}
 	for _, c := range ok {
 		got, err := ParseCreate(c.name, c.opts)
@@ -65,6 +66,10 @@ func TestParseCreate(t *testing.T) {
 		{"v", "must be block or fs", map[string]string{"type": "zvol"}},
 		{"v", "golden project name", map[string]string{"golden": "a/b"}},
 		{"v", "allow or deny", map[string]string{"golden": "p", "cold": "maybe"}},
+		{"v", "cannot be combined with golden", map[string]string{"from": "a", "golden": "p"}},
+		{"v", "cannot be combined with size, type", map[string]string{"from": "a", "size": "1G", "type": "fs"}},
+		{"v", "names the volume being created", map[string]string{"from": "v"}},
+		{"v", "option from: invalid request: volume name \"../etc\" is not allowed", map[string]string{"from": "../etc"}},
 	}
 	for _, c := range bad {
 		_, err := ParseCreate(c.name, c.opts)
@@ -161,6 +166,50 @@ func TestMountRefcount(t *testing.T) {
 	if len(d.List()) != 0 {
 		t.Fatal("volume still listed after Remove")
 	}
+}
+
+func TestFork(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	ctx := context.Background()
+	if err := d.Create(ctx, "b", map[string]string{"from": "a"}); !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), `"a"`) {
+		t.Fatalf("fork of a missing volume: %v; want ErrNotFound naming it", err)
+	}
+	f.goldens["p"] = 3
+	must(t, d.Create(ctx, "a", map[string]string{"golden": "p"}))
+	must(t, d.Create(ctx, "b", map[string]string{"from": "a"})) // a is not mounted: no freeze
+	if _, err := d.Mount(ctx, "a", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	must(t, d.Create(ctx, "c", map[string]string{"from": "a"})) // mounted: frozen
+	must(t, d.Create(ctx, "c", map[string]string{"from": "a"})) // Docker's retry: a no-op
+	if err := d.Create(ctx, "c", map[string]string{"from": "b"}); !errors.Is(err, ErrExists) {
+		t.Fatalf("fork into an existing volume of another source: %v; want ErrExists", err)
+	}
+	if err := d.Create(ctx, "c", map[string]string{"golden": "p"}); !errors.Is(err, ErrExists) {
+		t.Fatalf("a golden Create of an existing fork's name: %v; want ErrExists", err)
+	}
+	if err := d.Create(ctx, "a", map[string]string{"from": "b"}); !errors.Is(err, ErrExists) {
+		t.Fatalf("fork into the existing, unforked a: %v; want ErrExists", err)
+	}
+	want := []string{"create a", "fork b from a", "mount a", "fork c from a frozen"}
+	if !slices.Equal(f.actions, want) {
+		t.Fatalf("actions = %q, want %q", f.actions, want)
+	}
+	in, err := d.Get(ctx, "c")
+	if err != nil || in.ForkOf != "a" || in.Golden != "p" || in.Generation != 3 {
+		t.Fatalf("Get(c) = %+v, %v; want a fork of a on golden p generation 3", in.Volume, err)
+	}
+	// Two forks that name each other's volumes at once must not deadlock (locks in name order).
+	var wg sync.WaitGroup
+	for _, pair := range [][2]string{{"x", "a"}, {"a2", "x"}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = d.Create(ctx, pair[0], map[string]string{"from": pair[1]})
+		}()
+	}
+	wg.Wait()
 }
 
 func TestMountFailureRollsBackReference(t *testing.T) {

@@ -75,6 +75,22 @@ func (f *fakeBackend) Create(_ context.Context, spec Spec) (Volume, error) {
 	return v, nil
 }
 
+func (f *fakeBackend) Fork(_ context.Context, src Volume, mountpoint string, spec Spec) (Volume, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	frozen := ""
+	if mountpoint != "" {
+		frozen = " frozen"
+	}
+	if err := f.record("fork " + spec.Name + " from " + src.Name + frozen); err != nil {
+		return Volume{}, err
+	}
+	v := src
+	v.Name, v.ForkOf, v.Source, v.CreatedAt = spec.Name, src.Name, "fake/"+spec.Name, time.Now()
+	f.vols[spec.Name] = v
+	return v, nil
+}
+
 func (f *fakeBackend) Remove(_ context.Context, v Volume) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

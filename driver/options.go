@@ -73,6 +73,9 @@ type Spec struct {
 	Kind       Kind
 	// RequireGolden makes Create fail instead of cold-starting when the project has no golden.
 	RequireGolden bool
+	// From names the volume to fork: the new volume starts as a copy of its current content,
+	// with its type, size, golden and generation. It excludes every option but itself.
+	From string
 }
 
 // createOptions lists every -o option Create accepts, with its help text for error messages.
@@ -82,6 +85,7 @@ var createOptions = map[string]string{
 	"size":       "volume size, such as 20G or 500GiB (units K, M, G, T, P; binary)",
 	"type":       "block (a zvol or image with XFS, for /var/lib/docker; default) or fs (a ZFS dataset, for git workspaces)",
 	"cold":       "what to do when the project has no golden yet: allow (default, make an empty volume) or deny (fail)",
+	"from":       "volume to fork: start as a copy of its current content, frozen for an instant if it is mounted (alone: not with golden, generation, size, type or cold)",
 }
 
 // OptionHelp lists the accepted options, sorted, for error messages and --help.
@@ -126,6 +130,9 @@ func ParseCreate(name string, opts map[string]string) (Spec, error) {
 		}
 		return spec, invalidf("unknown option(s) %s%s; zgolden accepts:%s", quoteAll(unknown), more, OptionHelp())
 	}
+	if from, ok := opts["from"]; ok {
+		return parseFork(spec, from, opts)
+	}
 	if g, ok := opts["golden"]; ok {
 		if err := ValidateProject(g); err != nil {
 			return spec, fmt.Errorf("option golden: %w", err)
@@ -169,6 +176,29 @@ func ParseCreate(name string, opts map[string]string) (Spec, error) {
 			return spec, invalidf("option cold=%s needs golden=PROJECT too", c)
 		}
 	}
+	return spec, nil
+}
+
+// parseFork validates -o from=VOLUME, which takes everything from its source: any other option
+// would ask for something the fork cannot honour (another golden, another size or type).
+func parseFork(spec Spec, from string, opts map[string]string) (Spec, error) {
+	if err := ValidateName(from); err != nil {
+		return spec, fmt.Errorf("option from: %w", err)
+	}
+	if from == spec.Name {
+		return spec, invalidf("option from=%s names the volume being created; name another volume to fork", from)
+	}
+	var others []string
+	for k := range opts {
+		if k != "from" {
+			others = append(others, k)
+		}
+	}
+	if len(others) > 0 {
+		sort.Strings(others)
+		return spec, invalidf("option from=%s cannot be combined with %s: a fork takes its golden, generation, size and type from volume %q", from, strings.Join(others, ", "), from)
+	}
+	spec.From = from
 	return spec, nil
 }
 

@@ -128,6 +128,9 @@ func dockerVolume(in driver.Info, backend string) *volume.Volume {
 	if in.Golden != "" {
 		st["golden"] = in.Golden
 	}
+	if in.ForkOf != "" {
+		st["fork_of"] = in.ForkOf
+	}
 	if in.Generation > 0 {
 		st["generation"] = in.Generation
 	}
@@ -146,6 +149,10 @@ func dockerVolume(in driver.Info, backend string) *volume.Volume {
 
 func origin(v driver.Volume) string {
 	switch {
+	case v.ForkOf != "" && v.Golden != "" && !v.ColdStart:
+		return fmt.Sprintf("fork of volume %q (a clone of golden %q generation %d)", v.ForkOf, v.Golden, v.Generation)
+	case v.ForkOf != "":
+		return fmt.Sprintf("fork of volume %q", v.ForkOf)
 	case v.ColdStart:
 		return fmt.Sprintf("cold start: golden %q had no generation yet", v.Golden)
 	case v.Golden != "":

@@ -28,13 +28,14 @@ const (
 	attrFrom       = "from"       // on a generation: the volume it was promoted from, or import:SRC
 	attrGrow       = "grow"       // "yes": grow the XFS to the image's size at the next mount
 	attrLastGen    = "lastgen"    // on a project directory: the highest generation number handed out
+	attrForkOf     = "forkof"     // on a volume: the volume it was forked from (-o from=)
 
 	stateReady     = "ready"
 	stateImporting = "importing"
 	yes            = "yes"
 )
 
-var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen}
+var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen, attrForkOf}
 
 type meta map[string]string
 

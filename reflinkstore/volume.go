@@ -78,7 +78,7 @@ func (s *Store) readVolume(name string) (driver.Volume, meta, error) {
 	return driver.Volume{
 		Name: name, Kind: kind, Golden: m[attrGolden], Generation: m.int(attrGeneration),
 		ColdStart: m[attrColdStart] == yes, CreatedAt: m.time(attrCreated),
-		Size: uint64(fi.Size()), Source: img,
+		Size: uint64(fi.Size()), Source: img, ForkOf: m[attrForkOf],
 	}, m, nil
 }
 
@@ -393,6 +393,60 @@ func (s *Store) createClone(spec driver.Spec, img string, gen *driver.Generation
 	tmp.Close()
 	log.Debug("volume cloned")
 	return nil
+}
+
+// Fork implements driver.Backend: src's image is reflinked into a temporary image (frozen for the
+// instant of the reflink when mounted, as for a promotion), given src's attributes and renamed
+// into place. Reflinked extents are shared copy-on-write, so either image can go first.
+func (s *Store) Fork(ctx context.Context, src driver.Volume, mountpoint string, spec driver.Spec) (driver.Volume, error) {
+	img, err := s.volumeImage(spec.Name)
+	if err != nil {
+		return driver.Volume{}, err
+	}
+	if exists(img) {
+		return driver.Volume{}, fmt.Errorf("%w: volume %q already has an image, %s", driver.ErrExists, spec.Name, img)
+	}
+	srcImg, err := s.volumeImage(src.Name)
+	if err != nil {
+		return driver.Volume{}, err
+	}
+	in, err := os.Open(srcImg)
+	if err != nil {
+		return driver.Volume{}, fmt.Errorf("image of volume %q: %w", src.Name, mapErr(err))
+	}
+	defer in.Close()
+	sm, err := readMeta(srcImg)
+	if err != nil {
+		return driver.Volume{}, err
+	}
+	log := s.log.WithFields(logrus.Fields{"volume": spec.Name, "image": img, "fork_of": src.Name})
+	tmp, err := newTemp(s.volumesDir(), spec.Name)
+	if err != nil {
+		return driver.Volume{}, mapErr(err)
+	}
+	if err := s.cloneConsistent(ctx, log, tmp, in, mountpoint); err != nil {
+		s.discard(log, tmp)
+		return driver.Volume{}, err
+	}
+	s.cfg.Faults.Hit("create:after-clone") // a temporary image, not yet a volume
+	m := meta{attrKind: sm[attrKind], attrCreated: strconv.FormatInt(time.Now().Unix(), 10), attrState: stateReady, attrForkOf: src.Name}
+	for _, k := range []string{attrGolden, attrGeneration, attrColdStart, attrGrow} {
+		if sm[k] != "" { // the fork is what its source is: same golden, and an XFS still to grow
+			m[k] = sm[k]
+		}
+	}
+	if err := setAttrs(tmp, m); err != nil {
+		s.discard(log, tmp)
+		return driver.Volume{}, mapErr(err)
+	}
+	if err := commit(tmp, img); err != nil {
+		s.discard(log, tmp)
+		return driver.Volume{}, mapErr(err)
+	}
+	tmp.Close()
+	log.WithField("frozen", mountpoint != "").Debug("volume forked")
+	v, _, err := s.readVolume(spec.Name)
+	return v, err
 }
 
 // createEmpty makes a fresh sparse image of size bytes with a new XFS.

@@ -18,7 +18,7 @@ import (
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
-var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "volsize", propKind, propState, propFrom}
+var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "createtxg", "volsize", propKind, propState, propFrom}
 
 // pickProps is what choosing a generation to clone needs: no space accounting and no clone
 // lists, which ZFS computes per snapshot (the clones list grows with every volume made from it).
@@ -31,6 +31,7 @@ type lineage struct {
 	state  string
 	origin string
 	gens   []driver.Generation
+	txgs   []uint64 // each generation's createtxg, as gens is ordered while it is listed
 }
 
 // volsizes maps a generation's snapshot to its volsize (0 for a filesystem), read in the same
@@ -107,6 +108,7 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 	out := map[string]*project{}
 	sizes := volsizes{}
 	lineages := map[string]*lineage{}
+	var forks []zfsutil.Row // fork snapshots a promotion moved into a lineage (fork.go)
 	for _, r := range rows {
 		rel := strings.TrimPrefix(r["name"], s.goldenRoot()+"/")
 		if rel == r["name"] { // the golden root itself
@@ -130,6 +132,8 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 			l := &lineage{name: r["name"], first: first, state: r[propState], origin: r["origin"]}
 			p.lineages = append(p.lineages, l)
 			lineages[r["name"]] = l
+		case len(parts) == 2 && isSnap && strings.HasPrefix(snap, forkPrefix):
+			forks = append(forks, r)
 		case len(parts) == 2 && isSnap:
 			l := lineages[s.goldenRoot()+"/"+dsPart]
 			n, err := strconv.Atoi(strings.TrimPrefix(snap, genPrefix))
@@ -141,21 +145,57 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 				Project: parts[0], Number: n, Kind: out[parts[0]].kind, CreatedAt: time.Unix(created, 0).UTC(),
 				Used: r.Uint("used"), Referenced: r.Uint("referenced"), Source: r["name"], FromVolume: r[propFrom],
 			}
-			for _, c := range strings.Split(r["clones"], ",") {
-				if s.removalWaiting(c) {
-					continue // a removed volume, destroyed soon: RemoveGeneration empties the trash first
-				}
-				if v, ok := strings.CutPrefix(c, s.volRoot()+"/"); ok {
-					g.Dependents = append(g.Dependents, v)
-				} else if v := s.claimedBy(c); v != "" { // a volume still named as its spare
-					g.Dependents = append(g.Dependents, v)
-				}
-			}
+			g.Dependents = s.dependents(g.Dependents, r["clones"])
 			l.gens = append(l.gens, g)
+			l.txgs = append(l.txgs, r.Uint("createtxg"))
 			sizes[r["name"]] = r.Uint("volsize")
 		}
 	}
+	for _, r := range forks {
+		dsPart, _, _ := strings.Cut(r["name"], "@")
+		if l := lineages[dsPart]; l != nil && len(l.gens) > 0 {
+			g := &l.gens[l.genAt(r.Uint("createtxg"))]
+			g.Dependents = s.dependents(g.Dependents, r["clones"])
+		}
+	}
 	return out, sizes, nil
+}
+
+// dependents appends to deps the volumes among clones (a snapshot's clones property).
+func (s *Store) dependents(deps []string, clones string) []string {
+	for _, c := range strings.Split(clones, ",") {
+		if c == "" || s.removalWaiting(c) {
+			continue // a removed volume, destroyed soon: RemoveGeneration empties the trash first
+		}
+		if v, ok := strings.CutPrefix(c, s.volRoot()+"/"); ok {
+			deps = append(deps, v)
+		} else if v := s.claimedBy(c); v != "" { // a volume still named as its spare
+			deps = append(deps, v)
+		}
+	}
+	return deps
+}
+
+// genAt returns the index of the lineage's newest generation taken at or before txg, or of its
+// oldest when every generation is newer: the generation a fork snapshot taken at txg is counted
+// against (fork.go).
+func (l *lineage) genAt(txg uint64) int {
+	at := -1
+	for i, t := range l.txgs {
+		if t <= txg && (at < 0 || t > l.txgs[at]) {
+			at = i
+		}
+	}
+	if at >= 0 {
+		return at
+	}
+	at = 0
+	for i, t := range l.txgs {
+		if t < l.txgs[at] {
+			at = i
+		}
+	}
+	return at
 }
 
 // Goldens implements driver.Backend.
@@ -352,7 +392,10 @@ func (s *Store) reroot(ctx context.Context, log *logrus.Entry, lineage string) e
 	defer s.swap.Unlock()
 	defer s.goldensChanged() // before the unlock: see pickCache
 	project := lineage[:strings.LastIndex(lineage, "/")]
-	for i := 0; i < 2; i++ {
+	// Each promote takes the lineage one level up: from the volume's clone to the volume, then
+	// to what the volume hung off, a fork's source (fork.go) or an older lineage, until it is
+	// the root. The bound only guards against a loop that ZFS would never produce.
+	for i := 0; i < 16; i++ {
 		row, err := s.zfs.Get(ctx, lineage, "origin")
 		if err != nil {
 			return mapErr(err)

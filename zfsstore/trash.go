@@ -199,7 +199,7 @@ func (s *Store) destroyPending(ctx context.Context, ds string) (int, error) {
 		return 0, nil // a Create of its name moved it into the trash (clearRemoval)
 	}
 	s.closeDevice(held.take(ds), ds)
-	if err := s.destroy(ctx, ds, true); err != nil {
+	if err := s.destroyVolume(ctx, ds); err != nil {
 		s.trash.mu.Lock()
 		defer s.trash.mu.Unlock()
 		s.trash.pending[ds]++

@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -338,7 +339,7 @@ func mapErr(err error) error {
 	return err
 }
 
-var volProps = []string{"type", "origin", "volsize", propKind, propGolden, propGeneration, propColdStart, propCreated, propState, propGrow}
+var volProps = []string{"type", "origin", "volsize", propKind, propGolden, propGeneration, propColdStart, propCreated, propState, propGrow, propForkOf}
 
 // setGrowing records whether a volume's XFS must be grown at its next mount (see Store.growing).
 func (s *Store) setGrowing(name string, grow bool) {
@@ -378,7 +379,7 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err != nil {
 		return nil, err
 	}
-	rows, err := s.zfs.List(ctx, s.volRoot(), []string{"volume", "filesystem", "snapshot"}, volProps)
+	rows, err := s.zfs.List(ctx, s.volRoot(), []string{"volume", "filesystem", "snapshot"}, slices.Concat(volProps, []string{"clones"}))
 	if err != nil {
 		return nil, fmt.Errorf("list volumes under %s: %w", s.volRoot(), err)
 	}
@@ -388,7 +389,16 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 			continue
 		}
 		log := s.log.WithField("dataset", name)
-		if r["type"] == "snapshot" { // volumes keep no snapshots; this one is from a dead promotion
+		if r["type"] == "snapshot" && isForkSnapshot(name) {
+			if r["clones"] == "" { // a crash between a fork's snapshot and its clone, or after its fork went
+				log.Warn("destroying a fork snapshot that no fork hangs off")
+				if err := s.destroy(ctx, name, false); err != nil {
+					return nil, err
+				}
+			}
+			continue
+		}
+		if r["type"] == "snapshot" { // volumes keep no other snapshots; this one is from a dead promotion
 			log.Warn("destroying a snapshot left by an interrupted promotion")
 			if err := s.destroy(ctx, name, false); err != nil {
 				return nil, err
@@ -427,7 +437,7 @@ func volumeFromRow(name string, r zfsutil.Row) driver.Volume {
 	return driver.Volume{
 		Name: name, Kind: kind, Golden: r[propGolden], Generation: gen,
 		ColdStart: r[propColdStart] == "yes", CreatedAt: time.Unix(created, 0).UTC(),
-		Size: r.Uint("volsize"), Source: r["name"],
+		Size: r.Uint("volsize"), Source: r["name"], ForkOf: r[propForkOf],
 	}
 }
 
@@ -661,7 +671,7 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 		// (destroyed by hand): destroying in place is right for both, and for a name too long.
 		s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "dataset": ds}).Warn("could not move the volume to the trash; destroying it in place")
 		s.closeDevice(dev, ds)
-		err = s.destroy(ctx, ds, true)
+		err = s.destroyVolume(ctx, ds)
 	case err != nil && dev != nil:
 		held.hold(ds, dev)
 	}

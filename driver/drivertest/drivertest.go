@@ -56,6 +56,7 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"CreatesDuringPromotion", testCreatesDuringPromotion},
 		{"ImportBlocksOnlyItsProject", testImportBlocksOnlyItsProject},
 		{"ReserveRefusesNewWork", testReserve},
+		{"Fork", testFork},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -878,4 +879,87 @@ func waitSpace(t *testing.T, h *harness, ok func(driver.Space) bool) {
 		}
 	}
 	t.Fatalf("the backend's space never reached the wanted level: last %+v, %v", sp, err)
+}
+
+// testFork forks volumes (-o from=): mounted (frozen for the instant) and not, a fork of a fork,
+// and a fork that is then promoted. The source is removed while its forks live, a restart keeps
+// what each volume is, and at the end nothing is left: no fork snapshot, no image.
+func testFork(t *testing.T, h *harness) {
+	h.importGolden(t, "prj")
+	h.create(t, "src", map[string]string{"golden": "prj"})
+	mp := h.mount(t, "src", "c")
+	writeFile(t, filepath.Join(mp, "state"), "one")
+	h.create(t, "f1", map[string]string{"from": "src"}) // mounted: frozen for its snapshot
+	writeFile(t, filepath.Join(mp, "state"), "two")     // after the fork: f1 must not see it
+	h.unmount(t, "src", "c")
+	h.create(t, "f2", map[string]string{"from": "src"})
+	h.create(t, "f1", map[string]string{"from": "src"}) // Docker's retry of a slow Create: a no-op
+	before := h.env.Inventory(t)
+	if err := h.d.Create(ctx(t), "f3", map[string]string{"from": "missing"}); !errors.Is(err, driver.ErrNotFound) {
+		t.Fatalf("fork of a missing volume: err = %v, want ErrNotFound", err)
+	}
+	if err := h.d.Create(ctx(t), "f3", map[string]string{"from": "src", "golden": "prj"}); !errors.Is(err, driver.ErrInvalid) {
+		t.Fatalf("from= with golden=: err = %v, want ErrInvalid", err)
+	}
+	if err := h.d.Create(ctx(t), "f2", map[string]string{"from": "f1"}); !errors.Is(err, driver.ErrExists) {
+		t.Fatalf("fork into an existing fork of another source: err = %v, want ErrExists", err)
+	}
+	if got := h.env.Inventory(t); !slices.Equal(got, before) {
+		t.Fatalf("refused forks left objects:\n got %q\nwant %q", got, before)
+	}
+	for _, name := range []string{"f1", "f2"} {
+		in, err := h.d.Get(ctx(t), name)
+		if err != nil || in.ForkOf != "src" || in.Golden != "prj" || in.Generation != 1 || in.Kind != driver.KindBlock || in.ColdStart {
+			t.Fatalf("Get(%s) = %+v, %v; want a block fork of src on generation 1 of prj", name, in.Volume, err)
+		}
+	}
+	// The source goes first: no fork may need it.
+	h.remove(t, "src")
+	h.create(t, "f1b", map[string]string{"from": "f1"}) // a fork of a fork
+	for name, want := range map[string]string{"f1": "one", "f2": "two", "f1b": "one"} {
+		mp := h.mount(t, name, "c")
+		CheckTree(t, mp)
+		if got := readFile(t, filepath.Join(mp, "state")); got != want {
+			t.Fatalf("fork %s reads state=%q, want %q", name, got, want)
+		}
+		h.unmount(t, name, "c")
+	}
+	h.open(t) // a restart: the forks keep their origin, and the removed source stays gone
+	for name, want := range map[string]string{"f1": "src", "f2": "src", "f1b": "f1"} {
+		if in, err := h.d.Get(ctx(t), name); err != nil || in.ForkOf != want {
+			t.Fatalf("after a restart Get(%s) = %+v, %v; want a fork of %s", name, in.Volume, err, want)
+		}
+	}
+	if _, err := h.d.Get(ctx(t), "src"); !errors.Is(err, driver.ErrNotFound) {
+		t.Fatalf("the removed source came back after a restart: %v", err)
+	}
+	// A fork of a fork promoted: the new generation is its content.
+	mp = h.mount(t, "f1b", "c")
+	writeFile(t, filepath.Join(mp, "gen"), "from f1b")
+	h.unmount(t, "f1b", "c")
+	if g, err := h.d.Promote(ctx(t), "f1b", "prj"); err != nil || g.Number != 2 {
+		t.Fatalf("Promote(f1b) = %+v, %v; want generation 2", g, err)
+	}
+	h.create(t, "g2", map[string]string{"golden": "prj"})
+	mp = h.mount(t, "g2", "c")
+	if got := readFile(t, filepath.Join(mp, "gen")) + "/" + readFile(t, filepath.Join(mp, "state")); got != "from f1b/one" {
+		t.Fatalf("generation 2 reads %q, want the fork's content", got)
+	}
+	h.unmount(t, "g2", "c")
+	// Every fork still counts against the golden it came from.
+	gs, err := h.d.Goldens(ctx(t))
+	if err != nil || len(gs) != 1 {
+		t.Fatalf("Goldens = %+v, %v", gs, err)
+	}
+	var deps []string
+	for _, g := range gs[0].Generations {
+		deps = append(deps, g.Dependents...)
+	}
+	if want := []string{"f1", "f1b", "f2", "g2"}; !slices.Equal(sorted(deps), want) {
+		t.Fatalf("the golden's dependents are %v, want %v", sorted(deps), want)
+	}
+	if err := h.d.RemoveGolden(ctx(t), "prj", false); !errors.Is(err, driver.ErrHasDependents) {
+		t.Fatalf("RemoveGolden with forks alive: err = %v, want ErrHasDependents", err)
+	}
+	h.removeAllAndCheckLeaks(t)
 }
