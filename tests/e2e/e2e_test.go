@@ -303,6 +303,8 @@ func TestDockerErrorsAreClear(t *testing.T) {
 		{[]string{"-o", "size=10Q"}, "unknown unit"},
 		{[]string{"-o", "golden=../../etc"}, "not allowed"},
 		{[]string{"-o", "golden=prj", "-o", "generation=7"}, "generation"},
+		{[]string{"-o", "from=zg-nothing", "-o", "golden=prj"}, "cannot be combined with golden"},
+		{[]string{"-o", "from=zg-nothing"}, "no zgolden volume has that name"},
 	}
 	for _, c := range cases {
 		args := append([]string{"volume", "create", "--driver", b.p.Name}, c.opts...)
@@ -316,5 +318,34 @@ func TestDockerErrorsAreClear(t *testing.T) {
 	}
 	if left := b.leaks(t); len(left) > 0 {
 		t.Fatalf("failed creates left objects: %v", left)
+	}
+}
+
+// TestForkThroughDocker: `docker volume create -o from=VOLUME` copies a volume that a running
+// container is writing (frozen for the instant), `docker volume inspect` names the origin, and
+// the source can be removed while its fork lives on.
+func TestForkThroughDocker(t *testing.T) {
+	b := startBackend(t)
+	b.importGolden(t, "prj")
+	b.volume(t, "zg-src", "golden=prj")
+	b.container(t, "zg-writer", "-v", "zg-src:/data", harness.BusyboxImage(), "sleep", "600")
+	b.docker(t, "exec", "zg-writer", "sh", "-c", "echo forked-state > /data/marker")
+	b.volume(t, "zg-fork", "from="+b.n("zg-src"))
+	b.docker(t, "exec", "zg-writer", "sh", "-c", "echo later > /data/marker")
+
+	in := b.inspect(t, "zg-fork")
+	if in.Status["fork_of"] != b.n("zg-src") || in.Status["golden"] != "prj" || !strings.HasPrefix(fmt.Sprint(in.Status["origin"]), "fork of volume") {
+		t.Fatalf("docker volume inspect of the fork = %+v", in.Status)
+	}
+	b.docker(t, "rm", "-f", "zg-writer")
+	b.docker(t, "volume", "rm", "zg-src") // a fork never pins its source
+	b.container(t, "zg-reader", "-v", "zg-fork:/data", harness.BusyboxImage(), "sleep", "600")
+	if got := b.docker(t, "exec", "zg-reader", "cat", "/data/marker", "/data/README"); got != "forked-state\ngolden content" {
+		t.Fatalf("the fork reads %q; want the source's state at the fork and the golden's files", got)
+	}
+	b.docker(t, "rm", "-f", "zg-reader")
+	b.docker(t, "volume", "rm", "zg-fork")
+	if left := b.leaks(t); len(left) > 0 && !onlyGoldens(left) {
+		t.Fatalf("left behind after removing the source and its fork: %v", left)
 	}
 }
