@@ -48,6 +48,7 @@ var Points = []string{
 	"trash:after-destroy",
 	"promote:after-snapshot",
 	"promote:after-copy",
+	"fork:after-snapshot",
 	"import:after-create",
 	"import:after-copy",
 	"import:after-marker",

@@ -164,16 +164,39 @@ func scenariosFor(point string) []scenario {
 		return sc
 	}
 	settledRemoval := func(st status) bool { return st.RemovedPending == 0 && st.ClaimsPending == 0 }
+	// A fork of a volume that holds a marker: after the retry the fork holds it too.
+	forkOf := func(s *run) string { return s.vol + "src" }
+	fork := scenario{
+		variant: "fork",
+		prepare: func(t *testing.T, s *run) {
+			prepareVolume(t, s, forkOf(s), map[string]string{"golden": baseProject})
+			s.e.writeMarker(t, forkOf(s), "forked")
+		},
+		act:   func(s *run) (string, error) { return dockerCreate(s, "from="+forkOf(s)) },
+		retry: func(t *testing.T, s *run) error { return retryCreate("from=" + forkOf(s))(t, s) },
+		after: func(t *testing.T, s *run) {
+			s.e.expectDockerVolume(t, s.vol, baseProject)
+			if got := s.e.readMarker(t, s.vol); got != "forked" {
+				t.Errorf("the retried fork reads marker %q, want %q", got, "forked")
+			}
+		},
+	}
 	claimed := func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }
 	switch op {
 	case "create":
-		return []scenario{
+		scs := []scenario{
 			{variant: "clone", act: create("golden=" + baseProject), retry: retryCreate("golden=" + baseProject),
 				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }},
 			{variant: "fresh", act: create(), retry: retryCreate(),
 				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, "") }},
 			{variant: "spare", spares: true, act: create("golden=" + baseProject), retry: retryCreate("golden=" + baseProject), after: claimed},
 		}
+		if point == "create:after-clone" { // the reflink store's fork reflinks through the same step
+			scs = append(scs, fork)
+		}
+		return scs
+	case "fork":
+		return []scenario{fork}
 	case "claim":
 		// The claim's Create has returned; the spare is renamed to the volume's name after it.
 		return []scenario{{
@@ -377,6 +400,7 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	vols := e.volumes(t)
 	gs := e.goldens(t)
 	got, want := e.inventory(t), append(e.expected(vols, gs), spares...)
+	want = append(want, e.forkSnapshots(t, got, vols)...)
 	if l := minus(got, want); len(l) > 0 {
 		t.Errorf("%s: leaked (held by the backend, listed by nobody): %v", phase, l)
 	}

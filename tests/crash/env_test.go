@@ -287,6 +287,26 @@ func (e *env) expected(vols []volume, gs []driver.Golden) []string {
 	return slices.Compact(out)
 }
 
+// forkSnapshots returns the fork snapshots among got (zfsstore/fork.go) that a listed volume is
+// a clone of: those belong to the volume. One that no listed volume hangs off has leaked.
+func (e *env) forkSnapshots(t *testing.T, got []string, vols []volume) []string {
+	t.Helper()
+	var out []string
+	for _, name := range got {
+		if e.backend != "zfs" || !strings.Contains(name, "@fork-") {
+			continue
+		}
+		clones := strings.Split(strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-o", "value", "clones", name)), ",")
+		for _, v := range vols {
+			if slices.Contains(clones, e.parent+"/vol/"+v.Name) {
+				out = append(out, name)
+				break
+			}
+		}
+	}
+	return out
+}
+
 func minus(a, b []string) []string {
 	var out []string
 	for _, s := range a {
@@ -403,6 +423,21 @@ func checkMarker(dir string) error {
 }
 
 // writeMarker mounts name through the socket, writes the promote marker, and unmounts it.
+// readMarker reads back what writeMarker wrote to volume name ("" when it is missing).
+func (e *env) readMarker(t *testing.T, name string) string {
+	t.Helper()
+	mp, err := e.mount(name, "marker-"+e.id)
+	if err != nil {
+		t.Errorf("mount %s: %v", name, err)
+		return ""
+	}
+	b, _ := os.ReadFile(filepath.Join(mp, "marker"))
+	if err := e.unmount(name, "marker-"+e.id); err != nil {
+		t.Errorf("unmount %s: %v", name, err)
+	}
+	return string(b)
+}
+
 func (e *env) writeMarker(t *testing.T, name, content string) {
 	t.Helper()
 	mp, err := e.mount(name, "marker-"+e.id)
