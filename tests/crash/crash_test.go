@@ -173,7 +173,7 @@ func scenariosFor(point string) []scenario {
 			s.e.writeMarker(t, forkOf(s), "forked")
 		},
 		act:   func(s *run) (string, error) { return dockerCreate(s, "from="+forkOf(s)) },
-		retry: func(t *testing.T, s *run) error { return retryCreate("from=" + forkOf(s))(t, s) },
+		retry: func(t *testing.T, s *run) error { return retryCreate("from="+forkOf(s))(t, s) },
 		after: func(t *testing.T, s *run) {
 			s.e.expectDockerVolume(t, s.vol, baseProject)
 			if got := s.e.readMarker(t, s.vol); got != "forked" {
