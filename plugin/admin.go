@@ -76,7 +76,7 @@ type admin struct {
 func (a *admin) doctor(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
 	defer cancel()
-	a.reply(w, append(a.d.Doctor(ctx), propagationFinding(a.mountRoot)), nil)
+	a.reply(w, append(a.d.Doctor(ctx), propagationFinding(a.mountRoot), bootOrderFinding(a.d.Backend())), nil)
 }
 
 type reapRequest struct {

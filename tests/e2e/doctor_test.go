@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -58,6 +59,13 @@ func TestDoctor(t *testing.T) {
 	}
 	expect(t, fs, "space", "problem", "below the reserve")
 	expect(t, fs, "discard", "warn", "without discard")
+	// The unit ordering itself is tested in plugin (TestBootOrder); a machine that did not boot
+	// with systemd, as the test machines and guests, says so.
+	if _, err := os.Stat("/run/systemd/system"); err != nil {
+		expect(t, fs, "boot order", "ok", "not a systemd host")
+	} else if _, ok := fs["boot order"]; !ok {
+		t.Errorf("doctor has no boot order finding on a systemd host: %+v", fs)
+	}
 	if backend == "zfs" {
 		expect(t, fs, "dedup", "ok", "no dataset")
 		expect(t, fs, "dedup table", "ok", "no dedup table entries")
