@@ -13,7 +13,8 @@ import (
 // engine is the Docker engine's view of zgolden's volumes, through the Docker API: which
 // containers, running or stopped, use a volume. Docker never tells a volume plugin (moby #36212:
 // labels and references stay in the engine), so busy errors and reaping ask it. The host daemon
-// reaches it at /var/run/docker.sock (or $DOCKER_HOST); the managed plugin has no way to it.
+// reaches it at /var/run/docker.sock (or $DOCKER_HOST), and so does the managed plugin, through
+// the bind of the host's socket that config.json asks for.
 type engine struct{ c *client.Client }
 
 func newEngine() (*engine, error) {

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/zfsutil"
@@ -47,6 +48,7 @@ func TestManagedPluginFromDirectory(t *testing.T) {
 		t.Fatalf("the container reads %q from the golden's README", got)
 	}
 	m.run(t, vol, "sh", "-c", "echo session-data > /data/mine")
+	m.reachesDocker(t, vol)
 	if mt := m.metrics(t); !strings.Contains(mt, `zgolden_build_info{backend="reflink"`) || !strings.Contains(mt, `zgolden_operation_duration_seconds_count{op="mount",result="ok"}`) {
 		t.Errorf("the managed plugin's metrics name no reflink backend or no mount:\n%s", mt)
 	}
@@ -163,6 +165,7 @@ func TestManagedPluginZFS(t *testing.T) {
 	if got := m.run(t, vol, "cat", "/data/mine"); got != "zfs-session" {
 		t.Fatalf("the volume holds %q", got)
 	}
+	m.reachesDocker(t, vol)
 	t.Logf("plugin log:\n%s", m.logs())
 	m.rmVolume(t, vol)
 	// Remove records the removal and returns; the plugin's worker destroys the dataset right
@@ -221,4 +224,26 @@ func readFile(path string) string {
 		return "unknown (" + err.Error() + ")"
 	}
 	return string(b)
+}
+
+// reachesDocker shows that the managed plugin asks the engine through the socket config.json
+// binds: a reap dry run lists a volume no container ever used, and not used, which a stopped
+// container still references (the plugin cannot know that but from the engine).
+func (m *managed) reachesDocker(t *testing.T, used string) {
+	t.Helper()
+	idle := m.volume(t, "idle")
+	c := "zgp" + m.id + "-stopped"
+	t.Cleanup(func() { _, _ = harness.Output("docker", "rm", "-f", c) })
+	harness.DockerCmd(t, "run", "--name", c, "--network", "none", "-v", used+":/data", harness.BusyboxImage(), "true")
+	time.Sleep(1500 * time.Millisecond) // past --after 1s since both were last unmounted
+	var rs []struct{ Volume, Reason string }
+	out := m.admin(t, "volume", "reap", "--json", "--dry-run", "--after", "1s")
+	if err := json.Unmarshal([]byte(out), &rs); err != nil {
+		t.Fatalf("zgolden volume reap --json: %v\n%s", err, out)
+	}
+	if len(rs) != 1 || rs[0].Volume != idle {
+		t.Fatalf("reap --dry-run through the managed plugin = %+v; want only %s (the engine lists a stopped container on %s)\nplugin log:\n%s", rs, idle, used, m.logs())
+	}
+	harness.DockerCmd(t, "rm", c)
+	m.rmVolume(t, idle)
 }
