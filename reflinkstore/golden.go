@@ -298,7 +298,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	if err != nil {
 		return fail(nil, mapErr(err))
 	}
-	if err := s.cloneConsistent(ctx, log, tmp, src, mountpoint); err != nil {
+	if err := s.cloneConsistent(ctx, tmp, src, mountpoint); err != nil {
 		return fail(tmp, err)
 	}
 	s.cfg.Faults.Hit("promote:after-copy") // the reflink is the snapshot and the copy at once
@@ -320,31 +320,11 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	return s.generation(projectName, n)
 }
 
-// cloneConsistent reflinks src into dst. A mounted XFS is synced and frozen around the reflink,
-// so clones of the generation mount without log replay (docs/design-facts.md, "Freeze before a snapshot"); it is thawed whatever
-// happens. Freezing flushes the volume's XFS through its loop device into the image's page cache,
-// and FICLONE writes the image's dirty pages back before sharing its extents.
-func (s *Store) cloneConsistent(ctx context.Context, log *logrus.Entry, dst, src *os.File, mountpoint string) error {
-	if mountpoint == "" {
-		return mapErr(xfsutil.Clone(dst, src))
-	}
-	if err := xfsutil.Sync(mountpoint); err != nil {
-		return fmt.Errorf("sync %s before the reflink: %w", mountpoint, mapErr(err))
-	}
-	if err := xfsutil.Freeze(ctx, mountpoint); err != nil {
-		return fmt.Errorf("freeze %s before the reflink: %w", mountpoint, mapErr(err))
-	}
-	cerr := xfsutil.Clone(dst, src)
-	// Thaw with a context of its own: a cancelled caller must never leave the volume frozen.
-	tctx, cancel := bounded(ctx, time.Minute)
-	defer cancel()
-	if terr := xfsutil.Thaw(tctx, mountpoint); terr != nil {
-		log.WithError(terr).WithField("mountpoint", mountpoint).Error("could not thaw the volume after its reflink; run xfs_freeze -u on it")
-		if cerr == nil {
-			return fmt.Errorf("thaw %s after the reflink: %w", mountpoint, terr)
-		}
-	}
-	return mapErr(cerr)
+// cloneConsistent reflinks src into dst, frozen when the volume's XFS is mounted
+// (xfsutil.Frozen). Freezing flushes the XFS through its loop device into the image's page
+// cache, and FICLONE writes the image's dirty pages back before sharing its extents.
+func (s *Store) cloneConsistent(ctx context.Context, dst, src *os.File, mountpoint string) error {
+	return mapErr(xfsutil.Frozen(ctx, mountpoint, func() error { return xfsutil.Clone(dst, src) }))
 }
 
 // generation returns one complete generation with its usage and dependents.

@@ -424,7 +424,7 @@ func (s *Store) Fork(ctx context.Context, src driver.Volume, mountpoint string, 
 	if err != nil {
 		return driver.Volume{}, mapErr(err)
 	}
-	if err := s.cloneConsistent(ctx, log, tmp, in, mountpoint); err != nil {
+	if err := s.cloneConsistent(ctx, tmp, in, mountpoint); err != nil {
 		s.discard(log, tmp)
 		return driver.Volume{}, err
 	}

@@ -261,6 +261,34 @@ func Thaw(ctx context.Context, mountpoint string) error {
 	return classify(err)
 }
 
+// Frozen runs act with the XFS mounted at mountpoint synced and frozen, so that a snapshot or a
+// reflink that act takes is consistent on disk and its clones mount without log replay
+// (docs/design-facts.md, "Freeze before a snapshot"). An empty mountpoint (nothing mounted) runs
+// act alone. The thaw runs whatever act did, on a context of its own: a cancelled caller must
+// never leave a volume frozen, which would hang every writer in it. act's error comes first.
+func Frozen(ctx context.Context, mountpoint string, act func() error) error {
+	if mountpoint == "" {
+		return act()
+	}
+	if err := Sync(mountpoint); err != nil {
+		return fmt.Errorf("sync %s before freezing it: %w", mountpoint, err)
+	}
+	if err := Freeze(ctx, mountpoint); err != nil {
+		return fmt.Errorf("freeze %s: %w", mountpoint, err)
+	}
+	aerr := act()
+	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	if terr := Thaw(tctx, mountpoint); terr != nil {
+		terr = fmt.Errorf("thaw %s (run xfs_freeze -u on it): %w", mountpoint, terr)
+		if aerr == nil {
+			return terr
+		}
+		return errors.Join(aerr, terr)
+	}
+	return aerr
+}
+
 // Grow grows a mounted XFS to fill its device.
 func Grow(ctx context.Context, mountpoint string) error {
 	_, err := command.Run(ctx, "xfs_growfs", mountpoint)

@@ -142,6 +142,39 @@ func TestFreezeThaw(t *testing.T) {
 	}
 }
 
+// TestFrozen: act runs with the filesystem frozen, and it is thawed after, when act fails too.
+func TestFrozen(t *testing.T) {
+	orig, _ := images(t)
+	mp, err := mountLoop(t, orig, xfsutil.MountOptions(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	actErr := errors.New("the snapshot failed")
+	for _, fail := range []bool{false, true} {
+		ran := false
+		err := xfsutil.Frozen(ctx, mp, func() error {
+			ran = true
+			if xfsutil.Freeze(ctx, mp) == nil {
+				t.Error("the filesystem is not frozen while act runs")
+			}
+			if fail {
+				return actErr
+			}
+			return nil
+		})
+		if !ran || fail != errors.Is(err, actErr) || !fail && err != nil {
+			t.Fatalf("Frozen (act fails: %v) = %v, ran %v", fail, err, ran)
+		}
+		if err := os.WriteFile(filepath.Join(mp, "after"), []byte("x"), 0o644); err != nil {
+			t.Fatalf("write after Frozen (act fails: %v): %v; the filesystem was left frozen", fail, err)
+		}
+	}
+	if err := xfsutil.Frozen(ctx, "", func() error { return actErr }); !errors.Is(err, actErr) {
+		t.Fatalf("Frozen with nothing mounted = %v; want act's error", err)
+	}
+}
+
 // TestCopyTreePreservesEverything: cp -a semantics (hard links, symlinks, xattrs, ownership,
 // modes, sparse files) into a fresh XFS, with progress reported.
 func TestCopyTreePreservesEverything(t *testing.T) {

@@ -433,29 +433,12 @@ func (s *Store) reroot(ctx context.Context, log *logrus.Entry, lineage string) e
 	return nil
 }
 
-// snapshotConsistent snapshots a volume. A mounted XFS is synced and frozen around the snapshot,
-// so its clones mount without log replay (docs/design-facts.md, "Freeze before a snapshot"); it is thawed whatever happens.
+// snapshotConsistent snapshots a volume, frozen when its XFS is mounted (xfsutil.Frozen).
 func (s *Store) snapshotConsistent(ctx context.Context, kind driver.Kind, mountpoint, snap string) error {
-	if mountpoint == "" || kind == driver.KindFS {
-		return mapErr(s.zfs.Snapshot(ctx, snap, nil))
+	if kind == driver.KindFS {
+		mountpoint = "" // a ZFS filesystem's snapshot is consistent by itself
 	}
-	if err := xfsutil.Sync(mountpoint); err != nil {
-		return err
-	}
-	if err := xfsutil.Freeze(ctx, mountpoint); err != nil {
-		return fmt.Errorf("freeze %s before the snapshot: %w", mountpoint, err)
-	}
-	serr := s.zfs.Snapshot(ctx, snap, nil)
-	// Thaw with a context of its own: a cancelled caller must never leave the volume frozen.
-	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-	defer cancel()
-	if terr := xfsutil.Thaw(tctx, mountpoint); terr != nil {
-		s.log.WithError(terr).WithField("mountpoint", mountpoint).Error("could not thaw the volume after its snapshot")
-		if serr == nil {
-			return fmt.Errorf("thaw %s after the snapshot: %w", mountpoint, terr)
-		}
-	}
-	return mapErr(serr)
+	return mapErr(xfsutil.Frozen(ctx, mountpoint, func() error { return s.zfs.Snapshot(ctx, snap, nil) }))
 }
 
 func (s *Store) dropSnapshot(ctx context.Context, log *logrus.Entry, snap string) {
