@@ -52,15 +52,9 @@ func (s *Store) Fork(ctx context.Context, src driver.Volume, mountpoint string, 
 }
 
 func (s *Store) fork(ctx context.Context, src driver.Volume, mountpoint string, spec driver.Spec) (driver.Volume, error) {
-	if err := s.refuseTombstoned(spec.Name); err != nil {
-		return driver.Volume{}, err
-	}
 	ctx, cancel := workContext(ctx)
 	defer cancel()
-	if err := s.waitRenaming(spec.Name); err != nil {
-		return driver.Volume{}, err
-	}
-	if err := s.clearRemoval(ctx, spec.Name); err != nil {
+	if err := s.freeName(ctx, spec.Name); err != nil {
 		return driver.Volume{}, err
 	}
 	// The source must be at vol/NAME: a snapshot of a claimed spare could race its rename.

@@ -449,15 +449,9 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 
 func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, error) {
 	ds := s.volDataset(spec.Name)
-	if err := s.refuseTombstoned(spec.Name); err != nil {
-		return driver.Volume{}, err
-	}
 	ctx, cancel := workContext(ctx)
 	defer cancel()
-	if err := s.waitRenaming(spec.Name); err != nil {
-		return driver.Volume{}, err
-	}
-	if err := s.clearRemoval(ctx, spec.Name); err != nil {
+	if err := s.freeName(ctx, spec.Name); err != nil {
 		return driver.Volume{}, err
 	}
 	now := time.Now().UTC()
@@ -584,6 +578,19 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	}
 	s.setGrowing(spec.Name, row[propGrow] == "yes")
 	return volumeFromRow(spec.Name, row), nil
+}
+
+// freeName makes sure name is free for a new dataset at vol/NAME: no timed-out Create of it is
+// still being cleaned up, no claimed spare of it is being renamed, and a removed volume of the
+// name is moved out of the way (removal.go).
+func (s *Store) freeName(ctx context.Context, name string) error {
+	if err := s.refuseTombstoned(name); err != nil {
+		return err
+	}
+	if err := s.waitRenaming(name); err != nil {
+		return err
+	}
+	return s.clearRemoval(ctx, name)
 }
 
 // grow enlarges a cloned zvol to size, and returns its volsize; the XFS inside is grown at its
