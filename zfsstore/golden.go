@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,6 +110,12 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 	sizes := volsizes{}
 	lineages := map[string]*lineage{}
 	var forks []zfsutil.Row // fork snapshots a promotion moved into a lineage (fork.go)
+	var forked map[string][]string
+	if slices.Contains(props, "clones") {
+		if forked, err = s.forkedFrom(ctx); err != nil {
+			return nil, nil, err
+		}
+	}
 	for _, r := range rows {
 		rel := strings.TrimPrefix(r["name"], s.goldenRoot()+"/")
 		if rel == r["name"] { // the golden root itself
@@ -145,7 +152,7 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 				Project: parts[0], Number: n, Kind: out[parts[0]].kind, CreatedAt: time.Unix(created, 0).UTC(),
 				Used: r.Uint("used"), Referenced: r.Uint("referenced"), Source: r["name"], FromVolume: r[propFrom],
 			}
-			g.Dependents = s.dependents(g.Dependents, r["clones"])
+			g.Dependents = s.dependents(g.Dependents, withForks(r["clones"], forked))
 			l.gens = append(l.gens, g)
 			l.txgs = append(l.txgs, r.Uint("createtxg"))
 			sizes[r["name"]] = r.Uint("volsize")
@@ -155,10 +162,39 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 		dsPart, _, _ := strings.Cut(r["name"], "@")
 		if l := lineages[dsPart]; l != nil && len(l.gens) > 0 {
 			g := &l.gens[l.genAt(r.Uint("createtxg"))]
-			g.Dependents = s.dependents(g.Dependents, r["clones"])
+			g.Dependents = s.dependents(g.Dependents, withForks(r["clones"], forked))
 		}
 	}
 	return out, sizes, nil
+}
+
+// forkedFrom maps each volume dataset to the forks cloned from its fork snapshots (fork.go).
+func (s *Store) forkedFrom(ctx context.Context) (map[string][]string, error) {
+	rows, err := s.zfs.List(ctx, s.volRoot(), []string{"snapshot"}, []string{"clones"})
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	out := map[string][]string{}
+	for _, r := range rows {
+		if ds, _, _ := strings.Cut(r["name"], "@"); isForkSnapshot(r["name"]) && r["clones"] != "" {
+			out[ds] = append(out[ds], strings.Split(r["clones"], ",")...)
+		}
+	}
+	return out, nil
+}
+
+// withForks adds to clones (a snapshot's clones property) the forks of those clones, and theirs:
+// a fork counts against the generation its source was cloned from, as its content does, so that
+// golden rm --force removes it too and a reclaim keeps that generation.
+func withForks(clones string, forked map[string][]string) string {
+	if clones == "" || len(forked) == 0 {
+		return clones
+	}
+	all := strings.Split(clones, ",")
+	for i := 0; i < len(all); i++ { // all grows as forks are found: a breadth-first walk
+		all = append(all, forked[all[i]]...)
+	}
+	return strings.Join(all, ",")
 }
 
 // dependents appends to deps the volumes among clones (a snapshot's clones property).
@@ -344,7 +380,10 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	if err != nil {
 		return driver.Generation{}, mapErr(err)
 	}
-	origin := row["origin"]
+	origin, err := s.chainRoot(ctx, row["origin"])
+	if err != nil {
+		return driver.Generation{}, err
+	}
 	if err := s.snapshotConsistent(ctx, v.Kind, mountpoint, snap); err != nil {
 		return driver.Generation{}, err
 	}
@@ -380,6 +419,21 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 		log.WithError(err).Warn("could not record the source volume on the generation")
 	}
 	return s.generation(ctx, projectName, n)
+}
+
+// chainRoot follows origin up through volumes, the sources of forks (fork.go), to what the
+// first of them was cloned from: a generation, or "" for a volume made empty. A promotion's
+// reroot walks the same chain, so that is what decides whether it may (see Promote).
+func (s *Store) chainRoot(ctx context.Context, origin string) (string, error) {
+	for i := 0; i < 16 && inside(s.volRoot(), origin); i++ {
+		ds, _, _ := strings.Cut(origin, "@")
+		row, err := s.zfs.Get(ctx, ds, "origin")
+		if err != nil {
+			return "", mapErr(err)
+		}
+		origin = row["origin"]
+	}
+	return origin, nil
 }
 
 // reroot makes lineage, a fresh clone of a volume's snapshot, the root of its project's golden:
