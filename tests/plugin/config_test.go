@@ -84,7 +84,7 @@ func TestPluginConfig(t *testing.T) {
 		t.Error("ZGOLDEN_MOUNT_ROOT and ZGOLDEN_STATE_DIR must not be settable: their places are fixed by the mounts")
 	}
 
-	var dev, dataMount bool
+	var dev, dataMount, docker bool
 	for _, m := range c.Mounts {
 		switch m.Name {
 		case "dev":
@@ -93,12 +93,16 @@ func TestPluginConfig(t *testing.T) {
 			dataMount = m.Source == m.Destination && m.Type == "bind" && slices.Contains(m.Settable, "source")
 			under("ZGOLDEN_STATE_DIR", m.Destination)
 			under("ZGOLDEN_ROOT", m.Destination)
+		case "docker":
+			// Where the Docker client looks by default (plugin/docker.go), and settable, so an
+			// administrator can deny the plugin the engine.
+			docker = m.Source == "/var/run/docker.sock" && m.Destination == "/var/run/docker.sock" && m.Type == "bind" && slices.Contains(m.Settable, "source")
 		default:
-			t.Errorf("mount %q: config.json declares only dev and data", m.Name)
+			t.Errorf("mount %q: config.json declares only dev, data and docker", m.Name)
 		}
 	}
-	if !dev || !dataMount {
-		t.Errorf("mounts %+v: want the host's /dev (rbind) and a settable data directory mounted at the same path", c.Mounts)
+	if !dev || !dataMount || !docker {
+		t.Errorf("mounts %+v: want the host's /dev (rbind), a settable data directory mounted at the same path, and the engine's socket at its own path, settable", c.Mounts)
 	}
 
 	// Every variable must be one zgolden serve reads (a typo would be silently ignored).
