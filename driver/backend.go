@@ -146,7 +146,8 @@ type Backend interface {
 	// RemoveGolden destroys a project's golden; it fails with ErrHasDependents while volumes depend on it.
 	RemoveGolden(ctx context.Context, project string) error
 	// Status reports backend-wide facts (pool or store, free space) for `zgolden status`.
-	Status(ctx context.Context) (map[string]any, error)
+	// Its Status has AvailableBytes, UsedBytes, RemovedPending and the backend's own part set.
+	Status(ctx context.Context) (Status, error)
 	// Space reports the free space new data can use and the capacity it is part of, which is
 	// what the driver holds Config.Reserve against.
 	Space(ctx context.Context) (Space, error)

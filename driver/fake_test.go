@@ -161,7 +161,7 @@ func (f *fakeBackend) Import(ctx context.Context, project string, _ Kind, src st
 }
 func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return errFakeUnsupported }
 func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return errFakeUnsupported }
-func (f *fakeBackend) Status(context.Context) (map[string]any, error)      { return map[string]any{}, nil }
+func (f *fakeBackend) Status(context.Context) (Status, error)              { return Status{}, nil }
 func (f *fakeBackend) Space(context.Context) (Space, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

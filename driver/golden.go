@@ -43,11 +43,12 @@ func (d *Driver) waitImport(ctx context.Context, project string) error {
 		p := st.progress
 		d.mu.Unlock()
 		return fmt.Errorf("golden %q: %w (%s, running for %s); retry the create in a minute, or create without -o golden",
-			project, ErrImportRunning, describeProgress(p), time.Since(st.started).Round(time.Second))
+			project, ErrImportRunning, p.String(), time.Since(st.started).Round(time.Second))
 	}
 }
 
-func describeProgress(p Progress) string {
+// String says how far an import is, for errors and `zgolden status`.
+func (p Progress) String() string {
 	if p.BytesTotal > 0 {
 		return fmt.Sprintf("%s: %d%% of %d files copied", p.Phase, p.BytesDone*100/p.BytesTotal, p.FilesTotal)
 	}
@@ -366,30 +367,25 @@ func (d *Driver) RemoveGolden(ctx context.Context, project string, force bool) e
 }
 
 // Status reports the backend's state and the driver's counts, for `zgolden status`.
-func (d *Driver) Status(ctx context.Context) (map[string]any, error) {
+func (d *Driver) Status(ctx context.Context) (Status, error) {
 	st, err := d.backend.Status(ctx)
 	if err != nil {
-		return nil, err
+		return Status{}, err
 	}
 	vols := d.List()
-	mounted := 0
+	st.Backend, st.Volumes, st.Mounted, st.MountRoot = d.backend.Name(), len(vols), 0, d.cfg.MountRoot
 	for _, v := range vols {
 		if v.Mounts > 0 {
-			mounted++
+			st.Mounted++
 		}
 	}
-	st["backend"] = d.backend.Name()
-	st["volumes"] = len(vols)
-	st["mounted"] = mounted
-	st["mount_root"] = d.cfg.MountRoot
 	d.mu.Lock()
-	imports := map[string]Progress{}
 	for p, s := range d.imports {
-		imports[p] = s.progress
+		if st.Imports == nil {
+			st.Imports = map[string]Progress{}
+		}
+		st.Imports[p] = s.progress
 	}
 	d.mu.Unlock()
-	if len(imports) > 0 {
-		st["imports"] = imports
-	}
 	return st, nil
 }

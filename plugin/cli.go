@@ -132,7 +132,7 @@ func cmdStatus(args []string) error {
 	if err := c.parse(args, 0); err != nil {
 		return err
 	}
-	var st map[string]any
+	var st driver.Status
 	if err := c.call("GET", "/v1/status", nil, &st); err != nil {
 		return err
 	}
@@ -140,14 +140,65 @@ func cmdStatus(args []string) error {
 		return printJSON(st)
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	for _, k := range slices.Sorted(maps.Keys(st)) {
-		v := st[k]
-		if f, ok := v.(float64); ok && strings.HasSuffix(k, "_bytes") {
-			v = humanBytes(uint64(f))
-		}
-		fmt.Fprintf(tw, "%s:\t%v\n", k, v)
+	for _, l := range statusLines(st) {
+		fmt.Fprintf(tw, "%s:\t%s\n", l[0], l[1])
 	}
 	return tw.Flush()
+}
+
+// statusLines is `zgolden status` as text: each field under its JSON key, in the order a reader
+// wants them, sizes in binary units; a field the backend did not report is left out.
+func statusLines(st driver.Status) [][2]string {
+	var out [][2]string
+	add := func(k string, v any) { out = append(out, [2]string{k, fmt.Sprint(v)}) }
+	addBytes := func(k string, n *uint64) {
+		if n != nil {
+			add(k, humanBytes(*n))
+		}
+	}
+	add("backend", st.Backend)
+	add("volumes", st.Volumes)
+	add("mounted", st.Mounted)
+	add("mount_root", st.MountRoot)
+	addBytes("available_bytes", &st.AvailableBytes)
+	addBytes("used_bytes", &st.UsedBytes)
+	add("removed_pending", st.RemovedPending)
+	if z := st.ZFSStatus; z != nil {
+		add("parent", z.Parent)
+		add("pool", z.Pool)
+		add("zfs_module", z.ZFSModule)
+		add("zfs_userland", z.ZFSUserland)
+		add("zfs_proven", z.ZFSProven)
+		if z.DDTEntries != nil {
+			add("ddt_entries", *z.DDTEntries)
+		}
+		add("clone_sync_tasks", z.CloneSyncTasks)
+		if z.TxgSyncLastSeconds != nil && z.TxgSyncMax10Seconds != nil {
+			add("txg_sync_last_seconds", *z.TxgSyncLastSeconds)
+			add("txg_sync_max10_seconds", *z.TxgSyncMax10Seconds)
+		}
+		add("spares_ready", z.SparesReady)
+		add("spares_mounted", z.SparesMounted)
+		add("claims_pending", z.ClaimsPending)
+		add("devices_held", z.DevicesHeld)
+		add("cleanups_pending", z.CleanupsPending)
+	}
+	if r := st.ReflinkStatus; r != nil {
+		add("root", r.Root)
+		add("store", r.Store)
+		add("store_mode", r.StoreMode)
+		add("filesystem", r.Filesystem)
+		addBytes("size_bytes", &r.SizeBytes)
+		if r.StoreFile != "" {
+			add("store_file", r.StoreFile)
+		}
+		addBytes("store_file_allocated_bytes", r.StoreFileAllocatedBytes)
+		addBytes("host_available_bytes", r.HostAvailableBytes)
+	}
+	for _, p := range slices.Sorted(maps.Keys(st.Imports)) {
+		add("import "+p, st.Imports[p])
+	}
+	return out
 }
 
 func cmdGoldenList(args []string) error {

@@ -62,20 +62,60 @@ func (m *metrics) observe(op string, start time.Time, err error) {
 	m.duration.WithLabelValues(op, result).Observe(time.Since(start).Seconds())
 }
 
-// statusGauges maps `zgolden status` fields to the gauges they become. A field the backend does
-// not report (ddt_entries on the reflink store) is left out of the scrape.
-var statusGauges = []struct{ field, name, help string }{
-	{"available_bytes", "zgolden_available_bytes", "Free bytes in the pool's parent dataset or the reflink store."},
-	{"used_bytes", "zgolden_used_bytes", "Bytes used by zgolden's parent dataset or the reflink store."},
-	{"size_bytes", "zgolden_size_bytes", "Size of the reflink store's filesystem."},
-	{"host_available_bytes", "zgolden_host_available_bytes", "Free bytes on the host filesystem under a file-backed reflink store."},
-	{"ddt_entries", "zgolden_ddt_entries", "Entries in the pool's dedup table; zgolden itself never makes any, so more than 0 means dedup=on somewhere in the pool."},
-	{"removed_pending", "zgolden_removals_pending", "Removed volumes whose space is not freed yet."},
-	{"claims_pending", "zgolden_spare_claims_pending", "Claimed spares not yet renamed to their volume's name."},
-	{"devices_held", "zgolden_devices_held", "Zvol devices held open from Unmount until Remove."},
-	{"cleanups_pending", "zgolden_cleanups_pending", "Timed-out Creates still being rolled back."},
-	{"txg_sync_last_seconds", "zgolden_txg_sync_last_seconds", "How long the pool took to sync its last transaction group."},
-	{"txg_sync_max10_seconds", "zgolden_txg_sync_max10_seconds", "The longest sync of the pool's last 10 transaction groups."},
+// statusGauges are the gauges read from `zgolden status`. A field the backend does not report
+// (ddt_entries on the reflink store) is left out of the scrape.
+var statusGauges = []struct {
+	name, help string
+	get        func(driver.Status) (float64, bool)
+}{
+	{"zgolden_available_bytes", "Free bytes in the pool's parent dataset or the reflink store.",
+		func(s driver.Status) (float64, bool) { return float64(s.AvailableBytes), true }},
+	{"zgolden_used_bytes", "Bytes used by zgolden's parent dataset or the reflink store.",
+		func(s driver.Status) (float64, bool) { return float64(s.UsedBytes), true }},
+	{"zgolden_removals_pending", "Removed volumes whose space is not freed yet.",
+		func(s driver.Status) (float64, bool) { return float64(s.RemovedPending), true }},
+	{"zgolden_size_bytes", "Size of the reflink store's filesystem.",
+		reflinkGauge(func(r *driver.ReflinkStatus) (float64, bool) { return float64(r.SizeBytes), true })},
+	{"zgolden_host_available_bytes", "Free bytes on the host filesystem under a file-backed reflink store.",
+		reflinkGauge(func(r *driver.ReflinkStatus) (float64, bool) { return deref(r.HostAvailableBytes) })},
+	{"zgolden_ddt_entries", "Entries in the pool's dedup table; zgolden itself never makes any, so more than 0 means dedup=on somewhere in the pool.",
+		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return deref(z.DDTEntries) })},
+	{"zgolden_spare_claims_pending", "Claimed spares not yet renamed to their volume's name.",
+		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return float64(z.ClaimsPending), true })},
+	{"zgolden_devices_held", "Zvol devices held open from Unmount until Remove.",
+		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return float64(z.DevicesHeld), true })},
+	{"zgolden_cleanups_pending", "Timed-out Creates still being rolled back.",
+		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return float64(z.CleanupsPending), true })},
+	{"zgolden_txg_sync_last_seconds", "How long the pool took to sync its last transaction group.",
+		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return deref(z.TxgSyncLastSeconds) })},
+	{"zgolden_txg_sync_max10_seconds", "The longest sync of the pool's last 10 transaction groups.",
+		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return deref(z.TxgSyncMax10Seconds) })},
+}
+
+func zfsGauge(get func(*driver.ZFSStatus) (float64, bool)) func(driver.Status) (float64, bool) {
+	return func(s driver.Status) (float64, bool) {
+		if s.ZFSStatus == nil {
+			return 0, false
+		}
+		return get(s.ZFSStatus)
+	}
+}
+
+func reflinkGauge(get func(*driver.ReflinkStatus) (float64, bool)) func(driver.Status) (float64, bool) {
+	return func(s driver.Status) (float64, bool) {
+		if s.ReflinkStatus == nil {
+			return 0, false
+		}
+		return get(s.ReflinkStatus)
+	}
+}
+
+// deref reads an optional number of a status.
+func deref[N uint64 | float64](n *N) (float64, bool) {
+	if n == nil {
+		return 0, false
+	}
+	return float64(*n), true
 }
 
 var (
@@ -93,7 +133,7 @@ var (
 	statusDescs = func() map[string]*prometheus.Desc {
 		out := map[string]*prometheus.Desc{}
 		for _, g := range statusGauges {
-			out[g.field] = prometheus.NewDesc(g.name, g.help, nil, nil)
+			out[g.name] = prometheus.NewDesc(g.name, g.help, nil, nil)
 		}
 		return out
 	}()
@@ -123,16 +163,19 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		up = 0
 	}
 	ch <- prometheus.MustNewConstMetric(descUp, prometheus.GaugeValue, up)
-	str := func(k string) string { s, _ := st[k].(string); return s }
+	var module, userland string
+	if st.ZFSStatus != nil {
+		module, userland = st.ZFSModule, st.ZFSUserland
+	}
 	ch <- prometheus.MustNewConstMetric(descBuild, prometheus.GaugeValue, 1,
-		version, runtime.Version(), c.backend, str("zfs_module"), str("zfs_userland"))
+		version, runtime.Version(), c.backend, module, userland)
 	for _, g := range statusGauges {
-		if v, ok := number(st[g.field]); ok {
-			ch <- prometheus.MustNewConstMetric(statusDescs[g.field], prometheus.GaugeValue, v)
+		if v, ok := g.get(st); ok && err == nil {
+			ch <- prometheus.MustNewConstMetric(statusDescs[g.name], prometheus.GaugeValue, v)
 		}
 	}
-	if spares, ok := st["spares_ready"].(map[string]int); ok {
-		for project, n := range spares {
+	if st.ZFSStatus != nil {
+		for project, n := range st.SparesReady {
 			ch <- prometheus.MustNewConstMetric(descSpares, prometheus.GaugeValue, float64(n), project)
 		}
 	}
@@ -151,21 +194,6 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for k, n := range gens {
 		ch <- prometheus.MustNewConstMetric(descGenVolumes, prometheus.GaugeValue, float64(n), k[0], k[1])
 	}
-}
-
-// number reads a status field that holds a number of any Go type.
-func number(v any) (float64, bool) {
-	switch n := v.(type) {
-	case int:
-		return float64(n), true
-	case int64:
-		return float64(n), true
-	case uint64:
-		return float64(n), true
-	case float64:
-		return n, true
-	}
-	return 0, false
 }
 
 // metricsListener listens on addr: "unix:PATH" (a 0600 socket, for the managed plugin, whose

@@ -639,30 +639,31 @@ func (s *Store) Space(ctx context.Context) (driver.Space, error) {
 }
 
 // Status implements driver.Backend.
-func (s *Store) Status(ctx context.Context) (map[string]any, error) {
+func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 	free, total, err := xfsutil.FreeSpace(s.storeDir)
 	if err != nil {
-		return nil, err
+		return driver.Status{}, err
 	}
-	st := map[string]any{
-		"root": s.cfg.Root, "store": s.storeDir, "store_mode": s.mode, "filesystem": s.fsType,
-		"available_bytes": free, "size_bytes": total, "used_bytes": total - free,
-		// Removed images whose unlink has not finished still hold their space (see Remove).
-		"removed_pending": s.unlinkCount.Load(),
-	}
+	r := &driver.ReflinkStatus{Root: s.cfg.Root, Store: s.storeDir, StoreMode: s.mode, Filesystem: s.fsType, SizeBytes: total}
 	if s.mode == modeFile {
-		st["store_file"] = s.storeFile
+		r.StoreFile = s.storeFile
 		var fst unix.Stat_t
 		if err := unix.Stat(s.storeFile, &fst); err == nil {
-			st["store_file_allocated_bytes"] = uint64(fst.Blocks) * 512
+			n := uint64(fst.Blocks) * 512
+			r.StoreFileAllocatedBytes = &n
 		}
 		// The store file is sparse, so its free space is a promise the host's filesystem has to
 		// keep: show what the host really has left.
 		if hfree, _, err := xfsutil.FreeSpace(s.cfg.Root); err == nil {
-			st["host_available_bytes"] = hfree
+			r.HostAvailableBytes = &hfree
 		}
 	}
-	return st, nil
+	return driver.Status{
+		AvailableBytes: free, UsedBytes: total - free,
+		// Removed images whose unlink has not finished still hold their space (see Remove).
+		RemovedPending: int(s.unlinkCount.Load()),
+		ReflinkStatus:  r,
+	}, nil
 }
 
 // bounded gives cleanup work a context of its own: the caller's may be what expired, and a

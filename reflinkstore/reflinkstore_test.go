@@ -137,10 +137,10 @@ func lifecycle(t *testing.T, e *env, wantMode string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st["store_mode"] != wantMode {
-		t.Fatalf("store_mode = %v, want %s (status %v)", st["store_mode"], wantMode, st)
+	if st.ReflinkStatus == nil || st.StoreMode != wantMode {
+		t.Fatalf("status %+v, want store_mode %s", st, wantMode)
 	}
-	if free, ok := st["available_bytes"].(uint64); !ok || free == 0 {
+	if st.AvailableBytes == 0 {
 		t.Fatalf("status has no free space: %v", st)
 	}
 
@@ -285,7 +285,7 @@ func TestModeDetection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st["store_mode"] != "file" || st["filesystem"] != "xfs" {
+	if st.ReflinkStatus == nil || st.StoreMode != "file" || st.Filesystem != "xfs" {
 		t.Fatalf("on XFS with reflink=0: status %v, want store_mode=file on an xfs store file", st)
 	}
 	e.create(t, "v", nil)
@@ -381,17 +381,17 @@ func TestRemoveUnlinksAfterReturning(t *testing.T) {
 	// The same name was made again at once each time; what is left of the four is unlinked.
 	// The name goes first, inside unlink(2), and the extents after it: Status counts an unlink
 	// until its call has returned, so it is what the test waits on.
-	var st map[string]any
+	var st driver.Status
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		var err error
 		if st, err = e.store.Status(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if st["removed_pending"] == int64(0) || time.Now().After(deadline) {
+		if st.RemovedPending == 0 || time.Now().After(deadline) {
 			break
 		}
 	}
-	if st["removed_pending"] != int64(0) {
+	if st.RemovedPending != 0 {
 		t.Fatalf("Status 30 s after the Removes: %v; want removed_pending 0", st)
 	}
 	if left, _ := filepath.Glob(filepath.Join(vols, ".tmp-*")); len(left) > 0 {

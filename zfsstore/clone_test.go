@@ -37,8 +37,8 @@ func TestCloneSyncTasks(t *testing.T) {
 		t.Errorf("cloneSyncTasks on module %s = %d, want %d", s.versions.Module, got, want)
 	}
 	st, err := s.Status(context.Background())
-	if err != nil || st["clone_sync_tasks"] != want {
-		t.Errorf("Status clone_sync_tasks = %v (%v), want %d", st["clone_sync_tasks"], err, want)
+	if err != nil || st.CloneSyncTasks != want {
+		t.Errorf("Status clone_sync_tasks = %v (%v), want %d", st.CloneSyncTasks, err, want)
 	}
 	s.spares.mu.Lock()
 	spare := s.spares.ready["prj"][0].ds

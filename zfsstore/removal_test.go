@@ -52,8 +52,8 @@ func TestRemoveIsRecorded(t *testing.T) {
 	if inv := harness.ZFSInventory(t, parent, t.TempDir()); !slices.Contains(inv, ds) {
 		t.Fatalf("Remove destroyed or moved %s itself (the worker was stopped): %v", ds, inv)
 	}
-	if st, err := s.Status(ctx); err != nil || st["removed_pending"] != 1 {
-		t.Errorf("Status removed_pending = %v (%v), want 1", st["removed_pending"], err)
+	if st, err := s.Status(ctx); err != nil || st.RemovedPending != 1 {
+		t.Errorf("Status removed_pending = %v (%v), want 1", st.RemovedPending, err)
 	}
 	gs, err := s.Goldens(ctx)
 	if err != nil || len(gs) != 1 || len(gs[0].Newest().Dependents) != 0 {
@@ -156,7 +156,7 @@ func TestRemoveDuringRename(t *testing.T) {
 	}
 	waitFor(t, "the trash and the claims to settle", func() bool {
 		st, err := s.Status(ctx)
-		return err == nil && st["removed_pending"] == 0 && st["claims_pending"] == 0
+		return err == nil && st.RemovedPending == 0 && st.ClaimsPending == 0
 	})
 	if ok, err := s.zfs.Exists(ctx, spareDS); ok || err != nil {
 		t.Errorf("the removed volume's spare %s is still there (%v)", spareDS, err)

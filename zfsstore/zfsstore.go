@@ -803,38 +803,36 @@ func (s *Store) Usage(ctx context.Context, v driver.Volume) (driver.Usage, error
 }
 
 // Status implements driver.Backend.
-func (s *Store) Status(ctx context.Context) (map[string]any, error) {
+func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 	row, err := s.zfs.Get(ctx, s.cfg.Parent, "available", "used")
 	if err != nil {
-		return nil, mapErr(err)
+		return driver.Status{}, mapErr(err)
 	}
 	pool := zfsutil.PoolOf(s.cfg.Parent)
-	st := map[string]any{
-		"parent": s.cfg.Parent, "pool": pool,
-		"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland,
-		"zfs_proven":      strings.Join(s.versions.Proven, ","),
-		"available_bytes": row.Uint("available"), "used_bytes": row.Uint("used"),
+	z := &driver.ZFSStatus{
+		Parent: s.cfg.Parent, Pool: pool,
+		ZFSModule: s.versions.Module, ZFSUserland: s.versions.Userland, ZFSProven: strings.Join(s.versions.Proven, ","),
+		DevicesHeld: held.count(s.cfg.Parent), SparesReady: s.sparesReady(), ClaimsPending: s.claimsPending(),
+		CleanupsPending: s.tomb.count(), CloneSyncTasks: s.cloneSyncTasks(),
 	}
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
-		st["ddt_entries"] = n
+		z.DDTEntries = &n
 	}
-	// Removed volumes not destroyed yet still hold their space (see trash.go).
-	st["removed_pending"] = s.trashPending()
 	if pm, err := s.premounts(); err == nil {
-		st["spares_mounted"] = len(pm) // spares (and claimed volumes) mounted ahead of a Mount
+		z.SparesMounted = len(pm)
 	}
-	st["devices_held"] = held.count(s.cfg.Parent)
-	st["spares_ready"] = s.sparesReady()
-	st["claims_pending"] = s.claimsPending()
-	st["cleanups_pending"] = s.tomb.count()
-	st["clone_sync_tasks"] = s.cloneSyncTasks()
 	if txgs, err := zfsutil.TxgSyncs(pool); err == nil {
 		// What every zfs clone, rename and destroy waits on (see slow.go).
 		worst, last := syncStats(txgs, 10)
-		st["txg_sync_last_seconds"] = last.Seconds()
-		st["txg_sync_max10_seconds"] = worst.Seconds()
+		l, w := last.Seconds(), worst.Seconds()
+		z.TxgSyncLastSeconds, z.TxgSyncMax10Seconds = &l, &w
 	}
-	return st, nil
+	return driver.Status{
+		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"),
+		// Removed volumes not destroyed yet still hold their space (see trash.go).
+		RemovedPending: s.trashPending(),
+		ZFSStatus:      z,
+	}, nil
 }
 
 // Space implements driver.Backend: what the parent dataset can still take (the pool's free

@@ -407,7 +407,7 @@ func TestRemoveGoesThroughTrash(t *testing.T) {
 		t.Fatalf("Load left %s in the trash: %v", parent+"/trash/crashed.x", inv)
 	}
 	st, err := s2.Status(ctx)
-	if err != nil || st["removed_pending"] != 0 {
+	if err != nil || st.RemovedPending != 0 {
 		t.Fatalf("Status after the trash emptied: %v, %v; want removed_pending 0", st, err)
 	}
 
@@ -446,7 +446,7 @@ func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 		if err := s.Unmount(ctx, v, mp); err != nil {
 			t.Fatal(err)
 		}
-		if st, err := s.Status(ctx); err != nil || st["devices_held"] != 1 {
+		if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 1 {
 			t.Fatalf("round %d: Status after Unmount: %v, %v; want devices_held 1", round, st, err)
 		}
 	}
@@ -464,7 +464,7 @@ func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 			t.Fatalf("after Remove the parent still holds %s: %v", name, inv)
 		}
 	}
-	if st, err := s.Status(ctx); err != nil || st["devices_held"] != 0 {
+	if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 0 {
 		t.Fatalf("Status after Remove: %v, %v; want devices_held 0", st, err)
 	}
 }

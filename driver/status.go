@@ -1,0 +1,57 @@
+package driver
+
+// Status is what `zgolden status` shows and the metrics read: the driver's counts and the
+// backend's facts, a typed field each. The JSON names are the keys of `zgolden status --json`;
+// the backend's part is flattened into them, as the command line has always printed it.
+type Status struct {
+	Backend   string              `json:"backend"`
+	Volumes   int                 `json:"volumes"`
+	Mounted   int                 `json:"mounted"`
+	MountRoot string              `json:"mount_root"`
+	Imports   map[string]Progress `json:"imports,omitempty"` // running imports, by project
+
+	// The space of the pool's parent dataset, or of the store.
+	AvailableBytes uint64 `json:"available_bytes"`
+	UsedBytes      uint64 `json:"used_bytes"`
+	// RemovedPending counts removed volumes whose space is not back yet.
+	RemovedPending int `json:"removed_pending"`
+
+	// Exactly one of these is set, by the backend that reports.
+	*ZFSStatus
+	*ReflinkStatus
+}
+
+// ZFSStatus is the ZFS store's part of Status.
+type ZFSStatus struct {
+	Parent      string `json:"parent"`
+	Pool        string `json:"pool"`
+	ZFSModule   string `json:"zfs_module"`
+	ZFSUserland string `json:"zfs_userland"`
+	ZFSProven   string `json:"zfs_proven"`
+	// DDTEntries is nil when the pool's dedup table could not be read.
+	DDTEntries      *uint64        `json:"ddt_entries,omitempty"`
+	SparesReady     map[string]int `json:"spares_ready"`   // warm spares by project
+	SparesMounted   int            `json:"spares_mounted"` // spares (and claimed volumes) mounted ahead
+	ClaimsPending   int            `json:"claims_pending"` // claimed spares not yet renamed
+	DevicesHeld     int            `json:"devices_held"`   // zvols held open from Unmount to Remove
+	CleanupsPending int            `json:"cleanups_pending"`
+	CloneSyncTasks  int            `json:"clone_sync_tasks"` // sync tasks a Create's clone costs: 1 or 2
+	// How long the pool took to sync its last transaction group, and the longest of its last
+	// ten; nil when the kernel's txgs kstat cannot be read.
+	TxgSyncLastSeconds  *float64 `json:"txg_sync_last_seconds,omitempty"`
+	TxgSyncMax10Seconds *float64 `json:"txg_sync_max10_seconds,omitempty"`
+}
+
+// ReflinkStatus is the reflink store's part of Status.
+type ReflinkStatus struct {
+	Root       string `json:"root"`
+	Store      string `json:"store"`
+	StoreMode  string `json:"store_mode"` // native (an XFS with reflink) or file (a store file)
+	Filesystem string `json:"filesystem"`
+	SizeBytes  uint64 `json:"size_bytes"`
+	// For a store file: the file, what it takes on the host, and the host's free space behind
+	// its promise (it is sparse). Nil when they could not be read.
+	StoreFile               string  `json:"store_file,omitempty"`
+	StoreFileAllocatedBytes *uint64 `json:"store_file_allocated_bytes,omitempty"`
+	HostAvailableBytes      *uint64 `json:"host_available_bytes,omitempty"`
+}
