@@ -606,6 +606,8 @@ func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind
 // RemoveGeneration implements driver.Backend.
 func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
 	defer s.goldensChanged()
+	s.spares.make.Lock() // until the destroy is done: see retireSpares
+	defer s.spares.make.Unlock()
 	if err := s.retireSpares(ctx, projectName, n); err != nil {
 		return err
 	}
@@ -648,6 +650,8 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 // RemoveGolden implements driver.Backend.
 func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 	defer s.goldensChanged()
+	s.spares.make.Lock() // until the destroy is done: see retireSpares
+	defer s.spares.make.Unlock()
 	if err := s.retireSpares(ctx, projectName, 0); err != nil {
 		return err
 	}

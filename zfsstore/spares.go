@@ -47,8 +47,8 @@ import (
 // otherwise records the removal beside the rename (removal.go, removeDuring), because the rename
 // can last transaction groups on a busy pool and Docker gives a Remove a minute. Mount and Usage
 // do not take it (Mount uses the device, which a rename does not change). make is held by the worker for a whole pass and
-// by RemoveGeneration and RemoveGolden while they retire spares, so no spare of a generation
-// being destroyed is made behind their back.
+// by RemoveGeneration and RemoveGolden from retiring the spares until the destroy is done, so no
+// spare of a generation being destroyed is made behind their back.
 type spareSet struct {
 	mu     sync.Mutex
 	ready  map[string][]spare // project -> spares not claimed
@@ -587,10 +587,9 @@ func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generat
 }
 
 // retireSpares destroys the ready spares of project (of generation gen, or all when gen is 0),
-// holding off the worker, so that the generation or the golden can be destroyed.
+// so that the generation or the golden can be destroyed. The caller holds spares.make, and keeps it until the generation or golden is gone: the worker
+// would otherwise make a new spare of it in between, and that clone would block the destroy.
 func (s *Store) retireSpares(ctx context.Context, project string, gen int) error {
-	s.spares.make.Lock()
-	defer s.spares.make.Unlock()
 	s.spares.mu.Lock()
 	var out []spare
 	keep := s.spares.ready[project][:0]
