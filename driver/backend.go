@@ -139,8 +139,16 @@ type Backend interface {
 	Goldens(ctx context.Context) ([]Golden, error)
 	// Promote snapshots v (frozen at mountpoint if it is mounted, else "") as project's next generation.
 	Promote(ctx context.Context, v Volume, mountpoint, project string) (Generation, error)
-	// Import seeds a new generation of project from the directory src, copying with cp -a semantics.
-	Import(ctx context.Context, project string, kind Kind, src string, progress func(Progress)) (Generation, error)
+	// BeginGeneration makes project's next generation, empty, with room for a tree of size bytes,
+	// and mounts it for the driver to fill (Import owns the copy and its checks). A project
+	// without a golden is created with kind; one of another kind is refused (KindMismatchError).
+	// from says where the content comes from, for `golden ls`. Until Commit, a crash leaves
+	// nothing that a Create could clone: Load removes it.
+	BeginGeneration(ctx context.Context, project string, kind Kind, size uint64, from string) (GenerationWriter, error)
+	// OwnDirs names the host directories the backend keeps data in (besides the driver's mount
+	// root and state directory), which an import source must not overlap, each with what it
+	// is for the refusal ("the reflink store's root").
+	OwnDirs() map[string]string
 	// RemoveGeneration destroys one generation that no volume depends on.
 	RemoveGeneration(ctx context.Context, project string, number int) error
 	// RemoveGolden destroys a project's golden; it fails with ErrHasDependents while volumes depend on it.
@@ -151,6 +159,20 @@ type Backend interface {
 	// Space reports the free space new data can use and the capacity it is part of, which is
 	// what the driver holds Config.Reserve against.
 	Space(ctx context.Context) (Space, error)
+}
+
+// GenerationWriter is a generation being written, from Backend.BeginGeneration: an empty
+// filesystem mounted at Dir. The driver fills Dir and then calls exactly one of Commit and Abort.
+type GenerationWriter interface {
+	// Number is the generation's number.
+	Number() int
+	// Dir is where its filesystem is mounted.
+	Dir() string
+	// Commit unmounts it, marks it complete (from then on a crash rolls forward) and makes it
+	// visible to Creates. phase names each step it takes that may last (such as "compacting").
+	Commit(ctx context.Context, phase func(string)) (Generation, error)
+	// Abort unmounts and destroys it; what cannot be unmounted now is left for Load.
+	Abort(ctx context.Context)
 }
 
 // Space is a backend's free space: Available bytes can still be written (by new volumes and by

@@ -485,3 +485,42 @@ func TestReserveRefusesNewWork(t *testing.T) {
 		t.Errorf("a repeated Create of an existing volume below the reserve: %v", err)
 	}
 }
+
+// TestImportAbortsAFailedCopy: the driver's one import pipeline commits a generation only after a
+// verified copy, and aborts the backend's writer when the copy fails, so nothing half-copied
+// becomes a generation.
+func TestImportAbortsAFailedCopy(t *testing.T) {
+	f := newFake()
+	d := newTestDriver(t, f, "")
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "f"), []byte("data"), 0o644))
+	var phases []string
+	gen, err := d.Import(ctx, "ok", KindBlock, src, ImportOptions{}, func(p Progress) {
+		if len(phases) == 0 || phases[len(phases)-1] != p.Phase {
+			phases = append(phases, p.Phase)
+		}
+	})
+	must(t, err)
+	if gen.Number != 1 || len(f.writers) != 1 || !f.writers[0].committed || f.writers[0].aborted {
+		t.Fatalf("import = %+v, writers %+v; want generation 1, committed", gen, f.writers)
+	}
+	if got, err := os.ReadFile(filepath.Join(f.writers[0].dir, "f")); err != nil || string(got) != "data" {
+		t.Fatalf("the copy in the writer's directory: %q, %v", got, err)
+	}
+	if want := []string{"waiting for the project lock", "scanning", "formatting", "copying", "syncing", "done"}; !slices.Equal(phases[len(phases)-len(want)+1:], want[1:]) {
+		t.Fatalf("phases %v, want %v", phases, want)
+	}
+
+	f.writerDir = filepath.Join(t.TempDir(), "a-file") // cp cannot copy a directory onto a file
+	must(t, os.WriteFile(f.writerDir, nil, 0o644))
+	if _, err := d.Import(ctx, "bad", KindBlock, src, ImportOptions{RemoveSource: true}, nil); err == nil {
+		t.Fatal("an import whose copy failed succeeded")
+	}
+	if w := f.writers[1]; w.committed || !w.aborted {
+		t.Fatalf("after a failed copy the writer is committed=%v aborted=%v; want aborted only", w.committed, w.aborted)
+	}
+	if _, err := os.Stat(filepath.Join(src, "f")); err != nil {
+		t.Fatalf("a failed import removed its source: %v", err)
+	}
+}

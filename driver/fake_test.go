@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"strings"
 	"sync"
 	"time"
 )
@@ -17,10 +19,14 @@ type fakeBackend struct {
 	actions []string
 	failOn  map[string]error // action name -> error to return once
 	goldens map[string]int   // project -> newest generation
-	// importGate, when set, holds every Import until it is closed.
+	// importGate, when set, holds every BeginGeneration until it is closed.
 	importGate chan struct{}
-	imported   []string // sources imported
-	space      Space    // what Space reports
+	// writerDir, when set, is the Dir of every generation writer (a regular file there makes
+	// the copy fail).
+	writerDir string
+	writers   []*fakeWriter
+	imported  []string // sources imported
+	space     Space    // what Space reports
 }
 
 func newFake() *fakeBackend {
@@ -144,20 +150,52 @@ func (f *fakeBackend) Goldens(context.Context) ([]Golden, error)    { return nil
 func (f *fakeBackend) Promote(context.Context, Volume, string, string) (Generation, error) {
 	return Generation{}, errFakeUnsupported
 }
-func (f *fakeBackend) Import(ctx context.Context, project string, _ Kind, src string, progress func(Progress)) (Generation, error) {
-	progress(Progress{Phase: "copying", FilesDone: 1, FilesTotal: 4, BytesDone: 1, BytesTotal: 4})
+func (f *fakeBackend) BeginGeneration(ctx context.Context, project string, _ Kind, _ uint64, from string) (GenerationWriter, error) {
 	if f.importGate != nil {
 		select {
 		case <-f.importGate:
 		case <-ctx.Done():
-			return Generation{}, ctx.Err()
+			return nil, ctx.Err()
 		}
+	}
+	dir, err := os.MkdirTemp("", "fake-gen-")
+	if err != nil {
+		return nil, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.goldens[project]++
-	f.imported = append(f.imported, src)
-	return Generation{Project: project, Number: f.goldens[project]}, nil
+	w := &fakeWriter{f: f, project: project, src: strings.TrimPrefix(from, "import:"), dir: dir, n: f.goldens[project] + 1}
+	if f.writerDir != "" {
+		w.dir = f.writerDir
+	}
+	f.writers = append(f.writers, w)
+	return w, nil
+}
+
+func (f *fakeBackend) OwnDirs() map[string]string { return nil }
+
+// fakeWriter is the fake's GenerationWriter: a temporary directory; Commit counts the generation.
+type fakeWriter struct {
+	f                  *fakeBackend
+	project, src, dir  string
+	n                  int
+	committed, aborted bool
+}
+
+func (w *fakeWriter) Number() int { return w.n }
+func (w *fakeWriter) Dir() string { return w.dir }
+func (w *fakeWriter) Abort(context.Context) {
+	w.f.mu.Lock()
+	defer w.f.mu.Unlock()
+	w.aborted = true
+}
+func (w *fakeWriter) Commit(context.Context, func(string)) (Generation, error) {
+	w.f.mu.Lock()
+	defer w.f.mu.Unlock()
+	w.committed = true
+	w.f.goldens[w.project]++
+	w.f.imported = append(w.f.imported, w.src)
+	return Generation{Project: w.project, Number: w.f.goldens[w.project]}, nil
 }
 func (f *fakeBackend) RemoveGeneration(context.Context, string, int) error { return errFakeUnsupported }
 func (f *fakeBackend) RemoveGolden(context.Context, string) error          { return errFakeUnsupported }

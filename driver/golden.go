@@ -9,9 +9,12 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // importState tracks one running import so Creates for its project can wait for it.
@@ -87,14 +90,44 @@ func (d *Driver) checkImportSource(src string) error {
 		return invalidf("import source %q must be an absolute path to a directory other than /", src)
 	}
 	clean := filepath.Clean(src)
-	for _, own := range []string{d.cfg.MountRoot, d.cfg.StateDir} {
-		if clean == own || strings.HasPrefix(own, clean+"/") || strings.HasPrefix(clean, own+"/") {
-			return invalidf("import source %q overlaps zgolden's own directory %s", src, own)
-		}
+	if err := d.checkOverlap(src, clean); err != nil {
+		return err
 	}
 	fi, err := os.Stat(clean)
 	if err != nil || !fi.IsDir() {
 		return invalidf("import source %q is not a directory", src)
+	}
+	// Through symlinks too: a link into the store would copy the very image being written, and
+	// --remove-source would then delete every volume and golden.
+	real, err := filepath.EvalSymlinks(clean)
+	if err != nil {
+		return invalidf("import source %q: %v", src, err)
+	}
+	if err := d.checkOverlap(src, real); err != nil {
+		return err
+	}
+	return nil
+}
+
+// checkOverlap refuses path (the import source src, resolved or not) when it holds, or lies in,
+// the mount root, the state directory or a directory the backend keeps data in.
+func (d *Driver) checkOverlap(src, path string) error {
+	own := map[string]string{d.cfg.MountRoot: "zgolden's own directory", d.cfg.StateDir: "zgolden's own directory"}
+	for dir, what := range d.backend.OwnDirs() {
+		own[dir] = what
+	}
+	dirs := make([]string, 0, len(own))
+	for dir := range own {
+		dirs = append(dirs, dir)
+	}
+	sort.Strings(dirs)
+	for _, dir := range dirs {
+		if dir == "" {
+			continue
+		}
+		if path == dir || strings.HasPrefix(dir, path+"/") || strings.HasPrefix(path, dir+"/") {
+			return invalidf("import source %q overlaps %s %s, which holds volumes or goldens; import a directory outside it", src, own[dir], dir)
+		}
 	}
 	return nil
 }
@@ -129,7 +162,7 @@ func (d *Driver) runImport(ctx context.Context, st *importState, project string,
 
 	log := d.log.WithFields(logrus.Fields{"project": project, "src": src})
 	log.Info("golden import started")
-	gen, err := d.backend.Import(ctx, project, kind, src, func(p Progress) {
+	gen, err := ImportTree(ctx, d.backend, project, kind, src, func(p Progress) {
 		d.mu.Lock()
 		st.progress = p
 		d.mu.Unlock()
@@ -143,13 +176,73 @@ func (d *Driver) runImport(ctx context.Context, st *importState, project string,
 	d.cfg.Faults.Hit("import:before-reply")
 	log.WithFields(logrus.Fields{"generation": gen.Number, "took": time.Since(st.started).Round(time.Millisecond).String()}).Info("golden import finished")
 	if opts.RemoveSource {
-		// The backend verified the copy entry by entry before snapshotting it.
+		// ImportTree verified the copy entry by entry before the generation was committed.
 		if err := os.RemoveAll(src); err != nil {
 			return gen, fmt.Errorf("golden %q generation %d is ready, but removing the source %s failed: %w", project, gen.Number, src, err)
 		}
 		log.Info("removed the imported source directory")
 	}
 	return gen, nil
+}
+
+// ImportTree is the one import pipeline of every backend: scan src, have b begin an empty
+// generation sized for it, copy with cp -a semantics and verify entry by entry
+// (xfsutil.CopyTree), flush, and commit; any failure aborts the generation. The caller holds the
+// project (Driver.Import does, with the project lock); report must not be nil.
+func ImportTree(ctx context.Context, b Backend, project string, kind Kind, src string, report func(Progress)) (Generation, error) {
+	if gs, err := b.Goldens(ctx); err == nil {
+		for _, g := range gs {
+			if g.Project == project && g.Kind != "" && g.Kind != kind {
+				return Generation{}, KindMismatchError(project, g.Kind, kind)
+			}
+		}
+	}
+	report(Progress{Phase: "scanning"})
+	size, err := xfsutil.Scan(ctx, src)
+	if err != nil {
+		return Generation{}, fmt.Errorf("scan %s: %w", src, err)
+	}
+	at := func(phase string, files, bytes int64) Progress {
+		return Progress{Phase: phase, FilesDone: files, FilesTotal: size.Files, BytesDone: bytes, BytesTotal: size.Bytes}
+	}
+	report(at("formatting", 0, 0))
+	w, err := b.BeginGeneration(ctx, project, kind, uint64(size.Bytes), "import:"+src)
+	if err != nil {
+		return Generation{}, err
+	}
+	err = xfsutil.CopyTree(ctx, src, w.Dir(), func(files, bytes int64) { report(at("copying", files, bytes)) })
+	if err == nil {
+		report(at("syncing", size.Files, size.Bytes))
+		err = xfsutil.Sync(w.Dir())
+	}
+	if err != nil {
+		w.Abort(ctx)
+		return Generation{}, copyError(ctx, b, err)
+	}
+	gen, err := w.Commit(ctx, func(phase string) { report(at(phase, size.Files, size.Bytes)) })
+	if err != nil {
+		return Generation{}, err
+	}
+	report(at("done", size.Files, size.Bytes))
+	return gen, nil
+}
+
+// copyError marks a failed copy ErrNoSpace when space ran out. A copy that fails because the
+// backend is full often shows up as an I/O error inside the generation's XFS, not as ENOSPC, so
+// the backend's free space decides too.
+func copyError(ctx context.Context, b Backend, err error) error {
+	if errors.Is(err, ErrNoSpace) {
+		return err
+	}
+	full := errors.Is(err, xfsutil.ErrNoSpace) || errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+	free := ""
+	if sp, serr := b.Space(ctx); serr == nil && sp.Available < 64<<20 {
+		full, free = true, fmt.Sprintf(" (only %d bytes are free)", sp.Available)
+	}
+	if !full {
+		return err
+	}
+	return fmt.Errorf("%w: %v%s; remove unused volumes, reclaim old golden generations, or give the %s backend more room (see `zgolden status`)", ErrNoSpace, err, free, b.Name())
 }
 
 // autoImport starts a background import of project from the legacy golden directory configured

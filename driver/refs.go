@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // refStore keeps each volume's mount caller IDs in <dir>/<volume>.json, so a plugin restart
@@ -101,10 +103,5 @@ func WriteFileAtomic(path string, data []byte) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return xfsutil.SyncDir(dir)
 }

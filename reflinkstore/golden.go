@@ -218,7 +218,7 @@ func (s *Store) ensureProject(name string, kind driver.Kind) (p *project, create
 	}
 	if p != nil {
 		if p.kind != kind {
-			return nil, false, fmt.Errorf("%w: golden %q holds type=%s data, not %s", driver.ErrInvalid, name, p.kind, kind)
+			return nil, false, driver.KindMismatchError(name, p.kind, kind)
 		}
 		return p, false, nil
 	}
@@ -233,7 +233,7 @@ func (s *Store) ensureProject(name string, kind driver.Kind) (p *project, create
 		s.removeProjectDir(dir)
 		return nil, false, err
 	}
-	return &project{name: name, dir: dir, kind: kind}, true, syncDir(s.goldensDir())
+	return &project{name: name, dir: dir, kind: kind}, true, xfsutil.SyncDir(s.goldensDir())
 }
 
 // removeProjectDir deletes a project directory that a failed Promote or Import created, if it is
@@ -345,144 +345,135 @@ func (s *Store) generation(projectName string, n int) (driver.Generation, error)
 			}
 		}
 	}
-	return driver.Generation{}, fmt.Errorf("generation %d of golden %q vanished right after it was made", n, projectName)
+	return driver.Generation{}, driver.VanishedError(projectName, n)
 }
 
-// Import implements driver.Backend: a new image, formatted, mounted in the work directory and
-// filled by cp -a, then unmounted, marked complete (state=ready, the completion marker) and
-// renamed into place. Until the marker is set, a crash leaves a temporary image that Load wipes.
-func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind, src string, progress func(driver.Progress)) (driver.Generation, error) {
+// BeginGeneration implements driver.Backend: a new temporary image, marked importing,
+// formatted and mounted in the work directory. Until Commit sets the completion marker
+// (state=ready), a crash leaves a temporary image that Load wipes.
+func (s *Store) BeginGeneration(ctx context.Context, projectName string, kind driver.Kind, size uint64, from string) (driver.GenerationWriter, error) {
 	if err := driver.ValidateProject(projectName); err != nil {
-		return driver.Generation{}, err
-	}
-	if kind == "" {
-		kind = driver.KindBlock
-	}
-	fi, err := os.Stat(src)
-	if err != nil || !fi.IsDir() {
-		return driver.Generation{}, fmt.Errorf("%w: import source %q is not a directory", driver.ErrInvalid, src)
-	}
-	if err := s.checkImportSource(src); err != nil {
-		return driver.Generation{}, err
-	}
-	report := func(p driver.Progress) {
-		if progress != nil {
-			progress(p)
-		}
-	}
-	report(driver.Progress{Phase: "scanning"})
-	size, err := xfsutil.Scan(ctx, src)
-	if err != nil {
-		return driver.Generation{}, fmt.Errorf("scan %s: %w", src, err)
+		return nil, err
 	}
 	p, created, err := s.ensureProject(projectName, kind)
 	if err != nil {
-		return driver.Generation{}, err
+		return nil, err
 	}
 	n, err := s.reserveGeneration(p)
 	if err != nil {
-		return driver.Generation{}, err
+		return nil, err
 	}
 	tmp, err := newTemp(p.dir, genPrefix+strconv.Itoa(n))
 	if err != nil {
 		if created {
 			s.removeProjectDir(p.dir)
 		}
-		return driver.Generation{}, mapErr(err)
+		return nil, mapErr(err)
 	}
-	log := s.log.WithFields(logrus.Fields{"project": projectName, "image": tmp.Name(), "generation": n})
-	fail := func(err error) (driver.Generation, error) {
-		s.discard(log, tmp)
-		if created {
-			s.removeProjectDir(p.dir)
-		}
-		return driver.Generation{}, err
-	}
+	w := &genWriter{s: s, p: p, created: created, n: n, tmp: tmp,
+		dir: filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n)),
+		log: s.log.WithFields(logrus.Fields{"project": projectName, "image": tmp.Name(), "generation": n})}
 	// Marked importing first, so golden ls shows the import while it runs.
 	err = setAttrs(tmp, meta{
-		attrKind: string(kind), attrState: stateImporting, attrFrom: "import:" + src,
+		attrKind: string(kind), attrState: stateImporting, attrFrom: from,
 		attrCreated: strconv.FormatInt(time.Now().Unix(), 10),
 	})
 	if err != nil {
-		return fail(mapErr(err))
+		return nil, w.fail(mapErr(err))
 	}
-	report(driver.Progress{Phase: "formatting", FilesTotal: size.Files, BytesTotal: size.Bytes})
 	// Room for the tree twice over (XFS metadata, and growth in later generations); sparse, so
 	// only what is written is allocated.
-	if err := s.format(ctx, tmp, max(s.cfg.DefaultSize, roundUp(uint64(size.Bytes)*2, 1<<30))); err != nil {
-		return fail(err)
+	if err := s.format(ctx, tmp, max(s.cfg.DefaultSize, roundUp(size*2, 1<<30))); err != nil {
+		return nil, w.fail(err)
 	}
 	s.cfg.Faults.Hit("import:after-create")
-	dir := filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n))
-	if err := xfsutil.Mount(ctx, tmp.Name(), dir, []string{"loop", "nouuid"}); err != nil {
+	if err := xfsutil.Mount(ctx, tmp.Name(), w.dir, []string{"loop", "nouuid"}); err != nil {
 		if rerr := s.releaseLoops(tmp.Name()); rerr != nil {
-			log.WithError(rerr).Error("could not detach the loop device after a failed mount")
+			w.log.WithError(rerr).Error("could not detach the loop device after a failed mount")
 		}
-		_ = os.Remove(dir)
-		return fail(mapErr(err))
+		_ = os.Remove(w.dir)
+		return nil, w.fail(mapErr(err))
 	}
-	copyErr := xfsutil.CopyTree(ctx, src, dir, func(files, bytes int64) {
-		report(driver.Progress{Phase: "copying", FilesDone: files, FilesTotal: size.Files, BytesDone: bytes, BytesTotal: size.Bytes})
-	})
-	if copyErr == nil {
-		report(driver.Progress{Phase: "syncing", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
-		copyErr = xfsutil.Sync(dir)
+	return w, nil
+}
+
+// genWriter is the reflink store's driver.GenerationWriter: a temporary image, loop-mounted at dir.
+type genWriter struct {
+	s       *Store
+	p       *project
+	created bool // BeginGeneration made the project directory
+	n       int
+	tmp     *os.File
+	dir     string
+	log     *logrus.Entry
+}
+
+func (w *genWriter) Number() int { return w.n }
+func (w *genWriter) Dir() string { return w.dir }
+
+// fail deletes the temporary image, and the project directory if BeginGeneration made it.
+func (w *genWriter) fail(err error) error {
+	w.s.discard(w.log, w.tmp)
+	if w.created {
+		w.s.removeProjectDir(w.p.dir)
 	}
+	return err
+}
+
+// unmount unmounts the image and detaches its loop device. An image that stays mounted is kept:
+// deleting it would leave a mounted, deleted image. Load unmounts the work directory and deletes
+// the temporary image at the next start.
+func (w *genWriter) unmount(ctx context.Context) error {
 	uctx, cancel := bounded(ctx, time.Minute)
 	defer cancel()
-	if uerr := xfsutil.UnmountRetry(uctx, dir, 10); uerr != nil {
-		// The image is still mounted: deleting it now would leave a mounted, deleted image.
-		// Load unmounts the work directory and deletes the temporary image at the next start.
-		tmp.Close()
-		log.WithError(uerr).Error("could not unmount the import; it is cleaned up at the next start")
-		return driver.Generation{}, mapErr(errors.Join(copyErr, uerr))
+	if err := xfsutil.UnmountRetry(uctx, w.dir, 10); err != nil {
+		w.tmp.Close()
+		w.log.WithError(err).Error("could not unmount the import; it is cleaned up at the next start")
+		return mapErr(err)
 	}
-	_ = os.Remove(dir)
-	if err := s.releaseLoops(tmp.Name()); err != nil {
-		log.WithError(err).Error("could not detach the import's loop device")
+	_ = os.Remove(w.dir)
+	if err := w.s.releaseLoops(w.tmp.Name()); err != nil {
+		w.log.WithError(err).Error("could not detach the import's loop device")
 	}
-	if copyErr != nil {
-		// A copy that fails because the store is full shows up as an I/O error inside the
-		// image's XFS, not as ENOSPC: say so when the store is nearly out of space.
-		if free, _, err := xfsutil.FreeSpace(s.storeDir); err == nil && free < 64<<20 {
-			copyErr = noSpace(fmt.Errorf("%v (the store has only %d bytes free)", copyErr, free))
-		}
-		return fail(mapErr(copyErr))
+	return nil
+}
+
+// Abort implements driver.GenerationWriter.
+func (w *genWriter) Abort(ctx context.Context) {
+	if w.unmount(ctx) == nil {
+		_ = w.fail(nil)
+	}
+}
+
+// Commit implements driver.GenerationWriter: unmount, compact, set the completion marker and
+// rename the image into place.
+func (w *genWriter) Commit(ctx context.Context, phase func(string)) (driver.Generation, error) {
+	if err := w.unmount(ctx); err != nil {
+		return driver.Generation{}, err
 	}
 	// Loop writeback left the image in thousands of small extents, and every clone's FICLONE
 	// costs time in proportion to them: rewrite it once, compactly, so clones stay O(1).
-	report(driver.Progress{Phase: "compacting", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
-	if err := s.compact(ctx, log, p.dir, genPrefix+strconv.Itoa(n), &tmp); err != nil {
-		return fail(err)
+	phase("compacting")
+	if err := w.s.compact(ctx, w.log, w.p.dir, genPrefix+strconv.Itoa(w.n), &w.tmp); err != nil {
+		return driver.Generation{}, w.fail(err)
 	}
-	s.cfg.Faults.Hit("import:after-copy")
+	w.s.cfg.Faults.Hit("import:after-copy")
 	// The completion marker: from here a crash rolls forward (see cleanTemps).
-	if err := setAttrs(tmp, meta{attrState: stateReady}); err != nil {
-		return fail(mapErr(err))
+	if err := setAttrs(w.tmp, meta{attrState: stateReady}); err != nil {
+		return driver.Generation{}, w.fail(mapErr(err))
 	}
-	s.cfg.Faults.Hit("import:after-marker")
-	if err := commit(tmp, genImage(p.dir, n)); err != nil {
-		return fail(mapErr(err))
+	w.s.cfg.Faults.Hit("import:after-marker")
+	if err := commit(w.tmp, genImage(w.p.dir, w.n)); err != nil {
+		return driver.Generation{}, w.fail(mapErr(err))
 	}
-	tmp.Close()
-	report(driver.Progress{Phase: "done", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
-	return s.generation(projectName, n)
+	w.tmp.Close()
+	return w.s.generation(w.p.name, w.n)
 }
 
-// checkImportSource refuses a source that holds the store or lies inside it. The driver only
-// knows the mount root and the state directory; the store's root is this backend's own. Copying
-// it would copy the store into itself (the store file and the very image being written), and an
-// import with --remove-source would then delete every volume and golden.
-func (s *Store) checkImportSource(src string) error {
-	real, err := filepath.EvalSymlinks(src)
-	if err != nil {
-		return fmt.Errorf("%w: import source %q: %v", driver.ErrInvalid, src, err)
-	}
-	root := s.cfg.Root
-	if real == root || strings.HasPrefix(real, root+"/") || strings.HasPrefix(root, real+"/") {
-		return fmt.Errorf("%w: import source %q overlaps the reflink store's root %s, which holds every volume and golden; import a directory outside it", driver.ErrInvalid, src, root)
-	}
-	return nil
+// OwnDirs implements driver.Backend: the store's root holds every image, the store file
+// included, so an import from it would copy the store into itself.
+func (s *Store) OwnDirs() map[string]string {
+	return map[string]string{s.cfg.Root: "the reflink store's root"}
 }
 
 // RemoveGeneration implements driver.Backend.
@@ -494,7 +485,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 		return err
 	}
 	if p == nil {
-		return fmt.Errorf("%w: golden %q does not exist", driver.ErrNotFound, projectName)
+		return driver.GoldenMissingError(projectName)
 	}
 	for _, g := range p.gens {
 		if g.Number != n {
@@ -505,15 +496,15 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 			return err
 		}
 		if d := deps[projectName][n]; len(d) > 0 {
-			return fmt.Errorf("%w: generation %d of %q is the origin of %s", driver.ErrGenerationInUse, n, projectName, strings.Join(d, ", "))
+			return driver.InUseError(projectName, n, d)
 		}
 		if err := s.removeFile(g.Source); err != nil {
 			return err
 		}
 		s.log.WithFields(logrus.Fields{"project": projectName, "generation": n, "image": g.Source}).Info("generation removed")
-		return syncDir(p.dir)
+		return xfsutil.SyncDir(p.dir)
 	}
-	return fmt.Errorf("%w: golden %q has no generation %d", driver.ErrNotFound, projectName, n)
+	return driver.GenerationMissingError(projectName, n)
 }
 
 // RemoveGolden implements driver.Backend.
@@ -525,7 +516,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 		return err
 	}
 	if p == nil {
-		return fmt.Errorf("%w: golden %q does not exist", driver.ErrNotFound, projectName)
+		return driver.GoldenMissingError(projectName)
 	}
 	deps, err := s.dependents()
 	if err != nil {
@@ -537,7 +528,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 	}
 	if len(names) > 0 {
 		sort.Strings(names)
-		return fmt.Errorf("%w: volumes %s were cloned from it; remove them first", driver.ErrHasDependents, strings.Join(names, ", "))
+		return driver.DependentsError(names)
 	}
 	// An import's image is attached while it copies; the driver refuses RemoveGolden during its
 	// own imports, so this only catches one from elsewhere.
@@ -552,7 +543,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 	if err := os.RemoveAll(p.dir); err != nil {
 		return mapErr(err)
 	}
-	return syncDir(s.goldensDir())
+	return xfsutil.SyncDir(s.goldensDir())
 }
 
 // compact replaces the temporary image *tmp with a compact copy of it (xfsutil.CopyCompact),

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // Extended attributes: the store's durable state, the counterpart of the ZFS backend's user
@@ -172,15 +173,5 @@ func commit(f *os.File, final string) error {
 		}
 		return &os.LinkError{Op: "rename", Old: f.Name(), New: final, Err: err}
 	}
-	return syncDir(filepath.Dir(final))
-}
-
-// syncDir makes a rename or unlink in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return xfsutil.SyncDir(filepath.Dir(final))
 }

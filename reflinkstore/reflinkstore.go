@@ -324,7 +324,7 @@ func (s *Store) writeMarker(mode string) error {
 		os.Remove(tmp)
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	return syncDir(s.cfg.Root)
+	return xfsutil.SyncDir(s.cfg.Root)
 }
 
 // leftover reports whether name is what a first start that died early leaves in the root.
@@ -498,7 +498,7 @@ func (s *Store) createStoreFile(ctx context.Context) error {
 		os.Remove(tmp)
 		return fmt.Errorf("create the store file %s: %w", s.storeFile, mapErr(err))
 	}
-	return syncDir(s.cfg.Root)
+	return xfsutil.SyncDir(s.cfg.Root)
 }
 
 // Close unmounts the store file when the store uses one and nothing in it is attached, and

@@ -625,8 +625,8 @@ func TestInvalidNamesTouchNothing(t *testing.T) {
 		if err := e.store.Mount(ctx, driver.Volume{Name: name}, filepath.Join(base, "m")); !errors.Is(err, driver.ErrInvalid) {
 			t.Errorf("backend Mount(%q): err = %v, want ErrInvalid", name, err)
 		}
-		if _, err := e.store.Import(ctx, name, driver.KindBlock, t.TempDir(), nil); !errors.Is(err, driver.ErrInvalid) {
-			t.Errorf("backend Import(%q): err = %v, want ErrInvalid", name, err)
+		if _, err := e.store.BeginGeneration(ctx, name, driver.KindBlock, 0, "test"); !errors.Is(err, driver.ErrInvalid) {
+			t.Errorf("backend BeginGeneration(%q): err = %v, want ErrInvalid", name, err)
 		}
 		if err := e.store.RemoveGolden(ctx, name); !errors.Is(err, driver.ErrInvalid) {
 			t.Errorf("backend RemoveGolden(%q): err = %v, want ErrInvalid", name, err)

@@ -267,7 +267,7 @@ func (s *Store) cleanTempsIn(dir string, generations bool) error {
 				if err := os.Rename(path, final); err != nil {
 					return err
 				}
-				if err := syncDir(dir); err != nil {
+				if err := xfsutil.SyncDir(dir); err != nil {
 					return err
 				}
 				continue
@@ -282,7 +282,7 @@ func (s *Store) cleanTempsIn(dir string, generations bool) error {
 			return err
 		}
 	}
-	return syncDir(dir)
+	return xfsutil.SyncDir(dir)
 }
 
 func roundUp(n, to uint64) uint64 { return (n + to - 1) / to * to }
@@ -320,7 +320,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			return v, err
 		}
 		if spec.RequireGolden {
-			return driver.Volume{}, fmt.Errorf("%w: project %q has no golden yet and cold=deny was given; import or promote one first (zgolden golden import / promote)", driver.ErrNoGolden, spec.Golden)
+			return driver.Volume{}, driver.ColdDeniedError(spec.Golden)
 		}
 		m[attrGolden], m[attrColdStart] = spec.Golden, yes
 	}
@@ -525,7 +525,7 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 		}
 		return mapErr(err)
 	}
-	if err := syncDir(s.volumesDir()); err != nil {
+	if err := xfsutil.SyncDir(s.volumesDir()); err != nil {
 		return err
 	}
 	s.unlinkCount.Add(1)

@@ -3,6 +3,7 @@ package xfsutil
 import (
 	"context"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -96,6 +97,17 @@ func FreeSpace(path string) (free, total uint64, err error) {
 		return 0, 0, err
 	}
 	return st.Bavail * uint64(st.Bsize), st.Blocks * uint64(st.Bsize), nil
+}
+
+// SyncDir makes a create, rename or unlink in dir durable: the records zgolden keeps beside ZFS
+// (claims, removals, mount references, image renames) are true only once their directory is.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // Sync flushes the filesystem holding path.

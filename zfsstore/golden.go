@@ -339,7 +339,7 @@ func chooseGeneration(ps map[string]*project, projectName string, n int, kind dr
 func (s *Store) ensureProject(ctx context.Context, ps map[string]*project, name string, kind driver.Kind) (*project, error) {
 	if p := ps[name]; p != nil {
 		if p.kind != kind {
-			return nil, fmt.Errorf("%w: golden %q holds type=%s data, not %s", driver.ErrInvalid, name, p.kind, kind)
+			return nil, driver.KindMismatchError(name, p.kind, kind)
 		}
 		return p, nil
 	}
@@ -515,93 +515,113 @@ func (s *Store) generation(ctx context.Context, projectName string, n int) (driv
 			}
 		}
 	}
-	return driver.Generation{}, fmt.Errorf("generation %d of golden %q vanished right after it was made", n, projectName)
+	return driver.Generation{}, driver.VanishedError(projectName, n)
 }
 
-// Import implements driver.Backend: a new lineage, marked importing until the copy is complete
-// (the completion marker), then snapshotted as the next generation.
-func (s *Store) Import(ctx context.Context, projectName string, kind driver.Kind, src string, progress func(driver.Progress)) (driver.Generation, error) {
+// BeginGeneration implements driver.Backend: a new lineage, marked importing until Commit sets
+// the completion marker, with its filesystem mounted in the work directory.
+func (s *Store) BeginGeneration(ctx context.Context, projectName string, kind driver.Kind, size uint64, from string) (driver.GenerationWriter, error) {
 	defer s.goldensChanged()
-	fi, err := os.Stat(src)
-	if err != nil || !fi.IsDir() {
-		return driver.Generation{}, fmt.Errorf("%w: import source %q is not a directory", driver.ErrInvalid, src)
-	}
-	report := func(p driver.Progress) {
-		if progress != nil {
-			progress(p)
-		}
-	}
-	report(driver.Progress{Phase: "scanning"})
-	size, err := xfsutil.Scan(ctx, src)
-	if err != nil {
-		return driver.Generation{}, fmt.Errorf("scan %s: %w", src, err)
+	if err := driver.ValidateProject(projectName); err != nil {
+		return nil, err
 	}
 	ps, err := s.projects(ctx, projectName)
 	if err != nil {
-		return driver.Generation{}, err
+		return nil, err
 	}
 	p, err := s.ensureProject(ctx, ps, projectName, kind)
 	if err != nil {
-		return driver.Generation{}, err
+		return nil, err
 	}
 	n := p.maxGeneration() + 1
 	ds := s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
-	log := s.log.WithFields(logrus.Fields{"project": projectName, "dataset": ds, "generation": n})
+	w := &genWriter{s: s, n: n, ds: ds, from: from, project: projectName,
+		dir: filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n)),
+		log: s.log.WithFields(logrus.Fields{"project": projectName, "dataset": ds, "generation": n})}
 	props := zfsutil.Props{propState: "importing", propKind: string(kind), "dedup": "off", "compression": s.cfg.Compression}
 	// Room for the tree twice over (XFS metadata, and growth in later generations); sparse, so
 	// only what is written is allocated.
-	volSize := max(s.cfg.DefaultSize, roundUp(uint64(size.Bytes)*2, 1<<30))
+	volSize := max(s.cfg.DefaultSize, roundUp(size*2, 1<<30))
 	if err := s.createEmpty(ctx, ds, ds, kind, volSize, props); err != nil {
-		return driver.Generation{}, err
+		return nil, err
 	}
 	s.cfg.Faults.Hit("import:after-create")
-	fail := func(err error) (driver.Generation, error) {
-		s.rollback(ctx, log, ds, ds)
-		return driver.Generation{}, err
-	}
-	dir := filepath.Join(s.cfg.WorkDir, "import-"+projectName+"-"+strconv.Itoa(n))
 	if kind == driver.KindFS {
-		err = xfsutil.MountFS(ctx, "zfs", ds, dir, nil)
+		err = xfsutil.MountFS(ctx, "zfs", ds, w.dir, nil)
 	} else {
 		var dev string // createEmpty waited for it; this asks again for the checked node
 		if dev, err = s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout); err == nil {
-			err = xfsutil.Mount(ctx, dev, dir, xfsutil.MountOptions(false))
+			err = xfsutil.Mount(ctx, dev, w.dir, xfsutil.MountOptions(false))
 		}
 	}
 	if err != nil {
-		return fail(mapErr(err))
+		s.rollback(ctx, w.log, ds, ds)
+		return nil, mapErr(err)
 	}
-	copyErr := xfsutil.CopyTree(ctx, src, dir, func(files, bytes int64) {
-		report(driver.Progress{Phase: "copying", FilesDone: files, FilesTotal: size.Files, BytesDone: bytes, BytesTotal: size.Bytes})
-	})
-	if copyErr == nil {
-		copyErr = xfsutil.Sync(dir)
-	}
+	return w, nil
+}
+
+// genWriter is the ZFS store's driver.GenerationWriter: a new lineage PROJECT/gN, mounted at dir.
+type genWriter struct {
+	s       *Store
+	n       int
+	ds      string
+	project string
+	from    string
+	dir     string
+	log     *logrus.Entry
+}
+
+func (w *genWriter) Number() int { return w.n }
+func (w *genWriter) Dir() string { return w.dir }
+
+// unmount unmounts the lineage's filesystem, bounded on its own: a cancelled import still
+// unmounts what it mounted.
+func (w *genWriter) unmount(ctx context.Context) error {
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 	defer cancel()
-	uerr := xfsutil.UnmountRetry(uctx, dir, 10)
-	if uerr == nil {
-		_ = os.Remove(dir)
+	if err := xfsutil.UnmountRetry(uctx, w.dir, 10); err != nil {
+		return mapErr(err)
 	}
-	if copyErr != nil {
-		return fail(mapErr(copyErr))
-	}
-	if uerr != nil {
-		return fail(mapErr(uerr))
-	}
-	s.cfg.Faults.Hit("import:after-copy")
-	// The completion marker. From here a crash rolls forward: Load snapshots a ready lineage.
-	if err := s.zfs.Set(ctx, ds, zfsutil.Props{propState: "ready"}); err != nil {
-		return fail(mapErr(err))
-	}
-	s.cfg.Faults.Hit("import:after-marker")
-	// The filesystem is unmounted, so the snapshot is consistent without a freeze.
-	if err := s.zfs.Snapshot(ctx, genSnapshot(ds, n), zfsutil.Props{propFrom: "import:" + src}); err != nil {
-		return fail(mapErr(err))
-	}
-	report(driver.Progress{Phase: "done", FilesDone: size.Files, FilesTotal: size.Files, BytesDone: size.Bytes, BytesTotal: size.Bytes})
-	return s.generation(ctx, projectName, n)
+	_ = os.Remove(w.dir)
+	return nil
 }
+
+// Abort implements driver.GenerationWriter.
+func (w *genWriter) Abort(ctx context.Context) {
+	defer w.s.goldensChanged()
+	if err := w.unmount(ctx); err != nil {
+		w.log.WithError(err).Error("could not unmount the import; it is cleaned up at the next start")
+	}
+	w.s.rollback(ctx, w.log, w.ds, w.ds)
+}
+
+// Commit implements driver.GenerationWriter: unmount, set the completion marker, snapshot.
+func (w *genWriter) Commit(ctx context.Context, _ func(string)) (driver.Generation, error) {
+	defer w.s.goldensChanged()
+	fail := func(err error) (driver.Generation, error) {
+		w.s.rollback(ctx, w.log, w.ds, w.ds)
+		return driver.Generation{}, err
+	}
+	if err := w.unmount(ctx); err != nil {
+		return fail(err)
+	}
+	w.s.cfg.Faults.Hit("import:after-copy")
+	// The completion marker. From here a crash rolls forward: Load snapshots a ready lineage.
+	if err := w.s.zfs.Set(ctx, w.ds, zfsutil.Props{propState: "ready"}); err != nil {
+		return fail(mapErr(err))
+	}
+	w.s.cfg.Faults.Hit("import:after-marker")
+	// The filesystem is unmounted, so the snapshot is consistent without a freeze.
+	if err := w.s.zfs.Snapshot(ctx, genSnapshot(w.ds, w.n), zfsutil.Props{propFrom: w.from}); err != nil {
+		return fail(mapErr(err))
+	}
+	return w.s.generation(ctx, w.project, w.n)
+}
+
+// OwnDirs implements driver.Backend: the ZFS store keeps nothing on the host's filesystems
+// outside the driver's mount root and state directory.
+func (s *Store) OwnDirs() map[string]string { return nil }
 
 // RemoveGeneration implements driver.Backend.
 func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
@@ -619,7 +639,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 	}
 	p := ps[projectName]
 	if p == nil {
-		return fmt.Errorf("%w: golden %q", driver.ErrNotFound, projectName)
+		return driver.GoldenMissingError(projectName)
 	}
 	for _, l := range p.lineages {
 		for _, g := range l.gens {
@@ -627,7 +647,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 				continue
 			}
 			if len(g.Dependents) > 0 {
-				return fmt.Errorf("%w: generation %d of %q is the origin of %s", driver.ErrGenerationInUse, n, projectName, strings.Join(g.Dependents, ", "))
+				return driver.InUseError(projectName, n, g.Dependents)
 			}
 			// Dependents names volumes only. A generation can also be the origin of another of
 			// the project's lineages (the guest's stress test reached that with racing
@@ -644,7 +664,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: golden %q has no generation %d", driver.ErrNotFound, projectName, n)
+	return driver.GenerationMissingError(projectName, n)
 }
 
 // RemoveGolden implements driver.Backend.
@@ -663,7 +683,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 	}
 	p := ps[projectName]
 	if p == nil {
-		return fmt.Errorf("%w: golden %q does not exist", driver.ErrNotFound, projectName)
+		return driver.GoldenMissingError(projectName)
 	}
 	var deps []string
 	for _, l := range p.lineages {
@@ -672,7 +692,7 @@ func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
 		}
 	}
 	if len(deps) > 0 {
-		return fmt.Errorf("%w: volumes %s were cloned from it; remove them first", driver.ErrHasDependents, strings.Join(deps, ", "))
+		return driver.DependentsError(deps)
 	}
 	return s.destroy(ctx, s.projectDataset(projectName), true)
 }

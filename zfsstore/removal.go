@@ -14,6 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
@@ -141,7 +142,7 @@ func (s *Store) dropRemovalRecord(ds string) error {
 	if err := os.Remove(s.removalFile(ds)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return syncDir(s.removalDir())
+	return xfsutil.SyncDir(s.removalDir())
 }
 
 // clearRemoval gets a removed volume's dataset out of the way of a new volume of the same name:

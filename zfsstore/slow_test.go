@@ -118,7 +118,7 @@ func TestCreateReleasesSwapOnceCloned(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(src, "f"), []byte("golden"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Import(ctx, "prj", driver.KindBlock, src, nil); err != nil {
+	if _, err := driver.ImportTree(ctx, s, "prj", driver.KindBlock, src, func(driver.Progress) {}); err != nil {
 		t.Fatal(err)
 	}
 	harness.Run(t, "zfs", "set", "volmode=none", parent+"/vol")

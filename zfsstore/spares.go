@@ -16,6 +16,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
@@ -218,16 +219,7 @@ func (s *Store) deleteRecord(name string) error {
 	if err := os.Remove(filepath.Join(dir, name+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return xfsutil.SyncDir(dir)
 }
 
 // finishClaim renames a claimed spare to its volume's name, unless that is done; Remove and

@@ -38,7 +38,7 @@ func importTiny(t *testing.T, s *Store, project, content string) driver.Generati
 	if err := os.WriteFile(filepath.Join(src, "f"), []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	g, err := s.Import(context.Background(), project, driver.KindBlock, src, nil)
+	g, err := driver.ImportTree(context.Background(), s, project, driver.KindBlock, src, func(driver.Progress) {})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -540,7 +540,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	} else {
 		if spec.Golden != "" {
 			if spec.RequireGolden {
-				return v, fmt.Errorf("%w: project %q has no golden yet and cold=deny was given; import or promote one first (zgolden golden import / promote)", driver.ErrNoGolden, spec.Golden)
+				return v, driver.ColdDeniedError(spec.Golden)
 			}
 			props[propGolden] = spec.Golden
 			props[propColdStart] = "yes"

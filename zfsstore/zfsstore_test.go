@@ -135,7 +135,7 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 	ctx := context.Background()
 	src := t.TempDir()
 	drivertest.MakeTree(t, src)
-	if _, err := s.Import(ctx, "prj", driver.KindBlock, src, nil); err != nil {
+	if _, err := driver.ImportTree(ctx, s, "prj", driver.KindBlock, src, func(driver.Progress) {}); err != nil {
 		t.Fatal(err)
 	}
 	// A Create that died after `zfs create` but before its state became ready.
@@ -286,7 +286,7 @@ func withGolden(t *testing.T) (parent string, s *zfsstore.Store, g driver.Genera
 	s = mustOpen(t, parent, t.TempDir())
 	src := t.TempDir()
 	drivertest.MakeTree(t, src)
-	g, err := s.Import(context.Background(), "prj", driver.KindBlock, src, nil)
+	g, err := driver.ImportTree(context.Background(), s, "prj", driver.KindBlock, src, func(driver.Progress) {})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -317,7 +317,7 @@ func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
 	}
 	src := t.TempDir()
 	drivertest.MakeTree(t, src)
-	g2, err := s.Import(ctx, "prj", driver.KindBlock, src, nil)
+	g2, err := driver.ImportTree(ctx, s, "prj", driver.KindBlock, src, func(driver.Progress) {})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,7 +336,7 @@ func TestCreatePicksAcrossGoldenChanges(t *testing.T) {
 		t.Fatalf("Create from a project without a golden: %+v; want a cold start", v)
 	}
 	other := mustOpen(t, parent, t.TempDir())
-	gl, err := other.Import(ctx, "later", driver.KindBlock, src, nil)
+	gl, err := driver.ImportTree(ctx, other, "later", driver.KindBlock, src, func(driver.Progress) {})
 	if err != nil {
 		t.Fatal(err)
 	}
