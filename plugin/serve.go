@@ -18,6 +18,7 @@ import (
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/fault"
+	"github.com/zgolden/zgolden/internal/retry"
 	"github.com/zgolden/zgolden/reflinkstore"
 	"github.com/zgolden/zgolden/zfsstore"
 	"github.com/zgolden/zgolden/zfsutil"
@@ -95,19 +96,17 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 // waitForZFS checks ZFS's prerequisites, retrying for --wait-pool: at boot the plugin can start
 // before the pool is imported (docs/design-facts.md, "Boot order").
 func waitForZFS(ctx context.Context, c serveConfig, log *logrus.Entry) error {
-	deadline := time.Now().Add(c.WaitPool)
-	for {
-		err := zfsstore.Check(ctx, c.Parent)
-		if err == nil || time.Now().After(deadline) {
-			return err
+	var last error
+	err := retry.PoolImport.WithinTime(c.WaitPool).Poll(ctx, func() (bool, error) {
+		if last = zfsstore.Check(ctx, c.Parent); last != nil && c.WaitPool > 0 {
+			log.WithError(last).Info("waiting for ZFS (--wait-pool)")
 		}
-		log.WithError(err).Info("waiting for ZFS (--wait-pool)")
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(2 * time.Second):
-		}
+		return last == nil, nil
+	})
+	if errors.Is(err, retry.ErrGaveUp) {
+		return last
 	}
+	return err
 }
 
 func serve(args []string) error {

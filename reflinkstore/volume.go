@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/retry"
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
@@ -194,22 +195,16 @@ func (s *Store) releaseLoops(img string) error {
 			s.log.WithFields(logrus.Fields{"device": l.Device, "image": img}).Info("detached a loop device left attached to the image")
 		}
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		dev := loopDevice(img)
-		if dev == "" {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			// Something outside this mount namespace still has it open: typically a namespace
-			// (a container, a service with a private /tmp) created while the volume was
-			// mounted, which keeps its own copy of the mount. DetachLoop left it set to detach
-			// at that last close; the image's space is freed then.
-			s.log.WithFields(logrus.Fields{"device": dev, "image": img}).Warn("a loop device stays attached to the image: another mount namespace still holds a copy of its mount; it detaches when that namespace ends")
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
+	var dev string
+	err = retry.LoopDetach.Poll(context.Background(), func() (bool, error) { dev = loopDevice(img); return dev == "", nil })
+	if errors.Is(err, retry.ErrGaveUp) {
+		// Something outside this mount namespace still has it open: typically a namespace (a
+		// container, a service with a private /tmp) created while the volume was mounted,
+		// which keeps its own copy of the mount. DetachLoop left it set to detach at that last
+		// close; the image's space is freed then.
+		s.log.WithFields(logrus.Fields{"device": dev, "image": img}).Warn("a loop device stays attached to the image: another mount namespace still holds a copy of its mount; it detaches when that namespace ends")
 	}
+	return nil
 }
 
 // loopDevice returns the loop device img is attached to, or "".

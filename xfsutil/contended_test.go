@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/internal/command"
+	"github.com/zgolden/zgolden/internal/retry"
 )
 
 // contended is what mount(8) printed in the ZFS guest when 32 clones were mounted at once.
@@ -49,8 +50,8 @@ func TestContendedOpenGivesUp(t *testing.T) {
 	}
 	calls := 0
 	err := retryContended(context.Background(), func() error { calls++; return contended() })
-	if calls != contendedTries || !errors.Is(err, ErrContended) || !strings.Contains(err.Error(), "retry later") {
-		t.Fatalf("after %d calls: %v; want %d tries and an error that says to retry", calls, err, contendedTries)
+	if calls != int(retry.ContendedOpen.Tries) || !errors.Is(err, ErrContended) || !strings.Contains(err.Error(), "retry later") {
+		t.Fatalf("after %d calls: %v; want %d tries and an error that says to retry", calls, err, retry.ContendedOpen.Tries)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())

@@ -1,16 +1,18 @@
 package xfsutil
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/zgolden/zgolden/internal/retry"
 )
 
 // Loop is one attached loop device and the file behind it, as the kernel reports it in
@@ -196,16 +198,15 @@ func attachLoop(path string) (string, int, error) {
 // openLoop opens a loop device that LOOP_CTL_GET_FREE may have just created: devtmpfs makes its
 // node at once on a host, but a /dev that is not devtmpfs can lag.
 func openLoop(dev string) (int, error) {
-	for wait := time.Millisecond; ; wait *= 2 {
-		fd, err := unix.Open(dev, unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err == nil {
-			return fd, nil
-		}
-		if !errors.Is(err, unix.ENOENT) || wait > 512*time.Millisecond {
-			return -1, fmt.Errorf("open %s: %w", dev, err)
-		}
-		time.Sleep(wait)
+	fd := -1
+	err := retry.LoopNode.Do(context.Background(), func(err error) bool { return errors.Is(err, unix.ENOENT) }, func() (err error) {
+		fd, err = unix.Open(dev, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		return err
+	})
+	if err != nil {
+		return -1, fmt.Errorf("open %s: %w", dev, err)
 	}
+	return fd, nil
 }
 
 // setFD is LOOP_CONFIGURE in the two steps older kernels have; a failed status leaves the device
@@ -249,11 +250,7 @@ func loopHeld(dev string) loopRelease {
 	return loopRelease{dev: dev, backing: l.BackingFile}
 }
 
-// loopReleaseWait bounds wait: udev's probe of a device it was told about holds it for
-// milliseconds.
-const loopReleaseWait = 2 * time.Second
-
-// wait returns once the device no longer backs the same file, or after loopReleaseWait.
+// wait returns once the device no longer backs the same file, or when retry.LoopRelease gives up.
 //
 // An autoclear device detaches at its last close, and that close is ours (umount(2), or closing
 // the descriptor after a failed mount) unless someone else has the device open: in practice
@@ -267,12 +264,8 @@ func (l loopRelease) wait() {
 	if l.dev == "" {
 		return
 	}
-	deadline := time.Now().Add(loopReleaseWait)
-	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 20*time.Millisecond) {
+	_ = retry.LoopRelease.Poll(context.Background(), func() (bool, error) {
 		cur, err := LoopOf(l.dev)
-		if err != nil || cur.BackingFile != l.backing || time.Now().After(deadline) {
-			return
-		}
-		time.Sleep(pause)
-	}
+		return err != nil || cur.BackingFile != l.backing, nil
+	})
 }

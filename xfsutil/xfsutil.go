@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/internal/command"
+	"github.com/zgolden/zgolden/internal/retry"
 )
 
 // Sentinel errors callers act on.
@@ -30,30 +31,15 @@ var (
 	ErrContended = errors.New("zvol open contended (ERESTARTSYS)")
 )
 
-// contendedTries bounds retryContended: about 6 s of pauses in all, well inside Docker's 2
-// minutes for Create and Mount. Where it was seen: mounting one of 32 zvols cloned at once, in
-// the emulated ZFS guest.
-const contendedTries = 8
-
-// retryContended runs op until it fails with something other than ErrContended, with a
-// doubling pause between tries (50 ms to 2.5 s).
+// retryContended runs op until it fails with something other than ErrContended, by the policy
+// retry.ContendedOpen.
 func retryContended(ctx context.Context, op func() error) error {
-	pause := 50 * time.Millisecond
-	for try := 1; ; try++ {
-		err := op()
-		if !errors.Is(err, ErrContended) {
-			return err
-		}
-		if try == contendedTries {
-			return fmt.Errorf("%w (after %d tries: ZFS kept the zvol's open contended; retry later)", err, try)
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(pause):
-		}
-		pause = min(2*pause, 2500*time.Millisecond)
+	isContended := func(err error) bool { return errors.Is(err, ErrContended) }
+	err := retry.ContendedOpen.Do(ctx, isContended, op)
+	if isContended(err) && ctx.Err() == nil {
+		return fmt.Errorf("%w (after %d tries: ZFS kept the zvol's open contended; retry later)", err, retry.ContendedOpen.Tries)
 	}
+	return err
 }
 
 func classify(err error) error {
@@ -331,21 +317,16 @@ func MountsUnder(root string) ([]MountEntry, error) {
 	return out, nil
 }
 
-// UnmountRetry unmounts target, retrying a busy target a few times: udev and blkid probes hold a
-// fresh device open for a moment. A target that stays busy is reported, never lazily detached.
+// UnmountRetry unmounts target, retrying a busy target up to attempts times by the policy
+// retry.BusyUnmount: udev and blkid probes hold a fresh device open for a moment. A target that
+// stays busy is reported, never lazily detached.
 func UnmountRetry(ctx context.Context, target string, attempts int) error {
-	var err error
-	for i := 0; i < attempts; i++ {
-		if err = Unmount(ctx, target); err == nil || !errors.Is(err, ErrBusy) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Duration(100*(i+1)) * time.Millisecond):
-		}
+	isBusy := func(err error) bool { return errors.Is(err, ErrBusy) }
+	err := retry.BusyUnmount.WithTries(uint(max(attempts, 1))).Do(ctx, isBusy, func() error { return Unmount(ctx, target) })
+	if isBusy(err) {
+		return fmt.Errorf("%w: a process still has files open under %s (find it with `fuser -vm %s`)", err, target, target)
 	}
-	return fmt.Errorf("%w: a process still has files open under %s (find it with `fuser -vm %s`)", err, target, target)
+	return err
 }
 
 // featureArgs pins the XFS features of every volume and golden to one set that each kernel

@@ -14,6 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/retry"
 	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
@@ -274,11 +275,5 @@ func (s *Store) removalWaiting(ds string) bool {
 // lengthen the transaction groups those clones wait for (a destroy's group spends at least
 // zfs_free_min_time_ms freeing the volume's blocks).
 func (s *Store) yieldToCreates(ctx context.Context, limit time.Duration) {
-	for deadline := time.Now().Add(limit); s.cloning.Load() > 0 && time.Now().Before(deadline); {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
+	_ = retry.CreatesFirst.WithinTime(limit).Poll(ctx, func() (bool, error) { return s.cloning.Load() == 0, nil })
 }

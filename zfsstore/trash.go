@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/zgolden/zgolden/internal/retry"
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
@@ -227,20 +228,10 @@ func (s *Store) trashPending() int {
 	return len(s.trash.pending)
 }
 
-// retryBusy runs op until it succeeds or fails with something other than "busy": udev and blkid
-// probe a zvol right after it appears, changes or disappears and hold it open for a moment, which
-// makes a destroy or rename fail with "dataset is busy" (docs/design-facts.md, "Busy devices").
+// retryBusy runs op until it succeeds or fails with something other than "busy", by the policy
+// retry.BusyDataset: udev and blkid probe a zvol right after it appears, changes or disappears
+// and hold it open for a moment, which makes a destroy or rename fail with "dataset is busy"
+// (docs/design-facts.md, "Busy devices").
 func (s *Store) retryBusy(ctx context.Context, op func() error) error {
-	var err error
-	for i := 0; i < 8; i++ {
-		if err = op(); err == nil || !errors.Is(err, zfsutil.ErrBusy) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Duration(50*(i+1)) * time.Millisecond):
-		}
-	}
-	return err
+	return retry.BusyDataset.Do(ctx, func(err error) bool { return errors.Is(err, zfsutil.ErrBusy) }, op)
 }

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/internal/command"
+	"github.com/zgolden/zgolden/internal/retry"
 )
 
 // Sentinel errors for the failures callers act on.
@@ -308,14 +309,15 @@ func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", datas
 func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Duration) (string, error) {
 	path := DevicePath(dataset)
 	start := time.Now()
-	delay := 2 * time.Millisecond
-	for {
+	var dev string
+	err := retry.DeviceNode.WithinTime(timeout).Poll(ctx, func() (bool, error) {
 		// The link is only trusted once its device says it is this dataset's: udev updates
 		// links after the fact, so right after a volume of the same name was removed (renamed
 		// into the trash, or destroyed and its zd number reused) the link can still point at
 		// another zvol. The checked node is returned, not the link udev may yet move.
-		if dev, err := filepath.EvalSymlinks(path); err == nil && zvolName(dev) == dataset {
-			return dev, nil
+		if d, err := filepath.EvalSymlinks(path); err == nil && zvolName(d) == dataset {
+			dev = d
+			return true, nil
 		}
 		// After a second of waiting, ask every device again, once a second: a name the index
 		// learned can be stale when ZFS renamed the zvol after telling us (its renames of minors
@@ -325,25 +327,19 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 		if time.Since(start) > time.Second {
 			rescan = time.Second
 		}
-		if dev := z.findZvol(dataset, rescan); dev != "" {
+		dev = z.findZvol(dataset, rescan)
+		return dev != "", nil
+	})
+	if errors.Is(err, retry.ErrGaveUp) {
+		if dev = z.findZvol(dataset, 0); dev != "" { // a last look at every device
 			return dev, nil
 		}
-		if time.Since(start) > timeout {
-			if dev := z.findZvol(dataset, 0); dev != "" {
-				return dev, nil
-			}
-			return "", fmt.Errorf("zvol device of %s did not appear within %s (%s): is udev running (systemd-udevd), are the zvol rules installed, and does `zfs get volmode %s` say default or dev?", dataset, timeout, z.deviceReport(dataset), dataset)
-		}
-		select {
-		case <-ctx.Done():
-			return "", ctx.Err()
-		case <-time.After(delay):
-		}
-		// A poll is cheap; a long backoff is not: every Create waits here.
-		if delay < 20*time.Millisecond {
-			delay *= 2
-		}
+		return "", fmt.Errorf("zvol device of %s did not appear within %s (%s): is udev running (systemd-udevd), are the zvol rules installed, and does `zfs get volmode %s` say default or dev?", dataset, timeout, z.deviceReport(dataset), dataset)
 	}
+	if err != nil {
+		return "", err
+	}
+	return dev, nil
 }
 
 // WaitNameGone waits, up to timeout, until no zvol device names dataset any more: after a rename,
@@ -352,17 +348,11 @@ func (z *ZFS) WaitDevice(ctx context.Context, dataset string, timeout time.Durat
 // is taken, and the rename then moves the only one away), so whoever reuses a name waits here
 // first.
 func (z *ZFS) WaitNameGone(ctx context.Context, dataset string, timeout time.Duration) error {
-	for deadline := time.Now().Add(timeout); z.findZvol(dataset, 0) != ""; {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the zvol device of %s still has that name %s after the dataset was renamed", dataset, timeout)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
+	err := retry.DeviceRenamed.WithinTime(timeout).Poll(ctx, func() (bool, error) { return z.findZvol(dataset, 0) == "", nil })
+	if errors.Is(err, retry.ErrGaveUp) {
+		return fmt.Errorf("the zvol device of %s still has that name %s after the dataset was renamed", dataset, timeout)
 	}
-	return nil
+	return err
 }
 
 // deviceReport says what WaitDevice saw when it gave up, for its error.
