@@ -66,10 +66,7 @@ func (s *Store) readProject(name string, withUsage bool) (*project, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &project{name: name, dir: dir, kind: driver.Kind(dm[attrKind]), lastGen: dm.int(attrLastGen)}
-	if p.kind == "" {
-		p.kind = driver.KindBlock
-	}
+	p := &project{name: name, dir: dir, kind: driver.KindOf(dm[attrKind]), lastGen: dm.int(attrLastGen)}
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil

@@ -15,25 +15,25 @@ import (
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
-// Extended attributes: the store's durable state, the counterpart of the ZFS backend's user
-// properties. They are set on a temporary file before it is renamed into place, so no image is
-// ever seen under its final name without them.
+// Extended attributes: the store's durable state, the driver's metadata schema (driver.MetaKind
+// and the rest) under the prefix "user.zgolden.". They are set on a temporary file before it is
+// renamed into place, so no image is ever seen under its final name without them.
 const (
 	xattrPrefix    = "user.zgolden."
-	attrKind       = "kind"       // block; on images and on project directories
-	attrGolden     = "golden"     // project a volume was cloned from (or asked for)
-	attrGeneration = "generation" // generation a volume was cloned from
-	attrColdStart  = "coldstart"  // "yes" when the golden did not exist yet
-	attrCreated    = "created"    // unix seconds
-	attrState      = "state"      // ready on complete images; importing while an import copies
-	attrFrom       = "from"       // on a generation: the volume it was promoted from, or import:SRC
-	attrGrow       = "grow"       // "yes": grow the XFS to the image's size at the next mount
-	attrLastGen    = "lastgen"    // on a project directory: the highest generation number handed out
-	attrForkOf     = "forkof"     // on a volume: the volume it was forked from (-o from=)
+	attrKind       = driver.MetaKind // on images and on project directories
+	attrGolden     = driver.MetaGolden
+	attrGeneration = driver.MetaGeneration
+	attrColdStart  = driver.MetaColdStart
+	attrCreated    = driver.MetaCreated
+	attrState      = driver.MetaState // ready on complete images; importing while an import copies
+	attrFrom       = driver.MetaFrom
+	attrGrow       = driver.MetaGrow
+	attrLastGen    = "lastgen" // on a project directory: the highest generation number handed out
+	attrForkOf     = driver.MetaForkOf
 
 	stateReady     = "ready"
 	stateImporting = "importing"
-	yes            = "yes"
+	yes            = driver.MetaYes
 )
 
 var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen, attrForkOf}

@@ -72,15 +72,9 @@ func (s *Store) readVolume(name string) (driver.Volume, meta, error) {
 	if err != nil {
 		return driver.Volume{}, nil, err
 	}
-	kind := driver.Kind(m[attrKind])
-	if kind == "" {
-		kind = driver.KindBlock
-	}
-	return driver.Volume{
-		Name: name, Kind: kind, Golden: m[attrGolden], Generation: m.int(attrGeneration),
-		ColdStart: m[attrColdStart] == yes, CreatedAt: m.time(attrCreated),
-		Size: uint64(fi.Size()), Source: img, ForkOf: m[attrForkOf],
-	}, m, nil
+	v := driver.VolumeFromMeta(name, func(key string) string { return m[key] })
+	v.Size, v.Source = uint64(fi.Size()), img
+	return v, m, nil
 }
 
 // cleanWork unmounts imports that a crash left mounted in the work directory.

@@ -36,7 +36,7 @@ import (
 //     carries its source's golden and generation, which its content came from.
 const (
 	forkPrefix = "fork-"
-	propForkOf = "zgolden:forkof"
+	propForkOf = propPrefix + driver.MetaForkOf
 )
 
 // isForkSnapshot says whether name (DATASET@SNAP) is a fork snapshot.
@@ -114,13 +114,11 @@ func (s *Store) fork(ctx context.Context, src driver.Volume, mountpoint string, 
 			return driver.Volume{}, err
 		}
 	}
-	gen, _ := strconv.Atoi(row[propGeneration])
-	s.setGrowing(spec.Name, row[propGrow] == "yes")
+	s.setGrowing(spec.Name, row[propGrow] == driver.MetaYes)
 	log.WithField("frozen", mountpoint != "").Debug("volume forked")
-	return driver.Volume{
-		Name: spec.Name, Kind: src.Kind, Golden: row[propGolden], Generation: gen, ColdStart: row[propColdStart] == "yes",
-		CreatedAt: time.Unix(now.Unix(), 0).UTC(), Size: src.Size, Source: ds, ForkOf: src.Name,
-	}, nil
+	v := driver.VolumeFromMeta(spec.Name, func(key string) string { return row[propPrefix+key] })
+	v.Kind, v.CreatedAt, v.Size, v.Source, v.ForkOf = src.Kind, time.Unix(now.Unix(), 0).UTC(), src.Size, ds, src.Name
+	return v, nil
 }
 
 // destroyVolume destroys a volume's dataset, and never the forks made of it (see the rules above).

@@ -125,11 +125,7 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 		parts := strings.Split(dsPart, "/")
 		switch {
 		case len(parts) == 1 && !isSnap:
-			kind := driver.Kind(r[propKind])
-			if kind == "" {
-				kind = driver.KindBlock
-			}
-			out[parts[0]] = &project{name: parts[0], kind: kind}
+			out[parts[0]] = &project{name: parts[0], kind: driver.KindOf(r[propKind])}
 		case len(parts) == 2 && !isSnap:
 			p := out[parts[0]]
 			first, err := strconv.Atoi(strings.TrimPrefix(parts[1], "g"))

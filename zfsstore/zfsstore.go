@@ -40,18 +40,20 @@ import (
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
-// User properties: the store's durable state. They are set in the same command that creates the
+// User properties: the store's durable state, the driver's metadata schema (driver.MetaKind
+// and the rest) under the prefix "zgolden:". They are set in the same command that creates the
 // dataset, clone or snapshot, so no dataset is ever seen without them.
 const (
-	propOwner      = "zgolden:owner"      // on PARENT: this tree is zgolden's
-	propKind       = "zgolden:kind"       // block or fs
-	propGolden     = "zgolden:golden"     // project a volume was cloned from (or asked for)
-	propGeneration = "zgolden:generation" // generation a volume was cloned from
-	propColdStart  = "zgolden:coldstart"  // "yes" when the golden did not exist yet
-	propCreated    = "zgolden:created"    // unix seconds
-	propState      = "zgolden:state"      // creating|ready on volumes; importing|ready on lineages
-	propFrom       = "zgolden:from"       // on a generation: the volume it was promoted from
-	propGrow       = "zgolden:grow"       // "yes": grow the XFS to the zvol at the next mount
+	propPrefix     = "zgolden:"
+	propOwner      = propPrefix + "owner" // on PARENT: this tree is zgolden's
+	propKind       = propPrefix + driver.MetaKind
+	propGolden     = propPrefix + driver.MetaGolden
+	propGeneration = propPrefix + driver.MetaGeneration
+	propColdStart  = propPrefix + driver.MetaColdStart
+	propCreated    = propPrefix + driver.MetaCreated
+	propState      = propPrefix + driver.MetaState // creating|ready on volumes; importing|ready on lineages
+	propFrom       = propPrefix + driver.MetaFrom
+	propGrow       = propPrefix + driver.MetaGrow
 
 	ownerValue = "zgolden"
 	genPrefix  = "gen"
@@ -421,24 +423,16 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 			log.WithField("spare", c.Dataset).Error("a volume exists both as a dataset and as a claimed spare; keeping the claim, leaving the dataset alone")
 			continue
 		}
-		s.setGrowing(vname, r[propGrow] == "yes")
+		s.setGrowing(vname, r[propGrow] == driver.MetaYes)
 		vols = append(vols, volumeFromRow(vname, r))
 	}
 	return vols, nil
 }
 
 func volumeFromRow(name string, r zfsutil.Row) driver.Volume {
-	gen, _ := strconv.Atoi(r[propGeneration])
-	created, _ := strconv.ParseInt(r[propCreated], 10, 64)
-	kind := driver.Kind(r[propKind])
-	if kind == "" {
-		kind = driver.KindBlock
-	}
-	return driver.Volume{
-		Name: name, Kind: kind, Golden: r[propGolden], Generation: gen,
-		ColdStart: r[propColdStart] == "yes", CreatedAt: time.Unix(created, 0).UTC(),
-		Size: r.Uint("volsize"), Source: r["name"], ForkOf: r[propForkOf],
-	}
+	v := driver.VolumeFromMeta(name, func(key string) string { return r[propPrefix+key] })
+	v.Size, v.Source = r.Uint("volsize"), r["name"]
+	return v
 }
 
 // Create implements driver.Backend.
@@ -543,7 +537,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 				return v, driver.ColdDeniedError(spec.Golden)
 			}
 			props[propGolden] = spec.Golden
-			props[propColdStart] = "yes"
+			props[propColdStart] = driver.MetaYes
 			v.ColdStart = true
 		}
 		if err := s.createEmpty(ctx, spec.Name, ds, spec.Kind, spec.Size, props); err != nil {
@@ -576,7 +570,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		s.rollback(ctx, log, spec.Name, ds)
 		return v, mapErr(err)
 	}
-	s.setGrowing(spec.Name, row[propGrow] == "yes")
+	s.setGrowing(spec.Name, row[propGrow] == driver.MetaYes)
 	return volumeFromRow(spec.Name, row), nil
 }
 
@@ -608,7 +602,7 @@ func (s *Store) grow(ctx context.Context, ds string, size uint64) (uint64, error
 	if size > cur {
 		cur = roundUp(size, 8192)
 		props["volsize"] = strconv.FormatUint(cur, 10)
-		props[propGrow] = "yes"
+		props[propGrow] = driver.MetaYes
 	}
 	return cur, mapErr(s.zfs.Set(ctx, ds, props))
 }
