@@ -179,10 +179,24 @@ type GenerationWriter interface {
 // the ones running), of Total bytes in all.
 type Space struct{ Available, Total uint64 }
 
-// PickGeneration chooses the generation a Create of type want clones from a project's
-// generations (oldest first) and type kind: number n, or the newest when n is 0. It returns nil,
-// nil when there is none (a cold start), and an error naming what exists when n is not there.
-func PickGeneration(project string, kind, want Kind, gens []Generation, n int) (*Generation, error) {
+// PickGeneration is the driver's rule for what a Create of spec clones, applied by a store to
+// what it holds of spec.Golden under its own lock: the project's type kind ("" when it has no
+// golden) and its generations, oldest first. It returns generation spec.Generation, or the
+// newest when that is 0; nil, nil for a cold start; and otherwise the refusal: a generation that
+// is not there (naming those that are), a type that does not match, or cold=deny without a
+// golden.
+func PickGeneration(spec Spec, kind Kind, gens []Generation) (*Generation, error) {
+	g, err := pickGeneration(spec.Golden, kind, spec.Kind, gens, spec.Generation)
+	if g == nil && err == nil && spec.RequireGolden {
+		return nil, ColdDeniedError(spec.Golden)
+	}
+	return g, err
+}
+
+func pickGeneration(project string, kind, want Kind, gens []Generation, n int) (*Generation, error) {
+	if kind == "" {
+		kind = want
+	}
 	if len(gens) == 0 {
 		if n > 0 {
 			return nil, fmt.Errorf("%w: golden %q has no generations, so generation=%d does not exist", ErrNotFound, project, n)

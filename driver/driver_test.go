@@ -524,3 +524,38 @@ func TestImportAbortsAFailedCopy(t *testing.T) {
 		t.Fatalf("a failed import removed its source: %v", err)
 	}
 }
+
+// TestPickGeneration: the one rule every store applies to pick what a Create clones.
+func TestPickGeneration(t *testing.T) {
+	gens := []Generation{{Project: "p", Number: 1}, {Project: "p", Number: 3}}
+	for _, c := range []struct {
+		name string
+		spec Spec
+		kind Kind
+		gens []Generation
+		want int   // generation number, 0 for a cold start
+		err  error // nil, or what the refusal wraps
+		text string
+	}{
+		{"newest", Spec{Golden: "p", Kind: KindBlock}, KindBlock, gens, 3, nil, ""},
+		{"asked for", Spec{Golden: "p", Kind: KindBlock, Generation: 1}, KindBlock, gens, 1, nil, ""},
+		{"missing", Spec{Golden: "p", Kind: KindBlock, Generation: 2}, KindBlock, gens, 0, ErrNotFound, "it has 1, 3"},
+		{"none yet, asked for one", Spec{Golden: "p", Kind: KindBlock, Generation: 2}, "", nil, 0, ErrNotFound, "generation=2 does not exist"},
+		{"cold start", Spec{Golden: "p", Kind: KindBlock}, "", nil, 0, nil, ""},
+		{"cold=deny", Spec{Golden: "p", Kind: KindBlock, RequireGolden: true}, "", nil, 0, ErrNoGolden, "cold=deny"},
+		{"cold=deny with a golden", Spec{Golden: "p", Kind: KindBlock, RequireGolden: true}, KindBlock, gens, 3, nil, ""},
+		{"other type", Spec{Golden: "p", Kind: KindFS}, KindBlock, gens, 0, ErrInvalid, "type=block"},
+	} {
+		g, err := PickGeneration(c.spec, c.kind, c.gens)
+		switch {
+		case c.err != nil:
+			if !errors.Is(err, c.err) || !strings.Contains(err.Error(), c.text) || g != nil {
+				t.Errorf("%s: %v, %v; want nil and an error wrapping %v that says %q", c.name, g, err, c.err, c.text)
+			}
+		case err != nil:
+			t.Errorf("%s: %v", c.name, err)
+		case c.want == 0 && g != nil, c.want != 0 && (g == nil || g.Number != c.want):
+			t.Errorf("%s: picked %+v, want generation %d (0: a cold start)", c.name, g, c.want)
+		}
+	}
+}

@@ -194,17 +194,17 @@ func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
 	return out, nil
 }
 
-// pickGeneration returns the generation to clone: number n, or the newest when n is 0. It returns
-// nil, nil when the project has no golden (a cold start).
-func (s *Store) pickGeneration(name string, n int, kind driver.Kind) (*driver.Generation, error) {
-	p, err := s.readProject(name, false)
+// pickGeneration returns the generation spec clones by driver.PickGeneration: nil, nil for a
+// cold start.
+func (s *Store) pickGeneration(spec driver.Spec) (*driver.Generation, error) {
+	p, err := s.readProject(spec.Golden, false)
 	if err != nil {
 		return nil, err
 	}
 	if p == nil {
-		return driver.PickGeneration(name, kind, kind, nil, n)
+		return driver.PickGeneration(spec, "", nil)
 	}
-	return driver.PickGeneration(name, p.kind, kind, p.gens, n)
+	return driver.PickGeneration(spec, p.kind, p.gens)
 }
 
 // ensureProject returns the project, creating its directory if needed; created says whether it did.

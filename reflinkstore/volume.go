@@ -296,7 +296,7 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		// Held until the clone is committed: see Store.gens.
 		s.gens.RLock()
 		defer s.gens.RUnlock()
-		gen, err := s.pickGeneration(spec.Golden, spec.Generation, spec.Kind)
+		gen, err := s.pickGeneration(spec)
 		if err != nil {
 			return driver.Volume{}, err
 		}
@@ -307,9 +307,6 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			}
 			v, _, err := s.readVolume(spec.Name)
 			return v, err
-		}
-		if spec.RequireGolden {
-			return driver.Volume{}, driver.ColdDeniedError(spec.Golden)
 		}
 		m[attrGolden], m[attrColdStart] = spec.Golden, yes
 	}

@@ -290,7 +290,8 @@ func (s *Store) goldensChanged() {
 // pickGeneration returns the generation to clone: number n, or the newest when n is 0, and its
 // volsize. It returns nil, 0, nil when the project has no golden (a cold start). fresh skips the
 // cache; cached reports whether the answer came from it.
-func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, kind driver.Kind, fresh bool) (g *driver.Generation, size uint64, cached bool, err error) {
+func (s *Store) pickGeneration(ctx context.Context, spec driver.Spec, fresh bool) (g *driver.Generation, size uint64, cached bool, err error) {
+	projectName := spec.Golden
 	s.picks.mu.Lock()
 	e, ok := s.picks.entries[projectName]
 	version := s.picks.version
@@ -311,11 +312,11 @@ func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, k
 		s.picks.mu.Unlock()
 		ok = false
 	}
-	g, err = chooseGeneration(e.ps, projectName, n, kind)
+	g, err = chooseGeneration(e.ps, spec)
 	if ok && (g == nil || err != nil) {
 		// Only a generation to clone is taken from memory: "no golden" (a cold start, an empty
 		// volume) or "no such generation" is confirmed with ZFS, in case another writer made it.
-		return s.pickGeneration(ctx, projectName, n, kind, true)
+		return s.pickGeneration(ctx, spec, true)
 	}
 	if g == nil || err != nil {
 		return nil, 0, false, err
@@ -323,12 +324,12 @@ func (s *Store) pickGeneration(ctx context.Context, projectName string, n int, k
 	return g, e.sizes[g.Source], ok, nil
 }
 
-func chooseGeneration(ps map[string]*project, projectName string, n int, kind driver.Kind) (*driver.Generation, error) {
-	p := ps[projectName]
+func chooseGeneration(ps map[string]*project, spec driver.Spec) (*driver.Generation, error) {
+	p := ps[spec.Golden]
 	if p == nil {
-		return driver.PickGeneration(projectName, kind, kind, nil, n)
+		return driver.PickGeneration(spec, "", nil)
 	}
-	return driver.PickGeneration(projectName, p.kind, kind, p.generations(), n)
+	return driver.PickGeneration(spec, p.kind, p.generations())
 }
 
 // ensureProject creates the project container if needed and checks its kind.

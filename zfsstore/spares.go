@@ -417,7 +417,7 @@ func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
 // ~0.45 s of a 0.5 s Create. It is a read, with no transaction group to wait for.
 func (s *Store) refreshPicks(ctx context.Context) {
 	for project := range s.sparesReady() {
-		if _, _, _, err := s.pickGeneration(ctx, project, 0, driver.KindBlock, true); err != nil && ctx.Err() == nil {
+		if _, _, _, err := s.pickGeneration(ctx, driver.Spec{Golden: project, Kind: driver.KindBlock}, true); err != nil && ctx.Err() == nil {
 			s.log.WithError(err).WithField("project", project).Debug("could not refresh the pick of a project with spares")
 		}
 	}

@@ -227,7 +227,7 @@ func TestClaimSurvivesACrash(t *testing.T) {
 func TestSparePicksStayFresh(t *testing.T) {
 	_, _, s, g := withSpares(t)
 	time.Sleep(pickMaxAge + 2*time.Second)
-	got, _, cached, err := s.pickGeneration(context.Background(), "prj", 0, driver.KindBlock, false)
+	got, _, cached, err := s.pickGeneration(context.Background(), driver.Spec{Golden: "prj", Kind: driver.KindBlock}, false)
 	if err != nil || got == nil || got.Number != g.Number {
 		t.Fatalf("pick after a quiet spell: %+v, %v", got, err)
 	}

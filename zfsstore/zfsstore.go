@@ -471,7 +471,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		s.swap.RLock()
 		var once sync.Once
 		unlock = func() { once.Do(s.swap.RUnlock) }
-		g, size, cached, err := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind, false)
+		g, size, cached, err := s.pickGeneration(ctx, spec, false)
 		if err != nil {
 			return v, err
 		}
@@ -504,7 +504,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if errors.Is(err, zfsutil.ErrNotFound) && pickCached {
 			// The cached generation was destroyed behind the store's back: read the tree again.
 			log.WithError(err).WithField("snapshot", gen.Source).Warn("the cached generation is gone; reading the golden again")
-			g, size, _, perr := s.pickGeneration(ctx, spec.Golden, spec.Generation, spec.Kind, true)
+			g, size, _, perr := s.pickGeneration(ctx, spec, true)
 			if perr != nil {
 				return v, perr
 			}
@@ -533,9 +533,6 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		}
 	} else {
 		if spec.Golden != "" {
-			if spec.RequireGolden {
-				return v, driver.ColdDeniedError(spec.Golden)
-			}
 			props[propGolden] = spec.Golden
 			props[propColdStart] = driver.MetaYes
 			v.ColdStart = true
