@@ -54,12 +54,14 @@ type Config struct {
 //   - locks (per volume name) is held for the whole of Create, Remove, Mount, Unmount and Promote
 //     of that volume, so no two operations on one name interleave, while different names proceed
 //     in parallel.
-//   - projects (per golden project) is held for the whole of Promote, Import, Reclaim and
-//     RemoveGolden of that project. Create does not take it: a generation appears atomically (a
+//   - projects (per golden project) is held for the whole of Promote, Import, Reclaim,
+//     RemoveGolden and Receive of that project, and for the checks and holds at the start of an
+//     Export (not while its bytes are written: the holds keep its snapshots). Create does not
+//     take it: a generation appears atomically (a
 //     ZFS snapshot or a rename), so a Create racing a promotion clones the old or the new
 //     generation, never a half-made one. Creates for a project whose import is running wait on
 //     the import instead (see Config.ImportWait).
-//   - mu guards the vols and imports maps only, and is never held across a backend call or I/O;
+//   - mu guards the vols, imports and receiving maps only, and is never held across a backend call or I/O;
 //     nor is spaceMu, which guards the reserve's cached read of free space.
 //   - Order: a volume lock before a project lock before mu; never the reverse. A fork (Create
 //     with -o from=) holds two volume locks, its own name's and its source's, taken in name
@@ -77,6 +79,9 @@ type Driver struct {
 	mu      sync.Mutex
 	vols    map[string]*volState
 	imports map[string]*importState
+	// receiving names the projects a Receive is writing into: a second one is refused at once
+	// rather than queued behind the project lock for as long as the first stream lasts.
+	receiving map[string]bool
 
 	// spaceMu guards the last read of the backend's space (reserve.go); never held across it.
 	spaceMu sync.Mutex
@@ -121,6 +126,8 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		projects: locker.New(),
 		vols:     map[string]*volState{},
 		imports:  map[string]*importState{},
+
+		receiving: map[string]bool{},
 	}
 	if err := d.recover(ctx); err != nil {
 		return nil, err

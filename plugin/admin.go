@@ -59,7 +59,9 @@ func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics, re
 	mux.HandleFunc("POST /v1/promote", a.promote)
 	mux.HandleFunc("POST /v1/import", a.importGolden)
 	mux.HandleFunc("POST /v1/reclaim", a.reclaim)
-	mux.HandleFunc("DELETE /v1/goldens/{project}", a.removeGolden) // ?force=true also removes dependent volumes
+	mux.HandleFunc("DELETE /v1/goldens/{project}", a.removeGolden)     // ?force=true also removes dependent volumes
+	mux.HandleFunc("GET /v1/goldens/{project}/export", a.exportGolden) // ?generation=N&since=M; the body is the stream
+	mux.HandleFunc("POST /v1/goldens/{project}/receive", a.receiveGolden)
 	return mux
 }
 

@@ -24,6 +24,8 @@ var commands = []struct{ path, args, summary string }{
 	{"golden promote", "VOLUME --project PRJ [--json]", "make a volume PRJ's next generation"},
 	{"golden reclaim", "[PRJ] [--keep N] [--json]", "destroy unused older generations"},
 	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
+	{"golden export", "PRJ [--generation N] [--since M] [--json] > FILE", "write a generation as a stream (ZFS), incremental from one the receiver has"},
+	{"golden receive", "PRJ [--json] < FILE", "add the generation a stream carries to PRJ, once it is complete and checked"},
 	{"doctor", "[--json]", "check the pool or store and the settings; exits 1 when something needs action"},
 	{"volume reap", "[--after DURATION] [--dry-run] [--json]", "remove volumes no container has referenced for DURATION (default --reap-unused-after)"},
 	{"version", "", "print the version"},
@@ -78,7 +80,7 @@ func run(args []string) error {
 	case "golden":
 		if len(args) < 2 {
 			fmt.Fprint(os.Stderr, usage("golden"))
-			return errors.New("golden needs a subcommand: ls, import, promote, reclaim or rm")
+			return errors.New("golden needs a subcommand: ls, import, promote, reclaim, rm, export or receive")
 		}
 		switch args[1] {
 		case "help", "-h", "--help":
@@ -94,8 +96,12 @@ func run(args []string) error {
 			return cmdGoldenReclaim(args[2:])
 		case "rm", "remove":
 			return cmdGoldenRemove(args[2:])
+		case "export":
+			return cmdGoldenExport(args[2:])
+		case "receive":
+			return cmdGoldenReceive(args[2:])
 		}
-		return fmt.Errorf("unknown golden subcommand %q: use ls, import, promote, reclaim or rm", args[1])
+		return fmt.Errorf("unknown golden subcommand %q: use ls, import, promote, reclaim, rm, export or receive", args[1])
 	case "volume":
 		if len(args) < 2 || args[1] == "help" || args[1] == "-h" || args[1] == "--help" {
 			fmt.Print(usage("volume"))

@@ -107,17 +107,21 @@ func Mount(ctx context.Context, source, target string, opts []string) error {
 		return err
 	}
 	loop := false
+	var flags uintptr
 	data := make([]string, 0, len(opts))
 	for _, o := range opts {
-		if o == "loop" {
+		switch o {
+		case "loop":
 			loop = true
-			continue
+		case "ro": // a mount flag, not an XFS option
+			flags |= unix.MS_RDONLY
+		default:
+			data = append(data, o)
 		}
-		data = append(data, o)
 	}
 	return retryContended(ctx, func() error {
 		if !loop {
-			return mountErr(source, target, data, unix.Mount(source, target, "xfs", 0, strings.Join(data, ",")))
+			return mountErr(source, target, data, unix.Mount(source, target, "xfs", flags, strings.Join(data, ",")))
 		}
 		dev, fd, err := attachLoop(source)
 		if err != nil {
@@ -125,7 +129,7 @@ func Mount(ctx context.Context, source, target string, opts []string) error {
 		}
 		// The device is attached with autoclear: closing fd detaches it unless the mount holds
 		// it, so a failed mount leaves no loop device behind and unmount frees it.
-		err = unix.Mount(dev, target, "xfs", 0, strings.Join(data, ","))
+		err = unix.Mount(dev, target, "xfs", flags, strings.Join(data, ","))
 		if err == nil {
 			unix.Close(fd)
 			return nil

@@ -650,9 +650,14 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 			// the project's lineages (the guest's stress test reached that with racing
 			// promotions), and a Create may have cloned it since the list: ZFS refuses both,
 			// atomically, and either way the generation is in use, not an error of Reclaim's.
-			if err := s.destroy(ctx, g.Source, false); errors.Is(err, driver.ErrHasDependents) {
+			err := s.destroy(ctx, g.Source, false)
+			if errors.Is(err, driver.ErrHasDependents) {
 				return fmt.Errorf("%w: generation %d of %q still has clones: %v", driver.ErrGenerationInUse, n, projectName, err)
-			} else if err != nil {
+			}
+			if errors.Is(err, driver.ErrBusy) && s.held(ctx, g.Source) {
+				return fmt.Errorf("%w: generation %d of %q is being exported (a user hold keeps it until the stream ends)", driver.ErrGenerationInUse, n, projectName)
+			}
+			if err != nil {
 				return err
 			}
 			if len(l.gens) == 1 { // its last generation: the lineage itself is now dead weight
@@ -720,7 +725,7 @@ func (s *Store) cleanGoldens(ctx context.Context) error {
 			log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": l.name})
 			switch {
 			case l.state != "ready":
-				log.Warn("wiping a golden whose import or promotion did not complete")
+				log.Warn("wiping a golden whose import, promotion or receive did not complete")
 				if err := s.destroy(ctx, l.name, true); err != nil {
 					return err
 				}

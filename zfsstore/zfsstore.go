@@ -367,6 +367,9 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err := s.cleanGoldens(ctx); err != nil {
 		return nil, err
 	}
+	if err := s.releaseExportHolds(ctx); err != nil {
+		return nil, fmt.Errorf("holds of interrupted exports: %w", err)
+	}
 	if err := s.loadTrash(ctx); err != nil {
 		return nil, err
 	}

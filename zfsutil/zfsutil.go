@@ -294,6 +294,65 @@ func (z *ZFS) SendReceive(ctx context.Context, snapshot, dest string) error {
 	return classify(recvErr)
 }
 
+// Send writes snapshot as a zfs send stream to w: whole, or incremental from the snapshot from
+// (which may sit in an origin of snapshot's dataset). Blocks go as they are stored (-c), so a
+// compressed pool sends compressed bytes. No properties are sent: the receiver sets its own. A
+// stream lasts as long as its bytes do, so it is bounded by ctx alone (not CommandTimeout): the
+// caller's context, such as the admin request, kills it.
+func (z *ZFS) Send(ctx context.Context, w io.Writer, snapshot, from string) error {
+	args := []string{"send", "-c"}
+	if from != "" {
+		args = append(args, "-i", from)
+	}
+	args = append(args, snapshot)
+	z.log.WithField("argv", args).Debug("zfs send")
+	_, err := command.RunIO(ctx, nil, w, "zfs", args...)
+	return classify(err)
+}
+
+// Receive reads a zfs send stream from r into the new dataset dest, unmounted (-u), with props
+// set on it; an incremental stream is received as a clone of origin (-o origin=), whose guid
+// ZFS checks against the stream's base. Never -F: nothing local is rolled back or destroyed. A
+// receive that fails or is killed leaves nothing of dest (no -s). Bounded by ctx alone, as Send.
+func (z *ZFS) Receive(ctx context.Context, r io.Reader, dest string, props Props, origin string) error {
+	args := append([]string{"receive", "-u"}, props.args()...)
+	if origin != "" {
+		args = append(args, "-o", "origin="+origin)
+	}
+	args = append(args, dest)
+	z.log.WithField("argv", args).Debug("zfs receive")
+	_, err := command.RunIO(ctx, r, nil, "zfs", args...)
+	return classify(err)
+}
+
+// Hold places the user hold tag on each snapshot, in one command: a held snapshot cannot be
+// destroyed (zfs destroy says "dataset is busy") until the tag is released.
+func (z *ZFS) Hold(ctx context.Context, tag string, snapshots ...string) error {
+	_, err := z.run(ctx, append([]string{"hold", tag}, snapshots...)...)
+	return err
+}
+
+// Release removes the user hold tag from each snapshot.
+func (z *ZFS) Release(ctx context.Context, tag string, snapshots ...string) error {
+	_, err := z.run(ctx, append([]string{"release", tag}, snapshots...)...)
+	return err
+}
+
+// Holds lists the user hold tags on snapshot.
+func (z *ZFS) Holds(ctx context.Context, snapshot string) ([]string, error) {
+	out, err := z.run(ctx, "holds", "-H", snapshot)
+	if err != nil {
+		return nil, err
+	}
+	var tags []string
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if f := strings.Split(line, "\t"); len(f) >= 2 {
+			tags = append(tags, f[1])
+		}
+	}
+	return tags, nil
+}
+
 // DevicePath is where udev links a zvol's block device.
 func DevicePath(dataset string) string { return filepath.Join("/dev/zvol", dataset) }
 

@@ -52,6 +52,9 @@ var Points = []string{
 	"import:after-create",
 	"import:after-copy",
 	"import:after-marker",
+	"export:after-hold",
+	"receive:after-stream",
+	"receive:after-ready",
 }
 
 // Injector crashes at one point, and pauses at another. A nil *Injector never does anything.

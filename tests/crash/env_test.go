@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -70,6 +71,46 @@ func startEnv(t *testing.T) *env {
 // *testing.T, so operations that crash the plugin can run it in their own goroutine.
 func (e *env) admin(args ...string) (string, error) {
 	return harness.Output(e.bin, append(args, "--admin-socket", e.p.AdminSocket)...)
+}
+
+// adminStream runs a zgolden admin command with its standard input from the file in and its
+// standard output to the file out (either "" for none); it returns standard error.
+func (e *env) adminStream(in, out string, args ...string) (string, error) {
+	cmd := exec.Command(e.bin, append(args, "--admin-socket", e.p.AdminSocket)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if in != "" {
+		f, err := os.Open(in)
+		if err != nil {
+			return "", err
+		}
+		defer f.Close()
+		cmd.Stdin = f
+	}
+	if out != "" {
+		f, err := os.Create(out)
+		if err != nil {
+			return "", err
+		}
+		defer f.Close()
+		cmd.Stdout = f
+	}
+	err := cmd.Run()
+	return stderr.String(), err
+}
+
+// noHolds checks that no golden snapshot is held (ZFS): an export's holds end with it.
+func (e *env) noHolds(t *testing.T) {
+	t.Helper()
+	out, err := harness.Output("zfs", "list", "-H", "-t", "snapshot", "-o", "name,userrefs", "-r", e.parent+"/golden")
+	if err != nil {
+		t.Fatalf("zfs list: %v\n%s", err, out)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[1] != "0" {
+			t.Errorf("%s is still held (%s user holds) after the export ended", f[0], f[1])
+		}
+	}
 }
 
 // name makes a volume name unique to this env.

@@ -1,0 +1,316 @@
+package zfsstore_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/driver/drivertest"
+	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/zfsstore"
+)
+
+// host is one zgolden host of a two-host fleet, in one guest: its own pool, parent, store,
+// mount root and state.
+type host struct {
+	parent string
+	store  *zfsstore.Store
+	d      *driver.Driver
+	mounts string
+}
+
+func newHost(t *testing.T, parent string) *host {
+	t.Helper()
+	s := mustOpen(t, parent, t.TempDir())
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	h := &host{parent: parent, store: s, mounts: t.TempDir()}
+	d, err := driver.New(context.Background(), driver.Config{Backend: s, MountRoot: h.mounts, StateDir: t.TempDir(), DefaultSize: 1 << 30, Log: logrus.NewEntry(l)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.d = d
+	return h
+}
+
+// secondPool makes a pool on a sparse file, as a second host's own disk, and its parent dataset.
+func secondPool(t *testing.T) string {
+	t.Helper()
+	harness.RequireZFS(t)
+	pool := "zgt" + harness.ID()
+	img := filepath.Join(os.TempDir(), pool+".img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 4<<30); err != nil {
+		t.Fatal(err)
+	}
+	harness.Run(t, "zpool", "create", "-o", "ashift=12", pool, img)
+	t.Cleanup(func() {
+		if out, err := harness.Output("zpool", "destroy", "-f", pool); err != nil {
+			t.Errorf("cleanup: zpool destroy %s: %v\n%s", pool, err, out)
+		}
+		os.Remove(img)
+	})
+	return pool + "/zg"
+}
+
+func (h *host) export(t *testing.T, project string, n, since int) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, err := h.d.Export(context.Background(), project, n, since, &buf); err != nil {
+		t.Fatalf("export %s generation %d since %d: %v", project, n, since, err)
+	}
+	return buf.Bytes()
+}
+
+func (h *host) newest(t *testing.T, project string) driver.Generation {
+	t.Helper()
+	gs, err := h.d.Goldens(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range gs {
+		if g.Project == project && g.Newest() != nil {
+			return *g.Newest()
+		}
+	}
+	t.Fatalf("golden %q has no generation", project)
+	return driver.Generation{}
+}
+
+// promoteWith makes a volume from project's newest generation, writes a marker into it and
+// promotes it: the next generation, on the same lineage after the re-root.
+func (h *host) promoteWith(t *testing.T, project, vol, marker string) driver.Generation {
+	t.Helper()
+	ctx := context.Background()
+	if err := h.d.Create(ctx, vol, map[string]string{"golden": project}); err != nil {
+		t.Fatal(err)
+	}
+	mp, err := h.d.Mount(ctx, vol, "promote")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(mp, "marker"), []byte(marker), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g, err := h.d.Promote(ctx, vol, project)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.d.Unmount(ctx, vol, "promote"); err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+// readMarker mounts a new volume of project's generation n and returns its marker file.
+func (h *host) readMarker(t *testing.T, project string, n int, vol string) string {
+	t.Helper()
+	ctx := context.Background()
+	opts := map[string]string{"golden": project}
+	if n > 0 {
+		opts["generation"] = strconv.Itoa(n)
+	}
+	if err := h.d.Create(ctx, vol, opts); err != nil {
+		t.Fatalf("create %s from %s generation %d: %v", vol, project, n, err)
+	}
+	mp, err := h.d.Mount(ctx, vol, "read")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(mp, "marker"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	if err := h.d.Unmount(ctx, vol, "read"); err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestTransferBetweenHosts: a golden moves from one host's pool to another's as streams, in full
+// and then incrementally after a promotion, while the receiver has a session of the older
+// generation mounted; every bad stream is refused with nothing of it left.
+func TestTransferBetweenHosts(t *testing.T) {
+	a := newHost(t, harness.ZFSParent(t))
+	b := newHost(t, secondPool(t))
+	ctx := context.Background()
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	if _, err := a.d.Import(ctx, "prj", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	g2 := a.promoteWith(t, "prj", "a-first", "two")
+
+	full := a.export(t, "prj", 0, 0)
+	got, err := b.d.Receive(ctx, "prj", bytes.NewReader(full))
+	if err != nil || got.Number != g2.Number {
+		t.Fatalf("receive in full: %+v, %v; want generation %d", got, err, g2.Number)
+	}
+	if m := b.readMarker(t, "prj", 0, "b-one"); m != "two" {
+		t.Fatalf("the received generation reads marker %q, want %q", m, "two")
+	}
+	// The same stream again changes nothing.
+	if again, err := b.d.Receive(ctx, "prj", bytes.NewReader(full)); err != nil || again.Number != g2.Number {
+		t.Fatalf("receiving the same stream again: %+v, %v", again, err)
+	}
+	// A session of the older generation stays mounted on the receiver through what follows.
+	if err := b.d.Create(ctx, "b-session", map[string]string{"golden": "prj"}); err != nil {
+		t.Fatal(err)
+	}
+	sessionMP, err := b.d.Mount(ctx, "b-session", "session")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(sessionMP, "mine"), []byte("kept"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	g3 := a.promoteWith(t, "prj", "a-second", "three")
+	inc := a.export(t, "prj", 0, g2.Number)
+	if len(inc) >= len(full) {
+		t.Errorf("the incremental stream (%d bytes) is not smaller than the full one (%d)", len(inc), len(full))
+	}
+	t.Logf("full stream %d bytes, incremental %d bytes", len(full), len(inc))
+	if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(inc)); err != nil || got.Number != g3.Number {
+		t.Fatalf("receive incrementally: %+v, %v; want generation %d", got, err, g3.Number)
+	}
+	if m := b.readMarker(t, "prj", 0, "b-three"); m != "three" {
+		t.Fatalf("the incremental generation reads marker %q, want %q", m, "three")
+	}
+	if m := b.readMarker(t, "prj", g2.Number, "b-two"); m != "two" {
+		t.Fatalf("the older generation reads marker %q after the incremental receive, want %q", m, "two")
+	}
+	if data, err := os.ReadFile(filepath.Join(sessionMP, "mine")); err != nil || string(data) != "kept" {
+		t.Fatalf("the mounted session lost its data: %q, %v", data, err)
+	}
+	if st := harness.ZFSInventory(t, b.parent); !slices.Contains(st, b.parent+"/vol/b-session") {
+		t.Fatalf("the receiver's session is gone: %v", st)
+	}
+
+	t.Run("bad streams", func(t *testing.T) {
+		before := harness.ZFSInventory(t, b.parent)
+		refuse := func(what, project string, stream []byte, want error, says string) {
+			t.Helper()
+			_, err := b.d.Receive(ctx, project, bytes.NewReader(stream))
+			if !errors.Is(err, want) || !strings.Contains(err.Error(), says) {
+				t.Errorf("%s: %v; want an error wrapping %v that says %q", what, err, want, says)
+			} else {
+				t.Logf("%s: %v", what, err)
+			}
+			if after := harness.ZFSInventory(t, b.parent); !slices.Equal(after, before) {
+				t.Errorf("%s left %v (before: %v)", what, after, before)
+			}
+		}
+		g4 := a.promoteWith(t, "prj", "a-third", "four")
+		next := a.export(t, "prj", 0, g3.Number)
+		refuse("a truncated stream", "prj", next[:len(next)/2], driver.ErrInvalid, "truncated or corrupt")
+		corrupt := append([]byte{}, next...)
+		for i := len(corrupt) / 2; i < len(corrupt)/2+4096 && i < len(corrupt); i++ {
+			corrupt[i] ^= 0x5a
+		}
+		refuse("a corrupt stream", "prj", corrupt, driver.ErrInvalid, "")
+		refuse("a stream for another project", "other", next, driver.ErrInvalid, `carries golden "prj"`)
+		refuse("not a stream at all", "prj", []byte("hello\n"), driver.ErrInvalid, "not a zgolden golden stream")
+		refuse("an empty stream", "prj", nil, driver.ErrInvalid, "empty")
+		// Incremental from a generation the receiver lacks.
+		refuse("a missing base", "prj", a.export(t, "prj", 0, 1), driver.ErrNotFound, "send it in full")
+		// A diverged history: the receiver's generation 3 is its own.
+		c := newHost(t, harness.ZFSParent(t))
+		if _, err := c.d.Import(ctx, "prj", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
+			t.Fatal(err)
+		}
+		c.promoteWith(t, "prj", "c-1", "c2")
+		c.promoteWith(t, "prj", "c-2", "c3")
+		_, err := c.d.Receive(ctx, "prj", bytes.NewReader(next))
+		if !errors.Is(err, driver.ErrGenerationInUse) || !strings.Contains(err.Error(), "diverged") {
+			t.Errorf("a diverged receiver: %v; want a refusal that says the histories diverged", err)
+		}
+		// The good stream still goes in after all of that.
+		if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(next)); err != nil || got.Number != g4.Number {
+			t.Fatalf("the good stream after the bad ones: %+v, %v", got, err)
+		}
+	})
+
+	t.Run("two receives into one project", func(t *testing.T) {
+		d := newHost(t, harness.ZFSParent(t))
+		gate := &gatedReader{r: bytes.NewReader(full), open: make(chan struct{}), started: make(chan struct{})}
+		var wg sync.WaitGroup
+		wg.Add(1)
+		var firstErr error
+		go func() { defer wg.Done(); _, firstErr = d.d.Receive(ctx, "prj", gate) }()
+		<-gate.started
+		_, err := d.d.Receive(ctx, "prj", bytes.NewReader(full))
+		close(gate.open)
+		wg.Wait()
+		if !errors.Is(err, driver.ErrImportRunning) {
+			t.Errorf("a second receive while one runs: %v; want ErrImportRunning", err)
+		}
+		if firstErr != nil {
+			t.Errorf("the first receive: %v", firstErr)
+		}
+	})
+
+	t.Run("reclaim waits for an export", func(t *testing.T) {
+		pr, pw := io.Pipe()
+		done := make(chan error, 1)
+		go func() {
+			_, err := a.d.Export(ctx, "prj", g3.Number, 0, pw)
+			pw.CloseWithError(err)
+			done <- err
+		}()
+		head := make([]byte, 1)
+		if _, err := io.ReadFull(pr, head); err != nil { // the export is under way, its holds placed
+			t.Fatal(err)
+		}
+		for _, v := range []string{"a-first", "a-second", "a-third"} {
+			if err := a.d.Remove(ctx, v); err != nil {
+				t.Fatal(err)
+			}
+		}
+		removed, err := a.d.Reclaim(ctx, "prj", 1)
+		if err != nil {
+			t.Fatalf("reclaim during an export: %v", err)
+		}
+		for _, g := range removed {
+			if g.Number == g3.Number {
+				t.Errorf("reclaim destroyed generation %d while it was being exported", g3.Number)
+			}
+		}
+		if _, err := io.Copy(io.Discard, pr); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("the export: %v", err)
+		}
+		if removed, err := a.d.Reclaim(ctx, "prj", 1); err != nil || len(removed) == 0 {
+			t.Errorf("after the export, reclaim removed %v (%v); want the held generation gone now", removed, err)
+		}
+	})
+}
+
+// gatedReader blocks its first read until open is closed, and says when it started.
+type gatedReader struct {
+	r       io.Reader
+	open    chan struct{}
+	started chan struct{}
+	once    sync.Once
+}
+
+func (g *gatedReader) Read(p []byte) (int, error) {
+	g.once.Do(func() { close(g.started) })
+	<-g.open
+	return g.r.Read(p)
+}
