@@ -654,9 +654,6 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 			if errors.Is(err, driver.ErrHasDependents) {
 				return fmt.Errorf("%w: generation %d of %q still has clones: %v", driver.ErrGenerationInUse, n, projectName, err)
 			}
-			if errors.Is(err, driver.ErrBusy) && s.held(ctx, g.Source) {
-				return fmt.Errorf("%w: generation %d of %q is being exported (a user hold keeps it until the stream ends)", driver.ErrGenerationInUse, n, projectName)
-			}
 			if err != nil {
 				return err
 			}

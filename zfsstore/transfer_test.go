@@ -18,6 +18,7 @@ import (
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsstore"
 )
 
@@ -41,6 +42,15 @@ func newHost(t *testing.T, parent string) *host {
 		t.Fatal(err)
 	}
 	h.d = d
+	// Before the store's Close and the pool's destroy (cleanups run last in, first out): a
+	// session left mounted by a failed test would keep both busy.
+	t.Cleanup(func() {
+		if mounts, err := xfsutil.MountsUnder(h.mounts); err == nil {
+			for i := len(mounts) - 1; i >= 0; i-- {
+				_, _ = harness.Output("umount", mounts[i].Mountpoint)
+			}
+		}
+	})
 	return h
 }
 

@@ -314,6 +314,8 @@ func (s *Store) destroy(ctx context.Context, ds string, recursive bool) error {
 		return nil
 	case errors.Is(err, zfsutil.ErrBusy):
 		return busy(err, ds)
+	case errors.Is(err, zfsutil.ErrHeld): // an export's hold (transfer.go), or one placed by hand
+		return fmt.Errorf("%w: %v (a golden export holds it until its stream ends)", driver.ErrGenerationInUse, err)
 	}
 	return mapErr(err)
 }

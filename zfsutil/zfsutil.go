@@ -32,6 +32,7 @@ var (
 	ErrBusy          = errors.New("dataset is busy")
 	ErrNoSpace       = errors.New("out of space in the pool")
 	ErrHasDependents = errors.New("dataset has dependent clones or children")
+	ErrHeld          = errors.New("snapshot has a user hold")
 )
 
 // stderr fragments, as printed by OpenZFS 2.x, mapped to the sentinel errors above.
@@ -48,6 +49,7 @@ var classes = []struct {
 	{"out of space", ErrNoSpace},
 	{"insufficient replicas", ErrNoSpace},
 	{"dependent clones", ErrHasDependents},
+	{"being held", ErrHeld}, // zfs destroy of a snapshot with a user hold (zfs hold)
 	{"has children", ErrHasDependents},
 }
 

@@ -718,8 +718,8 @@ func TestCrashAtEveryFaultPoint(t *testing.T) {
 			var reached bool
 			ok := t.Run(point+"/"+sc.variant, func(t *testing.T) {
 				s := &run{e: e, vol: e.name(fmt.Sprintf("v%d", k)), project: fmt.Sprintf("p%d", k), dir: t.TempDir()}
-				if strings.HasPrefix(point, "import") {
-					s.project = fmt.Sprintf("imp%d", k)
+				if strings.HasPrefix(point, "import") || strings.HasPrefix(point, "export") || strings.HasPrefix(point, "receive") {
+					s.project = fmt.Sprintf("imp%d", k) // its golden holds the small tree (checkSmallTree)
 				}
 				s.projects = []string{s.project}
 				ph := &phases{last: time.Now()}
