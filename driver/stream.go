@@ -41,7 +41,7 @@ type Transferer interface {
 	// ExportGolden checks that generation n (0: the newest) of project can be sent, incremental
 	// from generation base (0: full), places what keeps both from being destroyed while the
 	// stream is written (on ZFS a hold), and returns the header and a function that writes the
-	// stream's bytes and then releases the holds. The driver holds the project's lock only
+	// stream's bytes to w and then releases the holds (with w nil, it only releases them). The driver holds the project's lock only
 	// around ExportGolden, not while the bytes are written.
 	ExportGolden(ctx context.Context, project string, n, base int) (StreamHeader, func(ctx context.Context, w io.Writer) error, error)
 	// ReceiveGolden reads a stream's bytes (after its header h, already checked against the
@@ -75,7 +75,7 @@ func (d *Driver) Export(ctx context.Context, project string, n, base int, w io.W
 		return h, err
 	}
 	if _, err := w.Write(append(line, '\n')); err != nil {
-		_ = write(ctx, io.Discard) // releases the holds; the reader is gone
+		_ = write(ctx, nil) // releases the holds; the reader is gone
 		return h, fmt.Errorf("export golden %q: %w", project, err)
 	}
 	d.log.WithFields(logrus.Fields{"project": project, "generation": h.Generation, "base": h.Base}).Info("golden export started")

@@ -97,6 +97,9 @@ func (s *Store) ExportGolden(ctx context.Context, project string, n, base int) (
 				log.WithError(err).Error("could not release the export's holds; the next start releases them")
 			}
 		}()
+		if w == nil { // the caller gave up before the stream: only the holds go
+			return nil
+		}
 		s.cfg.Faults.Hit("export:after-hold")
 		return mapErr(s.zfs.Send(ctx, w, gen.Source, from))
 	}
@@ -192,7 +195,12 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 	}
 	ds := s.projectDataset(p.name) + "/g" + strconv.Itoa(h.Generation)
 	log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": ds, "generation": h.Generation, "base": h.Base})
+	// -o wins over any property the stream carries: a stream sent with its properties could
+	// otherwise bring a mountpoint outside the parent, or dedup back.
 	props := zfsutil.Props{propState: "receiving", propKind: string(h.Kind), "dedup": "off", "compression": s.cfg.Compression}
+	if h.Kind == driver.KindFS {
+		props["mountpoint"] = "legacy" // as an import's lineage: zgolden mounts its clones itself
+	}
 	if err := s.zfs.Receive(ctx, r, ds, props, origin); err != nil {
 		s.dropReceived(ctx, log, ds)
 		return driver.Generation{}, receiveErr(err)
@@ -202,6 +210,10 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 		// The stream's own snapshot is not the generation its header promised.
 		s.dropReceived(ctx, log, ds)
 		return driver.Generation{}, fmt.Errorf("%w: the stream did not hold generation %d as its header said (received %s: %v, guid %q, want %q)", driver.ErrInvalid, h.Generation, snap, err, guid, h.GUID)
+	}
+	if err := s.checkReceived(ctx, ds, snap, h.Kind); err != nil {
+		s.dropReceived(ctx, log, ds)
+		return driver.Generation{}, err
 	}
 	s.cfg.Faults.Hit("receive:after-stream")
 	if h.Kind == driver.KindBlock {
@@ -224,6 +236,25 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 	}
 	log.Info("golden generation received")
 	return s.generation(ctx, p.name, h.Generation)
+}
+
+// checkReceived refuses a receive that made anything but one dataset of the header's type with
+// the one snapshot of its generation: a replication stream (zfs send -R) would bring a dataset's
+// every snapshot, or children, none of which zgolden made or tracks.
+func (s *Store) checkReceived(ctx context.Context, ds, snap string, kind driver.Kind) error {
+	rows, err := s.zfs.List(ctx, ds, []string{"filesystem", "volume", "snapshot"}, []string{"type"})
+	if err != nil {
+		return mapErr(err)
+	}
+	want := map[driver.Kind]string{driver.KindBlock: "volume", driver.KindFS: "filesystem"}[kind]
+	for _, r := range rows {
+		switch {
+		case r["name"] == ds && r["type"] == want, r["name"] == snap:
+		default:
+			return fmt.Errorf("%w: the stream made %s (%s) beside generation %s: a golden stream carries one snapshot of one %s, as zgolden golden export writes it (not zfs send -R)", driver.ErrInvalid, r["name"], r["type"], snap, want)
+		}
+	}
+	return nil
 }
 
 // checkMounts mounts the new lineage's XFS read-only at dir and unmounts it: a generation whose

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -248,6 +249,17 @@ func TestTransferBetweenHosts(t *testing.T) {
 		if !errors.Is(err, driver.ErrGenerationInUse) || !strings.Contains(err.Error(), "diverged") {
 			t.Errorf("a diverged receiver: %v; want a refusal that says the histories diverged", err)
 		}
+		// A replication stream (zfs send -R) of the sender's lineage under a header that names
+		// its newest generation truly: it would bring every snapshot of the lineage.
+		lineageSnap := a.newest(t, "prj").Source
+		guid := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-o", "value", "guid", lineageSnap))
+		header := `{"format":"zgolden-golden-stream/1","backend":"zfs","project":"prj","kind":"block","generation":` +
+			strconv.Itoa(g4.Number) + `,"guid":"` + guid + `"}` + "\n"
+		replication, err := exec.Command("zfs", "send", "-R", lineageSnap).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		refuse("a replication stream", "prj", append([]byte(header), replication...), driver.ErrInvalid, "not zfs send -R")
 		// The good stream still goes in after all of that.
 		if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(next)); err != nil || got.Number != g4.Number {
 			t.Fatalf("the good stream after the bad ones: %+v, %v", got, err)
