@@ -24,7 +24,7 @@ var commands = []struct{ path, args, summary string }{
 	{"golden promote", "VOLUME --project PRJ [--json]", "make a volume PRJ's next generation"},
 	{"golden reclaim", "[PRJ] [--keep N] [--json]", "destroy unused older generations"},
 	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
-	{"golden export", "PRJ [--generation N] [--since M] [--json] > FILE", "write a generation as a stream (ZFS), incremental from one the receiver has"},
+	{"golden export", "PRJ [--generation N] [--since M] [--json] > FILE", "write a generation as a stream; --since M (ZFS): only what changed since M"},
 	{"golden receive", "PRJ [--json] < FILE", "add the generation a stream carries to PRJ, once it is complete and checked"},
 	{"doctor", "[--json]", "check the pool or store and the settings; exits 1 when something needs action"},
 	{"volume reap", "[--after DURATION] [--dry-run] [--json]", "remove volumes no container has referenced for DURATION (default --reap-unused-after)"},

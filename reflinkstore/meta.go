@@ -30,13 +30,14 @@ const (
 	attrGrow       = driver.MetaGrow
 	attrLastGen    = "lastgen" // on a project directory: the highest generation number handed out
 	attrForkOf     = driver.MetaForkOf
+	attrGUID       = "guid" // on a generation: its identity across hosts (transfer.go)
 
 	stateReady     = "ready"
 	stateImporting = "importing"
 	yes            = driver.MetaYes
 )
 
-var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen, attrForkOf}
+var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen, attrForkOf, attrGUID}
 
 type meta map[string]string
 

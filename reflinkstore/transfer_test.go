@@ -1,0 +1,89 @@
+package reflinkstore_test
+
+import (
+	"bytes"
+	"errors"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/driver/drivertest"
+)
+
+// TestTransferBetweenStores: a generation moves between two reflink stores whole, as a sparse
+// stream; every bad stream is refused with nothing of it kept; a diverged receiver is refused.
+func TestTransferBetweenStores(t *testing.T) {
+	base := newBase(t)
+	a := newEnv(t, filepath.Join(base, "a"), filepath.Join(base, "a", "root"), nil)
+	b := newEnv(t, filepath.Join(base, "b"), filepath.Join(base, "b", "root"), nil)
+	ctx := testCtx(t)
+	g1 := a.importTree(t, "prj")
+
+	var stream bytes.Buffer
+	h, err := a.d.Export(ctx, "prj", 0, 0, &stream)
+	if err != nil || h.Generation != g1.Number || h.Backend != "reflink" {
+		t.Fatalf("export: %+v, %v", h, err)
+	}
+	t.Logf("stream of generation %d: %d bytes (its image is %d bytes, sparse)", h.Generation, stream.Len(), g1.Referenced)
+	if _, err := a.d.Export(ctx, "prj", 0, 1, &bytes.Buffer{}); !errors.Is(err, driver.ErrInvalid) || !strings.Contains(err.Error(), "whole generations") {
+		t.Errorf("an incremental export from a reflink store: %v; want a refusal", err)
+	}
+
+	refuse := func(what, project string, body []byte, want error, says string) {
+		t.Helper()
+		before := b.storeEntries(t, "goldens")
+		_, err := b.d.Receive(ctx, project, bytes.NewReader(body))
+		if !errors.Is(err, want) || !strings.Contains(err.Error(), says) {
+			t.Errorf("%s: %v; want an error wrapping %v that says %q", what, err, want, says)
+		} else {
+			t.Logf("%s: %v", what, err)
+		}
+		if after := b.storeEntries(t, "goldens"); !slices.Equal(after, before) {
+			t.Errorf("%s left %v (before: %v)", what, after, before)
+		}
+		assertNoImageLoops(t, b)
+	}
+	full := stream.Bytes()
+	refuse("a truncated stream", "prj", full[:len(full)*2/3], driver.ErrInvalid, "truncated")
+	corrupt := slices.Clone(full)
+	corrupt[len(corrupt)-100] ^= 0xff // in the last record's data: only the digest can tell
+	refuse("a corrupt stream", "prj", corrupt, driver.ErrInvalid, "digest")
+	refuse("a stream for another project", "other", full, driver.ErrInvalid, `carries golden "prj"`)
+	zfsHeader := strings.Replace(string(full[:bytes.IndexByte(full, '\n')+1]), `"backend":"reflink"`, `"backend":"zfs"`, 1)
+	refuse("a ZFS stream", "prj", append([]byte(zfsHeader), full[bytes.IndexByte(full, '\n')+1:]...), driver.ErrInvalid, "from a zfs store")
+
+	got, err := b.d.Receive(ctx, "prj", bytes.NewReader(full))
+	if err != nil || got.Number != g1.Number {
+		t.Fatalf("receive: %+v, %v", got, err)
+	}
+	b.create(t, "bv", map[string]string{"golden": "prj"})
+	drivertest.CheckTree(t, b.mount(t, "bv", "x"))
+	b.unmount(t, "bv", "x")
+	if again, err := b.d.Receive(ctx, "prj", bytes.NewReader(full)); err != nil || again.Number != g1.Number {
+		t.Errorf("the same stream again: %+v, %v", again, err)
+	}
+
+	// The receiver promotes a generation of its own; the sender's next one then diverges.
+	b.create(t, "bown", map[string]string{"golden": "prj"})
+	if _, err := b.d.Promote(ctx, "bown", "prj"); err != nil {
+		t.Fatal(err)
+	}
+	a.create(t, "aown", map[string]string{"golden": "prj"})
+	if _, err := a.d.Promote(ctx, "aown", "prj"); err != nil {
+		t.Fatal(err)
+	}
+	var next bytes.Buffer
+	if _, err := a.d.Export(ctx, "prj", 0, 0, &next); err != nil {
+		t.Fatal(err)
+	}
+	refuse("a diverged receiver", "prj", next.Bytes(), driver.ErrGenerationInUse, "diverged")
+
+	for _, e := range []*env{a, b} {
+		for _, v := range e.d.List() {
+			e.remove(t, v.Name)
+		}
+		e.finish(t)
+	}
+}
