@@ -40,8 +40,6 @@ type scenario struct {
 	spares bool
 	// pause is a fault.PauseEnvVar setting for every plugin the scenario starts.
 	pause string
-	// zfsOnly marks an operation only the ZFS store has (golden export and receive).
-	zfsOnly bool
 	// prepare runs on the plugin before the fault is armed, so that it can use any operation.
 	prepare func(t *testing.T, s *run)
 	// act is the operation, with the fault armed. It runs in its own goroutine: it must not call
@@ -332,10 +330,10 @@ func scenariosFor(point string) []scenario {
 			}
 		}
 		if op == "export" {
-			return []scenario{{variant: "to-file", zfsOnly: true, prepare: imported, act: export, retry: again(export),
+			return []scenario{{variant: "to-file", prepare: imported, act: export, retry: again(export),
 				after: func(t *testing.T, s *run) { s.e.noHolds(t) }}}
 		}
-		return []scenario{{variant: "from-file", zfsOnly: true,
+		return []scenario{{variant: "from-file",
 			prepare: func(t *testing.T, s *run) {
 				imported(t, s)
 				if out, err := export(s); err != nil {
@@ -724,10 +722,6 @@ func TestCrashAtEveryFaultPoint(t *testing.T) {
 				s.projects = []string{s.project}
 				ph := &phases{last: time.Now()}
 				before := e.inventory(t)
-				if sc.zfsOnly && e.backend != "zfs" {
-					t.Logf("%s: the %s backend has no such operation; not run", point, e.backend)
-					return
-				}
 				if sc.spares {
 					if e.backend != "zfs" {
 						t.Logf("%s: spares are ZFS's; not run on the %s backend", point, e.backend)

@@ -99,9 +99,13 @@ func (e *env) adminStream(in, out string, args ...string) (string, error) {
 	return stderr.String(), err
 }
 
-// noHolds checks that no golden snapshot is held (ZFS): an export's holds end with it.
+// noHolds checks that no golden snapshot is held (ZFS): an export's holds end with it. The
+// reflink store holds an open file instead, which ends with its process.
 func (e *env) noHolds(t *testing.T) {
 	t.Helper()
+	if e.backend != "zfs" {
+		return
+	}
 	out, err := harness.Output("zfs", "list", "-H", "-t", "snapshot", "-o", "name,userrefs", "-r", e.parent+"/golden")
 	if err != nil {
 		t.Fatalf("zfs list: %v\n%s", err, out)
