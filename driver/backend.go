@@ -82,6 +82,9 @@ type Generation struct {
 	Referenced uint64   // bytes the generation references
 	Source     string   // snapshot name or image path
 	FromVolume string   // volume it was promoted from, if any
+	// GUID identifies the generation's content across hosts (the snapshot's guid on ZFS; on the
+	// reflink store one given at its first export, "" before): transfers match generations by it.
+	GUID string
 }
 
 // Golden is one project's golden with its generations, oldest first.

@@ -26,6 +26,8 @@ var commands = []struct{ path, args, summary string }{
 	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
 	{"golden export", "PRJ [--generation N] [--since M] [--json] > FILE", "write a generation as a stream; --since M (ZFS): only what changed since M"},
 	{"golden receive", "PRJ [--json] < FILE", "add the generation a stream carries to PRJ, once it is complete and checked"},
+	{"golden push", "PRJ [USER@]HOST [--ssh-port N] [--identity FILE] [--known-hosts FILE] [--remote-zgolden CMD] [--remote-admin-socket PATH] [--json]", "send HOST over SSH what it lacks of PRJ's newest generation"},
+	{"golden pull", "PRJ [USER@]HOST [--ssh-port N] [--identity FILE] [--known-hosts FILE] [--remote-zgolden CMD] [--remote-admin-socket PATH] [--json]", "fetch over SSH what this host lacks of PRJ's newest generation on HOST"},
 	{"doctor", "[--json]", "check the pool or store and the settings; exits 1 when something needs action"},
 	{"volume reap", "[--after DURATION] [--dry-run] [--json]", "remove volumes no container has referenced for DURATION (default --reap-unused-after)"},
 	{"version", "", "print the version"},
@@ -80,7 +82,7 @@ func run(args []string) error {
 	case "golden":
 		if len(args) < 2 {
 			fmt.Fprint(os.Stderr, usage("golden"))
-			return errors.New("golden needs a subcommand: ls, import, promote, reclaim, rm, export or receive")
+			return errors.New("golden needs a subcommand: ls, import, promote, reclaim, rm, export, receive, push or pull")
 		}
 		switch args[1] {
 		case "help", "-h", "--help":
@@ -100,8 +102,12 @@ func run(args []string) error {
 			return cmdGoldenExport(args[2:])
 		case "receive":
 			return cmdGoldenReceive(args[2:])
+		case "push":
+			return cmdGoldenPush(args[2:])
+		case "pull":
+			return cmdGoldenPull(args[2:])
 		}
-		return fmt.Errorf("unknown golden subcommand %q: use ls, import, promote, reclaim, rm, export or receive", args[1])
+		return fmt.Errorf("unknown golden subcommand %q: use ls, import, promote, reclaim, rm, export, receive, push or pull", args[1])
 	case "volume":
 		if len(args) < 2 || args[1] == "help" || args[1] == "-h" || args[1] == "--help" {
 			fmt.Print(usage("volume"))

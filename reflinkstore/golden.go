@@ -104,7 +104,7 @@ func (s *Store) readProject(name string, withUsage bool) (*project, error) {
 		}
 		g := driver.Generation{
 			Project: name, Number: n, Kind: p.kind, CreatedAt: m.time(attrCreated),
-			Source: path, FromVolume: m[attrFrom],
+			Source: path, FromVolume: m[attrFrom], GUID: m[attrGUID],
 		}
 		if withUsage {
 			if f, err := os.Open(path); err == nil {

@@ -19,7 +19,7 @@ import (
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
-var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "createtxg", "volsize", propKind, propState, propFrom}
+var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "createtxg", "volsize", "guid", propKind, propState, propFrom}
 
 // pickProps is what choosing a generation to clone needs: no space accounting and no clone
 // lists, which ZFS computes per snapshot (the clones list grows with every volume made from it).
@@ -146,7 +146,7 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 			created, _ := strconv.ParseInt(r["creation"], 10, 64)
 			g := driver.Generation{
 				Project: parts[0], Number: n, Kind: out[parts[0]].kind, CreatedAt: time.Unix(created, 0).UTC(),
-				Used: r.Uint("used"), Referenced: r.Uint("referenced"), Source: r["name"], FromVolume: r[propFrom],
+				Used: r.Uint("used"), Referenced: r.Uint("referenced"), Source: r["name"], FromVolume: r[propFrom], GUID: r["guid"],
 			}
 			g.Dependents = s.dependents(g.Dependents, withForks(r["clones"], forked))
 			l.gens = append(l.gens, g)
