@@ -189,12 +189,22 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 		}
 		origin = b.Source
 	}
+	created := ps[h.Project] == nil
 	p, err := s.ensureProject(ctx, ps, h.Project, h.Kind)
 	if err != nil {
 		return driver.Generation{}, err
 	}
 	ds := s.projectDataset(p.name) + "/g" + strconv.Itoa(h.Generation)
 	log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": ds, "generation": h.Generation, "base": h.Base})
+	// fail destroys what this receive made: the new lineage, and the project's container when
+	// the receive made that too (nothing of a refused stream may stay, not even a name).
+	fail := func(err error) (driver.Generation, error) {
+		s.dropReceived(ctx, log, ds, true)
+		if created {
+			s.dropReceived(ctx, log, s.projectDataset(p.name), false)
+		}
+		return driver.Generation{}, err
+	}
 	// -o wins over any property the stream carries: a stream sent with its properties could
 	// otherwise bring a mountpoint outside the parent, or dedup back.
 	props := zfsutil.Props{propState: "receiving", propKind: string(h.Kind), "dedup": "off", "compression": s.cfg.Compression}
@@ -202,30 +212,25 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 		props["mountpoint"] = "legacy" // as an import's lineage: zgolden mounts its clones itself
 	}
 	if err := s.zfs.Receive(ctx, r, ds, props, origin); err != nil {
-		s.dropReceived(ctx, log, ds)
-		return driver.Generation{}, receiveErr(err)
+		return fail(receiveErr(err))
 	}
 	snap := genSnapshot(ds, h.Generation)
 	if guid, err := s.guid(ctx, snap); err != nil || guid != h.GUID {
 		// The stream's own snapshot is not the generation its header promised.
-		s.dropReceived(ctx, log, ds)
-		return driver.Generation{}, fmt.Errorf("%w: the stream did not hold generation %d as its header said (received %s: %v, guid %q, want %q)", driver.ErrInvalid, h.Generation, snap, err, guid, h.GUID)
+		return fail(fmt.Errorf("%w: the stream did not hold generation %d as its header said (received %s: %v, guid %q, want %q)", driver.ErrInvalid, h.Generation, snap, err, guid, h.GUID))
 	}
 	if err := s.checkReceived(ctx, ds, snap, h.Kind); err != nil {
-		s.dropReceived(ctx, log, ds)
-		return driver.Generation{}, err
+		return fail(err)
 	}
 	s.cfg.Faults.Hit("receive:after-stream")
 	if h.Kind == driver.KindBlock {
 		if err := s.checkMounts(ctx, ds, filepath.Join(s.cfg.WorkDir, "receive-"+p.name+"-"+strconv.Itoa(h.Generation))); err != nil {
-			s.dropReceived(ctx, log, ds)
-			return driver.Generation{}, err
+			return fail(err)
 		}
 	}
 	// The completion marker: from here the generation is visible, and a crash rolls forward.
 	if err := s.zfs.Set(ctx, ds, zfsutil.Props{propState: "ready"}); err != nil {
-		s.dropReceived(ctx, log, ds)
-		return driver.Generation{}, mapErr(err)
+		return fail(mapErr(err))
 	}
 	s.cfg.Faults.Hit("receive:after-ready")
 	if origin != "" {
@@ -278,11 +283,13 @@ func (s *Store) checkMounts(ctx context.Context, ds, dir string) error {
 	return nil
 }
 
-// dropReceived destroys what a failed receive made, on its own bounded context.
-func (s *Store) dropReceived(ctx context.Context, log *logrus.Entry, ds string) {
+// dropReceived destroys a dataset a failed receive made, on its own bounded context: a lineage
+// with its snapshots (recursive), or a project's container alone (not recursive, so one that
+// holds anything else stays).
+func (s *Store) dropReceived(ctx context.Context, log *logrus.Entry, ds string, recursive bool) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 	defer cancel()
-	if err := s.destroy(dctx, ds, true); err != nil {
+	if err := s.destroy(dctx, ds, recursive); err != nil {
 		log.WithError(err).Error("could not destroy a failed receive; the next start wipes it")
 	}
 }
