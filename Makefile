@@ -69,13 +69,16 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 # The packages whose tests need ZFS (the rest run on the host).
 VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e ./tests/crash ./tests/stress ./tests/hostile ./tests/plugin
 # The ZFS release of the test bed (tests/vm/build-guest.sh): 2.1, 2.3 or 2.4. `make test-vm` runs
-# every ZFS package on it; `make test-vm-compat` runs the conformance (zfsstore), Docker end-to-end,
-# managed plugin and crash suites on each of COMPAT_ZFS. CI (make test) runs the newest in full and
-# the oldest for compatibility: with 2.3 too, a cold run (three guests to build) does not fit CI's
-# 90 minutes. `make test-vm-compat COMPAT_ZFS=2.3` runs the third.
+# every ZFS package on it; `make test-vm-compat` runs the conformance (zfsstore), Docker end-to-end
+# and crash suites on each of COMPAT_ZFS. CI (make test) runs the newest in full and the oldest
+# for compatibility: with 2.3 too, a cold run (three guests to build) does not fit CI's 90
+# minutes. `make test-vm-compat COMPAT_ZFS=2.3` runs the third. The managed plugin's test is left
+# out of the compat set to keep CI inside its hour: the plugin carries its own 2.1.11 userland,
+# so on 2.1 it only repeats the matched pair, and its real cross-release case (that userland on
+# the 2.4 module) runs in the full 2.4 suite. COMPAT_PKGS="... ./tests/plugin" puts it back.
 ZFS ?= 2.4
 COMPAT_ZFS ?= 2.1
-COMPAT_PKGS ?= ./zfsstore ./tests/e2e ./tests/plugin ./tests/crash
+COMPAT_PKGS ?= ./zfsstore ./tests/e2e ./tests/crash
 
 # The guest cannot debootstrap (no network), so the managed plugin's rootfs (rootfs/build.sh,
 # cached) goes in as a tarball; tests/plugin assembles the plugin from it and the guest's zgolden.
@@ -91,7 +94,7 @@ test-vm: build ## as root: every ZFS package in a qemu guest with the real zfs m
 
 # Every release runs even when one fails, so one run reports them all.
 .PHONY: test-vm-compat
-test-vm-compat: ## as root: conformance (zfsstore), Docker end-to-end, managed plugin and crash suites on each COMPAT_ZFS release
+test-vm-compat: ## as root: conformance (zfsstore), Docker end-to-end and crash suites on each COMPAT_ZFS release
 	rc=0; for z in $(COMPAT_ZFS); do $(MAKE) test-vm ZFS=$$z VM_PKGS="$(COMPAT_PKGS)" || rc=1; done; exit $$rc
 
 .PHONY: vm-guest
