@@ -314,6 +314,12 @@ func receiveErr(err error) error {
 	return fmt.Errorf("zfs receive failed, and nothing of the stream was kept: %w", mapErr(err))
 }
 
+// held reports whether snapshot carries a user hold.
+func (s *Store) held(ctx context.Context, snapshot string) bool {
+	row, err := s.zfs.Get(ctx, snapshot, "userrefs")
+	return err == nil && row.Uint("userrefs") > 0
+}
+
 // releaseExportHolds releases the holds of exports a crash interrupted (Load): no export runs
 // before the store is open.
 func (s *Store) releaseExportHolds(ctx context.Context) error {

@@ -312,10 +312,12 @@ func (s *Store) destroy(ctx context.Context, ds string, recursive bool) error {
 	switch {
 	case err == nil || errors.Is(err, zfsutil.ErrNotFound):
 		return nil
+	// A user hold: an export's (transfer.go), or one placed by hand. 2.4 says "it's being
+	// held"; 2.1 only "dataset is busy", so a busy snapshot's holds are counted.
+	case errors.Is(err, zfsutil.ErrHeld), errors.Is(err, zfsutil.ErrBusy) && strings.Contains(ds, "@") && s.held(ctx, ds):
+		return fmt.Errorf("%w: %v (a user hold keeps it: a golden export holds it until its stream ends)", driver.ErrGenerationInUse, err)
 	case errors.Is(err, zfsutil.ErrBusy):
 		return busy(err, ds)
-	case errors.Is(err, zfsutil.ErrHeld): // an export's hold (transfer.go), or one placed by hand
-		return fmt.Errorf("%w: %v (a golden export holds it until its stream ends)", driver.ErrGenerationInUse, err)
 	}
 	return mapErr(err)
 }
