@@ -49,19 +49,23 @@ type errorResponse struct {
 	Error string `json:"error"`
 }
 
-func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics, reap *reaper) http.Handler {
+func newAdmin(d *driver.Driver, c serveConfig, log *logrus.Entry, m *metrics, reap *reaper, labels *labeler) http.Handler {
 	mux := http.NewServeMux()
-	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m, reap: reap, mountRoot: c.MountRoot}
+	a := &admin{d: d, keep: c.KeepGenerations, log: log.WithField("api", "admin"), m: m, reap: reap, mountRoot: c.MountRoot, labels: labels}
+	// Verbs that can change which goldens the host holds ask for a label pass when they end.
+	changes := func(h http.HandlerFunc) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) { h(w, r); a.labels.kick() }
+	}
 	mux.HandleFunc("POST /v1/reap", a.reapNow)
 	mux.HandleFunc("GET /v1/doctor", a.doctor)
 	mux.HandleFunc("GET /v1/status", a.status)
 	mux.HandleFunc("GET /v1/goldens", a.goldens)
-	mux.HandleFunc("POST /v1/promote", a.promote)
-	mux.HandleFunc("POST /v1/import", a.importGolden)
-	mux.HandleFunc("POST /v1/reclaim", a.reclaim)
-	mux.HandleFunc("DELETE /v1/goldens/{project}", a.removeGolden)     // ?force=true also removes dependent volumes
-	mux.HandleFunc("GET /v1/goldens/{project}/export", a.exportGolden) // ?generation=N&since=M; the body is the stream
-	mux.HandleFunc("POST /v1/goldens/{project}/receive", a.receiveGolden)
+	mux.HandleFunc("POST /v1/promote", changes(a.promote))
+	mux.HandleFunc("POST /v1/import", changes(a.importGolden))
+	mux.HandleFunc("POST /v1/reclaim", changes(a.reclaim))
+	mux.HandleFunc("DELETE /v1/goldens/{project}", changes(a.removeGolden)) // ?force=true also removes dependent volumes
+	mux.HandleFunc("GET /v1/goldens/{project}/export", a.exportGolden)      // ?generation=N&since=M; the body is the stream
+	mux.HandleFunc("POST /v1/goldens/{project}/receive", changes(a.receiveGolden))
 	return mux
 }
 
@@ -73,12 +77,17 @@ type admin struct {
 	reap *reaper
 	// mountRoot is where volumes are mounted, for doctor's propagation check.
 	mountRoot string
+	labels    *labeler // nil without --swarm-labels
 }
 
 func (a *admin) doctor(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
 	defer cancel()
-	a.reply(w, append(a.d.Doctor(ctx), propagationFinding(a.mountRoot), bootOrderFinding(a.d.Backend())), nil)
+	out := append(a.d.Doctor(ctx), propagationFinding(a.mountRoot), bootOrderFinding(a.d.Backend()))
+	if a.labels != nil {
+		out = append(out, a.labels.finding())
+	}
+	a.reply(w, out, nil)
 }
 
 type reapRequest struct {

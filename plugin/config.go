@@ -24,6 +24,8 @@ type serveConfig struct {
 	Spares          int
 	RecordDir       string
 	MetricsListen   string
+	SwarmLabels     string
+	SwarmManager    string
 	Reserve         driver.Reserve
 	ReapUnusedAfter time.Duration
 	ZFSProven       []string
@@ -117,6 +119,8 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.str(&reserve, "reserve", "ZGOLDEN_RESERVE", "0", "free space (50G, or 10% of the pool or store) that new volumes, imports and promotions leave alone; running volumes keep writing into it (0: none)")
 	fs.duration(&c.ReapUnusedAfter, "reap-unused-after", "ZGOLDEN_REAP_UNUSED_AFTER", 0, "remove volumes that no container, running or stopped, has referenced for this long, asking the Docker engine (at least 10m; 0: never)")
 	fs.str(&c.MetricsListen, "metrics-listen", "ZGOLDEN_METRICS_LISTEN", "", "serve Prometheus metrics and /healthz on HOST:PORT or unix:PATH (off when empty)")
+	fs.str(&c.SwarmLabels, "swarm-labels", "ZGOLDEN_SWARM_LABELS", "", "publish the goldens this host holds as labels PREFIX.* on its Swarm node, for placement constraints, such as --swarm-labels zgolden (off when empty)")
+	fs.str(&c.SwarmManager, "swarm-manager", "ZGOLDEN_SWARM_MANAGER", "", "with --swarm-labels on a worker node: a manager's Docker engine (tcp://HOST:2376, TLS from $DOCKER_CERT_PATH) to write the labels through")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
 	fs.str(&c.LogFormat, "log-format", "ZGOLDEN_LOG_FORMAT", "text", "text or json")
@@ -155,6 +159,12 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if err := validMetricsListen(c.MetricsListen); err != nil {
 		fs.errs = append(fs.errs, err.Error())
+	}
+	if err := validLabelPrefix(c.SwarmLabels); err != nil {
+		fs.errs = append(fs.errs, err.Error())
+	}
+	if c.SwarmManager != "" && c.SwarmLabels == "" {
+		fs.errs = append(fs.errs, "--swarm-manager is for --swarm-labels, which is not set")
 	}
 	if p, err := zfsutil.ParseProven(c.zfsProven); err != nil {
 		fs.errs = append(fs.errs, "--zfs-proven: "+err.Error())

@@ -179,10 +179,19 @@ func serve(args []string) error {
 		go reap.run(ctx)
 		log.WithField("after", c.ReapUnusedAfter.String()).Info("reaping volumes no container has referenced")
 	}
+	var labels *labeler
+	if c.SwarmLabels != "" {
+		if labels, err = newLabeler(d, c.SwarmLabels, c.SwarmManager, backend.Name(), strings.TrimSuffix(filepath.Base(c.Socket), ".sock"), log); err != nil {
+			pl.Close()
+			al.Close()
+			return err
+		}
+		go labels.run(ctx)
+	}
 	api := &volumeAPI{d: d, log: log, m: m, reap: reap}
 	// go-plugins-helpers owns the Docker side's HTTP server; closing its listener stops it.
 	plugin := volume.NewHandler(api)
-	admin := &http.Server{Handler: newAdmin(d, c, log, m, reap), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: newAdmin(d, c, log, m, reap, labels), ReadHeaderTimeout: 10 * time.Second}
 	metricsSrv := &http.Server{ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 3)
 	go func() { errc <- plugin.Serve(pl) }()

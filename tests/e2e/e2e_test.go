@@ -27,13 +27,13 @@ type backend struct {
 	pool  string
 }
 
-func startBackend(t *testing.T) *backend {
+func startBackend(t *testing.T, extra ...string) *backend {
 	t.Helper()
 	harness.Docker(t)
 	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
 		parent := harness.ZFSParent(t)
 		b := &backend{pool: harness.RequireZFS(t), id: harness.ID()}
-		b.p = harness.StartPlugin(t, pluginName, "--backend", "zfs", "--parent", parent)
+		b.p = harness.StartPlugin(t, pluginName, append([]string{"--backend", "zfs", "--parent", parent}, extra...)...)
 		b.leaks = func(t *testing.T) []string {
 			var out []string
 			for _, ds := range harness.ZFSInventory(t, parent) {
@@ -54,7 +54,7 @@ func startBackend(t *testing.T) *backend {
 			t.Errorf("cleanup: umount the store: %v\n%s", err, out)
 		}
 	})
-	b.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", root, "--store-size", "8G")
+	b.p = harness.StartPlugin(t, pluginName, append([]string{"--backend", "reflink", "--root", root, "--store-size", "8G"}, extra...)...)
 	b.leaks = func(t *testing.T) []string {
 		harness.ReflinkUnlinked(t, filepath.Join(root, "store"))
 		var out []string
