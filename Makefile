@@ -37,21 +37,24 @@ test: ## everything: unit, fuzz, host integration, Docker end-to-end, the ZFS su
 	bash tests/setup/host-deps.sh
 	$(MAKE) verify build
 	@mkdir -p build
-	@# Every suite runs even after one fails, so one CI run reports all of them. The ZFS guests
-	@# run beside the host suites: a guest's disks are image files, so it shares no mount, loop
-	@# device or Docker engine with the host's tests, and the overlap keeps CI inside its hour.
-	@# Their output goes to build/test-guests.out and is printed when they end.
+	@# Every suite runs even after one fails, so one CI run reports all of them. The two ZFS
+	@# guests run side by side and beside the host suites, one vCPU each (tests/vm/run.sh, on
+	@# ZGOLDEN_VM_SLOTS): a guest's disks are image files, so it shares no mount, loop device or
+	@# Docker engine with the host's tests or the other guest, and the overlap keeps CI inside
+	@# its hour. The payload both use is built first, once. Their output goes to
+	@# build/test-guest-RELEASE.out and is printed when they end.
+	$(MAKE) vm-payload
 	@rc=0; \
-	( grc=0; for t in test-vm test-vm-compat; do \
-	    $(MAKE) $$t || { echo "make test: $$t failed"; grc=1; }; \
-	  done; exit $$grc ) >build/test-guests.out 2>&1 & guests=$$!; \
+	export ZGOLDEN_VM_SLOTS=2 ZGOLDEN_VM_SMP=1; \
+	$(MAKE) test-vm VM_PREBUILT=1 >build/test-guest-$(ZFS).out 2>&1 & g1=$$!; \
+	$(MAKE) test-vm-compat VM_PREBUILT=1 >build/test-guest-compat.out 2>&1 & g2=$$!; \
 	for t in test-unit fuzz test-host; do \
 	  $(MAKE) $$t || { echo "make test: $$t failed"; rc=1; }; \
 	done; \
 	echo "make test: host suites done; waiting for the ZFS guests"; \
-	wait $$guests || rc=1; \
-	cat build/test-guests.out; \
-	grep '^make test: .* failed' build/test-guests.out || true; \
+	wait $$g1 || { echo "make test: test-vm failed"; rc=1; }; \
+	wait $$g2 || { echo "make test: test-vm-compat failed"; rc=1; }; \
+	cat build/test-guest-$(ZFS).out build/test-guest-compat.out; \
 	exit $$rc
 
 .PHONY: test-unit
@@ -83,19 +86,25 @@ COMPAT_PKGS ?= ./zfsstore ./tests/e2e ./tests/crash
 # The guest cannot debootstrap (no network), so the managed plugin's rootfs (rootfs/build.sh,
 # cached) goes in as a tarball; tests/plugin assembles the plugin from it and the guest's zgolden.
 .PHONY: test-vm
-test-vm: build ## as root: every ZFS package in a qemu guest with the real zfs module of release ZFS (2.1, 2.3, 2.4; default 2.4)
-	@mkdir -p build
-	bash packaging/build-plugin.sh --out build/plugin-vm --tar build/plugin-rootfs.tar
+test-vm: $(if $(VM_PREBUILT),,vm-payload) ## as root: every ZFS package in a qemu guest with the real zfs module of release ZFS (2.1, 2.3, 2.4; default 2.4)
 	extra=ZGOLDEN_PLUGIN_ROOTFS_TAR=/payload/extra/plugin-rootfs.tar; \
 	  [ -z "$${ZGOLDEN_VM_EXTRA_ENV:-}" ] || extra+=$$'\n'"$$ZGOLDEN_VM_EXTRA_ENV"; \
 	  ZGOLDEN_ZFS=$(ZFS) ZGOLDEN_VM_EXTRA_ENV="$$extra" ZGOLDEN_VM_PAYLOAD=$(CURDIR)/build/plugin-rootfs.tar \
-	  ZGOLDEN_VM_TIMEOUT=$${ZGOLDEN_VM_TIMEOUT:-3600} ZGOLDEN_VM_TEST_TIMEOUT=$${ZGOLDEN_VM_TEST_TIMEOUT:-40m} \
+	  ZGOLDEN_VM_TIMEOUT=$${ZGOLDEN_VM_TIMEOUT:-4800} ZGOLDEN_VM_TEST_TIMEOUT=$${ZGOLDEN_VM_TEST_TIMEOUT:-40m} \
 	  bash tests/vm/run.sh $(VM_PKGS) 2>&1 | tee build/test-vm-$(ZFS).log
+
+# What every guest takes in: the binary, and the managed plugin's rootfs as a tarball. Guests that
+# run side by side (make test) have it built once beforehand (VM_PREBUILT=1), since two builds
+# into build/ at once would race.
+.PHONY: vm-payload
+vm-payload: build
+	@mkdir -p build
+	bash packaging/build-plugin.sh --out build/plugin-vm --tar build/plugin-rootfs.tar
 
 # Every release runs even when one fails, so one run reports them all.
 .PHONY: test-vm-compat
 test-vm-compat: ## as root: conformance (zfsstore), Docker end-to-end and crash suites on each COMPAT_ZFS release
-	rc=0; for z in $(COMPAT_ZFS); do $(MAKE) test-vm ZFS=$$z VM_PKGS="$(COMPAT_PKGS)" || rc=1; done; exit $$rc
+	rc=0; for z in $(COMPAT_ZFS); do $(MAKE) test-vm ZFS=$$z VM_PKGS="$(COMPAT_PKGS)" VM_PREBUILT=$(VM_PREBUILT) || rc=1; done; exit $$rc
 
 .PHONY: vm-guest
 vm-guest: ## as root: build (or reuse the cached) guest and test images only

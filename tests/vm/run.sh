@@ -22,6 +22,7 @@
 #   ZGOLDEN_VM_TEST_RUN      -test.run pattern passed to every binary (default: all)
 #   ZGOLDEN_VM_POOL_SIZE     sparse pool disk size (default 8G)
 #   ZGOLDEN_VM_MEM, ZGOLDEN_VM_SMP   guest memory (MiB, default 4096) and CPUs (default 2)
+#   ZGOLDEN_VM_SLOTS         how many guests may run at once on this machine (default 1)
 #   ZGOLDEN_VM_EXTRA_ENV     newline-separated K=V lines added to the tests' environment
 #   ZGOLDEN_VM_PAYLOAD       colon-separated host files copied to /payload/extra/ in the guest
 #                            (the managed plugin's rootfs tarball: the guest cannot debootstrap)
@@ -143,11 +144,20 @@ t_build=$SECONDS
 # --- boot -----------------------------------------------------------------------------------
 console="$work/console.log"
 : >"$console"
-# One guest at a time: two emulated guests on a 2-core machine each run at half speed, and
-# their tests' bounds were sized for one. Later runs queue here instead of competing.
-exec 8>/run/zgolden-test-vm.lock
-if ! flock -n 8; then
-	zg_log "another guest is running; waiting for it to finish"
+# ZGOLDEN_VM_SLOTS guests at a time (default 1); later runs queue here instead of competing.
+# A guest of 2 vCPUs keeps this machine's 2 cores about 63% busy and one of 1 vCPU about 52%,
+# at 10% more time (measured on the crash suite): `make test` runs its two guests side by side
+# with one vCPU each, and a manual run gets the machine alone.
+slots=${ZGOLDEN_VM_SLOTS:-1}
+exec 8>/dev/null
+for ((i = 0; i < slots; i++)); do
+	exec 8>"/run/zgolden-test-vm.lock${i#0}"
+	flock -n 8 && break
+	exec 8>/dev/null
+done
+if [ "$(readlink /proc/$$/fd/8)" = /dev/null ]; then
+	zg_log "$slots guest(s) already running; waiting for one to finish"
+	exec 8>/run/zgolden-test-vm.lock
 	flock 8
 fi
 zg_log "booting the guest ($(basename "$kernel") $(gval kver), timeout ${vm_timeout}s)"
