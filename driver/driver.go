@@ -43,6 +43,11 @@ type Config struct {
 	// Holders, if set, names the containers that use a volume as the Docker engine sees them,
 	// for busy errors (a volume plugin is never told). It is bounded to 5 seconds a call.
 	Holders func(ctx context.Context, volume string) ([]string, error)
+	// Active, if set, says whether a container that may hold a mount of the volume (any state
+	// but exited or dead) uses it, as the Docker engine sees it. Load asks it about a mounted
+	// volume whose references survived a crash in Unmount: Docker never repeats an Unmount, so
+	// without it those references would pin the volume for good.
+	Active func(ctx context.Context, volume string) (bool, error)
 	// Faults crashes the process at a named step, for crash tests; nil in production.
 	Faults *fault.Injector
 	Log    *logrus.Entry
@@ -165,6 +170,13 @@ func (d *Driver) recover(ctx context.Context) error {
 			return err
 		}
 		log := d.log.WithFields(logrus.Fields{"volume": v.Name, "source": v.Source})
+		if len(st.ids) > 0 && mounted && d.staleRefs(ctx, v.Name) {
+			log.WithField("ids", len(st.ids)).Warn("volume has mount references but Docker runs no container that uses it (a crash in Unmount); dropping them")
+			st.ids = map[string]struct{}{}
+			if err := d.refs.save(v.Name, st.ids); err != nil {
+				return err
+			}
+		}
 		switch {
 		case len(st.ids) > 0 && !mounted:
 			log.WithField("ids", len(st.ids)).Warn("volume has mount references but is not mounted (host reboot or interrupted mount); dropping them")
@@ -197,6 +209,23 @@ func (d *Driver) recover(ctx context.Context) error {
 }
 
 func (d *Driver) mountpoint(name string) string { return filepath.Join(d.cfg.MountRoot, name) }
+
+// staleRefs says whether Docker, asked within 5 seconds, runs no container that could hold a
+// mount of volume. Without an answer the references stand: dropping a live one would unmount a
+// running container's volume.
+func (d *Driver) staleRefs(ctx context.Context, volume string) bool {
+	if d.cfg.Active == nil {
+		return false
+	}
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	active, err := d.cfg.Active(actx, volume)
+	if err != nil {
+		d.log.WithError(err).WithField("volume", volume).Info("cannot ask Docker whether the volume's mount references are live; keeping them")
+		return false
+	}
+	return !active
+}
 
 func (d *Driver) lookup(name string) (*volState, bool) {
 	d.mu.Lock()

@@ -559,3 +559,40 @@ func TestPickGeneration(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadDropsReferencesOfACrashedUnmount: a crash inside Unmount leaves the volume mounted
+// with its reference saved, and Docker never sends that Unmount again. The next start asks
+// Docker (Config.Active): references of a volume no live container uses are dropped and the
+// volume unmounted; with a live one, or without an answer, they stand.
+func TestLoadDropsReferencesOfACrashedUnmount(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		active func(context.Context, string) (bool, error)
+		want   int
+	}{
+		{"no live container", func(context.Context, string) (bool, error) { return false, nil }, 0},
+		{"a live container", func(context.Context, string) (bool, error) { return true, nil }, 1},
+		{"docker unreachable", func(context.Context, string) (bool, error) { return false, errors.New("no engine") }, 1},
+		{"not configured", nil, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFake()
+			state := t.TempDir()
+			d := newTestDriver(t, f, state)
+			must(t, d.Create(ctx, "v", nil))
+			_, err := d.Mount(ctx, "v", "c1")
+			must(t, err)
+			l := logrus.New()
+			l.SetLevel(logrus.WarnLevel)
+			d2, err := New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l), Active: tc.active})
+			must(t, err)
+			if in, _ := d2.Get(ctx, "v"); in.Mounts != tc.want {
+				t.Fatalf("after the restart v is held by %d mount(s), want %d", in.Mounts, tc.want)
+			}
+			if ok, _ := f.Mounted(d.mountpoint("v")); ok != (tc.want == 1) {
+				t.Fatalf("mounted = %v with %d reference(s) left", ok, tc.want)
+			}
+		})
+	}
+}

@@ -20,6 +20,12 @@ import (
 // The default dir is under /run: a host reboot clears it together with the mounts it describes.
 // Files are written atomically (temporary file, fsync, rename), so a crash leaves the old or the new
 // set, never a torn one.
+//
+// When the record and the mount table disagree at start (Driver.load), the mount table wins:
+// references of an unmounted volume are dropped, and a volume mounted with none is unmounted.
+// When they agree that the volume is mounted, Docker wins: references of a volume that no
+// container still running (or starting, paused or restarting) uses are what a crash inside
+// Unmount left, and are dropped (Config.Active); without an answer from Docker they stand.
 type refStore struct{ dir string }
 
 func (s refStore) path(name string) string { return filepath.Join(s.dir, name+".json") }

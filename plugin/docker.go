@@ -42,6 +42,21 @@ func (e *engine) holders(ctx context.Context, volume string) ([]string, error) {
 	return out, nil
 }
 
+// active says whether a container in any state but exited or dead uses volume: one that runs,
+// is paused or restarting, or is being created or started, may hold a mount of it.
+func (e *engine) active(ctx context.Context, volume string) (bool, error) {
+	cs, err := e.c.ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("volume", volume))})
+	if err != nil {
+		return false, err
+	}
+	for _, c := range cs {
+		if c.State != "exited" && c.State != "dead" {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // inUse is every volume name that some container, running or stopped, mounts.
 func (e *engine) inUse(ctx context.Context) (map[string]bool, error) {
 	cs, err := e.c.ContainerList(ctx, container.ListOptions{All: true})

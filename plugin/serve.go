@@ -145,7 +145,7 @@ func serve(args []string) error {
 		return err
 	}
 	d, err := driver.New(ctx, driver.Config{
-		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir, Holders: eng.holders,
+		Backend: backend, MountRoot: c.MountRoot, StateDir: c.StateDir, Holders: eng.holders, Active: eng.active,
 		DefaultSize: c.DefaultSize, ImportWait: c.ImportWait, Reserve: c.Reserve, Log: log,
 		LegacyGoldens: c.LegacyGoldens, LegacyRemove: c.LegacyRemove, Faults: faults,
 	})
