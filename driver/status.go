@@ -32,6 +32,7 @@ type ZFSStatus struct {
 	DDTEntries      *uint64        `json:"ddt_entries,omitempty"`
 	SparesReady     map[string]int `json:"spares_ready"`   // warm spares by project
 	SparesMounted   int            `json:"spares_mounted"` // spares (and claimed volumes) mounted ahead
+	KeptMounted     int            `json:"kept_mounted"`   // volumes Docker unmounted whose XFS stays mounted until Remove
 	ClaimsPending   int            `json:"claims_pending"` // claimed spares not yet renamed
 	DevicesHeld     int            `json:"devices_held"`   // zvols held open from Unmount to Remove
 	CleanupsPending int            `json:"cleanups_pending"`

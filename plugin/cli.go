@@ -179,6 +179,7 @@ func statusLines(st driver.Status) [][2]string {
 		}
 		add("spares_ready", z.SparesReady)
 		add("spares_mounted", z.SparesMounted)
+		add("kept_mounted", z.KeptMounted)
 		add("claims_pending", z.ClaimsPending)
 		add("devices_held", z.DevicesHeld)
 		add("cleanups_pending", z.CleanupsPending)

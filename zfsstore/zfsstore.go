@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -732,10 +733,15 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 	return nil
 }
 
-// Unmount implements driver.Backend.
+// Unmount implements driver.Backend. A block volume's XFS stays mounted at an early mount
+// (premount.go, keepMounted), so the unmount writes nothing; where that cannot be done, the
+// XFS is unmounted with the device held (held.go).
 func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) error {
 	ds := s.dsOf(v.Name)
 	if v.Kind == driver.KindBlock {
+		if s.keepMounted(ds, target, s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})) {
+			return nil
+		}
 		s.holdDevice(v.Name, ds, target)
 	}
 	err := xfsutil.UnmountRetry(ctx, target, 10)
@@ -817,7 +823,13 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		z.DDTEntries = &n
 	}
 	if pm, err := s.premounts(); err == nil {
-		z.SparesMounted = len(pm)
+		for _, p := range pm {
+			if strings.HasPrefix(path.Base(p), keptPrefix) {
+				z.KeptMounted++
+			} else {
+				z.SparesMounted++
+			}
+		}
 	}
 	if txgs, err := zfsutil.TxgSyncs(pool); err == nil {
 		// What every zfs clone, rename and destroy waits on (see slow.go).

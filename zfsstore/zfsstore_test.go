@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/tests/harness"
+	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsstore"
 	"github.com/zgolden/zgolden/zfsutil"
 )
@@ -425,9 +427,10 @@ func TestRemoveGoesThroughTrash(t *testing.T) {
 	}
 }
 
-// TestUnmountHoldsTheDeviceUntilRemove: Unmount keeps a written volume's device open, so the
-// last close (which waits for a transaction group) is not on Docker's Unmount; Remove hands it to
-// the trash, which closes it and destroys the volume.
+// TestUnmountHoldsTheDeviceUntilRemove: Unmount keeps a written volume's XFS mounted (an early
+// mount, premount.go), so neither XFS's flush nor the zvol's last close (which waits for a
+// transaction group) is on Docker's Unmount; the next Mount binds it back with the data, and
+// Remove hands it to the trash, which unmounts it and destroys the volume.
 func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 	parent, s, _ := withGolden(t)
 	ctx := context.Background()
@@ -440,14 +443,25 @@ func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 		if err := s.Mount(ctx, v, mp); err != nil {
 			t.Fatalf("round %d: %v", round, err)
 		}
+		if round == 1 { // what round 0 wrote came back with the kept mount
+			if b, err := os.ReadFile(filepath.Join(mp, "round")); err != nil || string(b) != "0" {
+				t.Fatalf("round 1 reads %q (%v) from what round 0 wrote", b, err)
+			}
+		}
 		if err := os.WriteFile(filepath.Join(mp, "w"), make([]byte, 8<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(mp, "round"), []byte(strconv.Itoa(round)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		if err := s.Unmount(ctx, v, mp); err != nil {
 			t.Fatal(err)
 		}
-		if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 1 {
-			t.Fatalf("round %d: Status after Unmount: %v, %v; want devices_held 1", round, st, err)
+		if m, err := xfsutil.MountedAt(mp); err != nil || m != nil {
+			t.Fatalf("round %d: after Unmount %s is still mounted (%v)", round, mp, err)
+		}
+		if st, err := s.Status(ctx); err != nil || st.ZFSStatus.KeptMounted != 1 {
+			t.Fatalf("round %d: Status after Unmount: %+v, %v; want kept_mounted 1", round, st.ZFSStatus, err)
 		}
 	}
 	ds := parent + "/vol/held"
@@ -464,7 +478,7 @@ func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 			t.Fatalf("after Remove the parent still holds %s: %v", name, inv)
 		}
 	}
-	if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 0 {
-		t.Fatalf("Status after Remove: %v, %v; want devices_held 0", st, err)
+	if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 0 || st.ZFSStatus.KeptMounted != 0 {
+		t.Fatalf("Status after Remove: %+v, %v; want devices_held 0 and kept_mounted 0", st.ZFSStatus, err)
 	}
 }

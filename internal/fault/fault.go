@@ -41,6 +41,7 @@ var Points = []string{
 	"create:after-format",
 	"create:after-claim",
 	"mount:after-bind",
+	"unmount:after-bind",
 	"claim:after-rename",
 	"remove:after-record",
 	"remove:during-rename",

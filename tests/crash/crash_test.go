@@ -182,6 +182,16 @@ func scenariosFor(point string) []scenario {
 		},
 	}
 	claimed := func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }
+	// Every container has exited: nothing may still hold the volume, and Docker must be able to
+	// remove it (a reference left by the crash would pin it).
+	exitedAndRemovable := func(t *testing.T, s *run) {
+		if v, err := s.e.get(s.vol); err != nil || v.mounts() != 0 {
+			t.Errorf("after the containers exited, %s is still held by %d mount(s) (%v)", s.vol, v.mounts(), err)
+		}
+		if out, err := harness.Output("docker", "volume", "rm", s.vol); err != nil {
+			t.Errorf("docker volume rm after the containers exited: %v: %s", err, out)
+		}
+	}
 	switch op {
 	case "create":
 		scs := []scenario{
@@ -251,15 +261,29 @@ func scenariosFor(point string) []scenario {
 				}
 				return nil
 			},
+			after: exitedAndRemovable,
+		}}
+	case "unmount":
+		// The container has exited and Docker unmounts: the crash falls between the bind that
+		// keeps the XFS mounted (zfsstore/premount.go) and the unmount of Docker's mountpoint.
+		write := func(s *run) (string, error) {
+			return dockerRun(s, "-v", s.vol+":/data", harness.BusyboxImage(), "sh", "-c", "echo promoted-kept > /data/marker")
+		}
+		return []scenario{{
+			variant: "docker-run",
+			prepare: func(t *testing.T, s *run) { prepareVolume(t, s, s.vol, nil) },
+			act:     write,
+			retry: func(t *testing.T, s *run) error {
+				if out, err := write(s); err != nil {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
 			after: func(t *testing.T, s *run) {
-				// Every container has exited: nothing may still hold the volume, and Docker
-				// must be able to remove it (a reference left by the crash would pin it).
-				if v, err := s.e.get(s.vol); err != nil || v.mounts() != 0 {
-					t.Errorf("after the containers exited, %s is still held by %d mount(s) (%v)", s.vol, v.mounts(), err)
+				if got := strings.TrimSpace(s.e.readMarker(t, s.vol)); got != "promoted-kept" {
+					t.Errorf("after the retry the volume's marker reads %q, want promoted-kept", got)
 				}
-				if out, err := harness.Output("docker", "volume", "rm", s.vol); err != nil {
-					t.Errorf("docker volume rm after the containers exited: %v: %s", err, out)
-				}
+				exitedAndRemovable(t, s)
 			},
 		}}
 	case "remove":
