@@ -101,6 +101,17 @@ vm-payload: build
 	@mkdir -p build
 	bash packaging/build-plugin.sh --out build/plugin-vm --tar build/plugin-rootfs.tar
 
+# zfsstore/testdata/golden-zfs-2.4.zgs.gz: a golden made and exported by zgolden in the zfs 2.4
+# guest (Debian 13's kernel and xfsprogs), which every release's guest then receives
+# (TestReceiveGoldenFromAnotherRelease); CI's 2.1 guest is the oldest kernel that must mount it.
+.PHONY: golden-fixture
+golden-fixture: ## as root: remake the golden stream fixture in the zfs 2.4 guest
+	rm -rf build/fixture
+	ZGOLDEN_VM_RESULTS_OUT=$(CURDIR)/build/fixture ZGOLDEN_VM_TEST_RUN='^TestWriteGoldenFixture$$' \
+	  ZGOLDEN_VM_EXTRA_ENV=ZGOLDEN_GOLDEN_FIXTURE=/payload/results/golden.zgs.gz \
+	  $(MAKE) test-vm ZFS=2.4 VM_PKGS=./zfsstore
+	install -D -m 0644 build/fixture/golden.zgs.gz zfsstore/testdata/golden-zfs-2.4.zgs.gz
+
 # Every release runs even when one fails, so one run reports them all.
 .PHONY: test-vm-compat
 test-vm-compat: ## as root: conformance (zfsstore), Docker end-to-end and crash suites on each COMPAT_ZFS release

@@ -332,7 +332,10 @@ func receiveImage(ctx context.Context, r io.Reader, f *os.File) error {
 		}
 		sum.Write(buf[:n])
 		if _, err := f.WriteAt(buf[:n], int64(off)); err != nil {
-			return mapErr(err)
+			if err = mapErr(err); errors.Is(err, driver.ErrNoSpace) {
+				return fmt.Errorf("%w: the store has no room for the stream's image, and nothing of it was kept: free space here (remove volumes, `zgolden golden reclaim`, or a larger --store-size) and send it again", err)
+			}
+			return err
 		}
 		next = off + n
 	}

@@ -2,6 +2,7 @@ package reflinkstore_test
 
 import (
 	"bytes"
+	"crypto/rand"
 	"errors"
 	"path/filepath"
 	"slices"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/driver/drivertest"
+	"github.com/zgolden/zgolden/reflinkstore"
 )
 
 // TestTransferBetweenStores: a generation moves between two reflink stores whole, as a sparse
@@ -84,6 +86,48 @@ func TestTransferBetweenStores(t *testing.T) {
 		for _, v := range e.d.List() {
 			e.remove(t, v.Name)
 		}
+		e.finish(t)
+	}
+}
+
+// TestReceiveOutOfSpace sends a golden whose image holds more data than the receiver's whole
+// store: the receive fails with ErrNoSpace, says what to do, keeps nothing, and the store takes
+// an ordinary volume after it.
+func TestReceiveOutOfSpace(t *testing.T) {
+	base := newBase(t)
+	a := newEnv(t, filepath.Join(base, "a"), filepath.Join(base, "a", "root"), nil)
+	b := newEnv(t, filepath.Join(base, "b"), filepath.Join(base, "b", "root"), func(c *reflinkstore.Config) { c.StoreSize = 512 << 20 })
+	ctx := testCtx(t)
+	src := t.TempDir()
+	data := make([]byte, 600<<20) // random, so neither the image nor the stream is sparse
+	if _, err := rand.Read(data); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(src, "big"), string(data))
+	if _, err := a.d.Import(ctx, "big", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var stream bytes.Buffer
+	if _, err := a.d.Export(ctx, "big", 0, 0, &stream); err != nil {
+		t.Fatal(err)
+	}
+	_, err := b.d.Receive(ctx, "big", &stream)
+	if !errors.Is(err, driver.ErrNoSpace) || !strings.Contains(err.Error(), "nothing of it was kept") {
+		t.Fatalf("receive into a store too small: %v; want ErrNoSpace saying nothing was kept", err)
+	}
+	t.Logf("the error a user sees: %v", err)
+	if got := b.storeEntries(t, "goldens"); len(got) > 0 {
+		t.Fatalf("a failed receive left %v", got)
+	}
+	if gs, err := b.d.Goldens(ctx); err != nil || len(gs) > 0 {
+		t.Fatalf("a failed receive left goldens %+v (%v)", gs, err)
+	}
+	assertNoImageLoops(t, b)
+	b.create(t, "ok", nil)
+	writeFile(t, filepath.Join(b.mount(t, "ok", "c"), "f"), "fine")
+	b.unmount(t, "ok", "c")
+	b.remove(t, "ok")
+	for _, e := range []*env{a, b} {
 		e.finish(t)
 	}
 }

@@ -260,6 +260,15 @@ func TestTransferBetweenHosts(t *testing.T) {
 			t.Fatal(err)
 		}
 		refuse("a replication stream", "prj", append([]byte(header), replication...), driver.ErrInvalid, "not zfs send -R")
+		// A receiver out of space: a quota on its parent just above what the parent holds.
+		used := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-p", "-o", "value", "used", b.parent))
+		n, err := strconv.ParseUint(used, 10, 64)
+		if err != nil {
+			t.Fatalf("zfs get used %s: %q", b.parent, used)
+		}
+		harness.Run(t, "zfs", "set", "quota="+strconv.FormatUint(n+64<<10, 10), b.parent)
+		refuse("a receiver out of space", "prj", next, driver.ErrNoSpace, "nothing of it was kept")
+		harness.Run(t, "zfs", "set", "quota=none", b.parent)
 		// The good stream still goes in after all of that.
 		if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(next)); err != nil || got.Number != g4.Number {
 			t.Fatalf("the good stream after the bad ones: %+v, %v", got, err)

@@ -28,6 +28,7 @@
 #                            (the managed plugin's rootfs tarball: the guest cannot debootstrap)
 #   ZGOLDEN_VM_QUIET=1       do not stream the guest console while it runs
 #   ZGOLDEN_VM_KEEP=1        keep the work directory (printed) for debugging
+#   ZGOLDEN_VM_RESULTS_OUT   copy what the guest wrote to /payload/results into this directory
 #   ZGOLDEN_VM_PLUGIN=0      do not build bin/zgolden (e.g. to run only tests/vmsmoke)
 set -euo pipefail
 
@@ -191,6 +192,9 @@ res="$work/results"
 # A guest that was killed left its journal unreplayed; replay it so partial results show.
 e2fsck -y -E journal_only "$work/payload.img" >/dev/null 2>&1 || true
 debugfs -R "rdump /results $work" "$work/payload.img" >/dev/null 2>&1 || true
+if [ -n "${ZGOLDEN_VM_RESULTS_OUT:-}" ]; then
+	mkdir -p "$ZGOLDEN_VM_RESULTS_OUT" && cp -a "$res/." "$ZGOLDEN_VM_RESULTS_OUT/" || zg_log "WARNING: could not copy the results to $ZGOLDEN_VM_RESULTS_OUT"
+fi
 
 bad=()
 [ "$qrc" = 0 ] || bad+=("qemu exited $qrc$([ "$qrc" = 124 ] && echo " (timed out after ${vm_timeout}s)")")
