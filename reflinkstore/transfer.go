@@ -333,7 +333,8 @@ func receiveImage(ctx context.Context, r io.Reader, f *os.File) error {
 		sum.Write(buf[:n])
 		if _, err := f.WriteAt(buf[:n], int64(off)); err != nil {
 			if err = mapErr(err); errors.Is(err, driver.ErrNoSpace) {
-				return fmt.Errorf("%w: the store has no room for the stream's image, and nothing of it was kept: free space here (remove volumes, `zgolden golden reclaim`, or a larger --store-size) and send it again", err)
+				return fmt.Errorf("nothing of the stream was kept: %w", err) // err says what to free
+
 			}
 			return err
 		}

@@ -112,7 +112,7 @@ func TestReceiveOutOfSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := b.d.Receive(ctx, "big", &stream)
-	if !errors.Is(err, driver.ErrNoSpace) || !strings.Contains(err.Error(), "nothing of it was kept") {
+	if !errors.Is(err, driver.ErrNoSpace) || !strings.Contains(err.Error(), "nothing of the stream was kept") {
 		t.Fatalf("receive into a store too small: %v; want ErrNoSpace saying nothing was kept", err)
 	}
 	t.Logf("the error a user sees: %v", err)

@@ -304,7 +304,7 @@ func receiveErr(err error) error {
 	msg := strings.ToLower(err.Error())
 	switch {
 	case errors.Is(err, zfsutil.ErrNoSpace):
-		return fmt.Errorf("%w: the pool, or a quota on zgolden's parent dataset, has no room for the stream, and nothing of it was kept: free space here (remove volumes, `zgolden golden reclaim`) and send it again: %v", driver.ErrNoSpace, err)
+		return fmt.Errorf("%w: the pool, or a quota on zgolden's parent dataset, has no room for the stream, and nothing of the stream was kept: free space here (remove volumes, `zgolden golden reclaim`) and send it again: %v", driver.ErrNoSpace, err)
 	case strings.Contains(msg, "invalid backup stream"), strings.Contains(msg, "checksum mismatch"),
 		strings.Contains(msg, "incomplete stream"), strings.Contains(msg, "premature eof"),
 		strings.Contains(msg, "bad magic"), strings.Contains(msg, "invalid stream"),

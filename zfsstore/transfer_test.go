@@ -267,7 +267,7 @@ func TestTransferBetweenHosts(t *testing.T) {
 			t.Fatalf("zfs get used %s: %q", b.parent, used)
 		}
 		harness.Run(t, "zfs", "set", "quota="+strconv.FormatUint(n+64<<10, 10), b.parent)
-		refuse("a receiver out of space", "prj", next, driver.ErrNoSpace, "nothing of it was kept")
+		refuse("a receiver out of space", "prj", next, driver.ErrNoSpace, "nothing of the stream was kept")
 		harness.Run(t, "zfs", "set", "quota=none", b.parent)
 		// The good stream still goes in after all of that.
 		if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(next)); err != nil || got.Number != g4.Number {
