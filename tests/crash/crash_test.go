@@ -460,9 +460,13 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	spares := e.settledSpares(t) // first: a claim still pending names its volume by the spare
 	vols := e.volumes(t)
 	gs := e.goldens(t)
-	got, want := e.inventory(t), append(e.expected(vols, gs), spares...)
+	got, want := e.inventory(t), e.expected(vols, gs)
 	want = append(want, e.forkSnapshots(t, got, vols)...)
-	if l := minus(got, want); len(l) > 0 {
+	// The spare worker makes and retires spares at any moment (a restock after the restart): a
+	// spare in the inventory is accounted for when the settled count before it or after it
+	// names it. A slow guest (one vCPU) made one between the count and the inventory.
+	spares = append(spares, e.settledSpares(t)...)
+	if l := minus(minus(got, want), spares); len(l) > 0 {
 		t.Errorf("%s: leaked (held by the backend, listed by nobody): %v", phase, l)
 	}
 	if l := minus(want, got); len(l) > 0 {
