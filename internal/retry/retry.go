@@ -51,8 +51,10 @@ var (
 	// /dev that is not devtmpfs and can lag: about 1 s.
 	LoopNode = Policy{Name: "loop device node", First: time.Millisecond, Factor: 2, Max: 512 * time.Millisecond, Tries: 11}
 	// LoopRelease polls until an autoclear loop device lets go of its image after the last
-	// close, which can be udev's probe just after ours: that holds it for milliseconds.
-	LoopRelease = Policy{Name: "loop device release", First: 100 * time.Microsecond, Factor: 2, Max: 20 * time.Millisecond, Within: 2 * time.Second}
+	// close, which can be udev's probe just after ours: that holds it for milliseconds, and for
+	// more than 2 s with eight devices probed at once on one emulated CPU (xfsutil's
+	// TestConcurrentLoopMounts in a 1-vCPU guest, whose image filesystem then would not unmount).
+	LoopRelease = Policy{Name: "loop device release", First: 100 * time.Microsecond, Factor: 2, Max: 20 * time.Millisecond, Within: 10 * time.Second}
 	// LoopDetach polls until no loop device backs a removed volume's image; a copy of the mount
 	// in another mount namespace can keep one for as long as that namespace lives.
 	LoopDetach = Policy{Name: "loop device detach", First: 20 * time.Millisecond, Factor: 1, Max: 20 * time.Millisecond, Within: 5 * time.Second}
