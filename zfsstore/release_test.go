@@ -82,6 +82,7 @@ func TestWriteGoldenFixture(t *testing.T) {
 	if _, err := h.d.Export(ctx, "prj", 0, 0, &stream); err != nil {
 		t.Fatal(err)
 	}
+	raw := stream.Len()
 	var gz bytes.Buffer
 	zw, _ := gzip.NewWriterLevel(&gz, gzip.BestCompression)
 	if _, err := io.Copy(zw, &stream); err != nil || zw.Close() != nil {
@@ -93,7 +94,7 @@ func TestWriteGoldenFixture(t *testing.T) {
 	if err := os.WriteFile(out, gz.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("wrote %s: %d bytes (%d before gzip) on %s", out, gz.Len(), stream.Len(), harness.Run(t, "uname", "-r"))
+	t.Logf("wrote %s: %d bytes (%d before gzip) on %s", out, gz.Len(), raw, harness.Run(t, "uname", "-r"))
 	if err := h.d.RemoveGolden(ctx, "prj", false); err != nil {
 		t.Fatal(err)
 	}
