@@ -7,8 +7,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -66,13 +68,15 @@ type Config struct {
 //     ZFS snapshot or a rename), so a Create racing a promotion clones the old or the new
 //     generation, never a half-made one. Creates for a project whose import is running wait on
 //     the import instead (see Config.ImportWait).
-//   - mu guards the vols, imports and receiving maps only, and is never held across a backend call or I/O;
+//   - mu guards the vols, imports, receiving and loadedRefs maps only, and is never held across a backend call or I/O;
 //     nor is spaceMu, which guards the reserve's cached read of free space.
 //   - Order: a volume lock before a project lock before mu; never the reverse. A fork (Create
 //     with -o from=) holds two volume locks, its own name's and its source's, taken in name
 //     order; nothing else holds two.
 //   - A busy error asks Docker which containers use the volume (Config.Holders) under the
-//     volume's lock: that query is bounded to 5 seconds and takes no lock of zgolden's.
+//     volume's lock: that query is bounded to 5 seconds and takes no lock of zgolden's. So is
+//     the question whether references a crash left are live (Config.Active, dropStaleRefs),
+//     asked under the volume's lock by Remove and by the rechecks after a start.
 type Driver struct {
 	cfg      Config
 	backend  Backend
@@ -87,6 +91,9 @@ type Driver struct {
 	// receiving names the projects a Receive is writing into: a second one is refused at once
 	// rather than queued behind the project lock for as long as the first stream lasts.
 	receiving map[string]bool
+	// loadedRefs holds, per mounted volume, the mount references the previous process saved,
+	// until Docker says whether they are live (recheckRefs).
+	loadedRefs map[string]map[string]struct{}
 
 	// spaceMu guards the last read of the backend's space (reserve.go); never held across it.
 	spaceMu sync.Mutex
@@ -132,10 +139,14 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		vols:     map[string]*volState{},
 		imports:  map[string]*importState{},
 
-		receiving: map[string]bool{},
+		receiving:  map[string]bool{},
+		loadedRefs: map[string]map[string]struct{}{},
 	}
 	if err := d.recover(ctx); err != nil {
 		return nil, err
+	}
+	if d.cfg.Active != nil && len(d.loadedRefs) > 0 {
+		go d.recheckRefs(ctx)
 	}
 	return d, nil
 }
@@ -170,12 +181,10 @@ func (d *Driver) recover(ctx context.Context) error {
 			return err
 		}
 		log := d.log.WithFields(logrus.Fields{"volume": v.Name, "source": v.Source})
-		if len(st.ids) > 0 && mounted && d.staleRefs(ctx, v.Name) {
-			log.WithField("ids", len(st.ids)).Warn("volume has mount references but Docker runs no container that uses it (a crash in Unmount); dropping them")
-			st.ids = map[string]struct{}{}
-			if err := d.refs.save(v.Name, st.ids); err != nil {
-				return err
-			}
+		if len(st.ids) > 0 && mounted {
+			// Possibly what a crash inside Unmount left (staleRefs); Docker is asked again
+			// until it can tell (recheckRefs).
+			d.loadedRefs[v.Name] = copyIDs(st.ids)
 		}
 		switch {
 		case len(st.ids) > 0 && !mounted:
@@ -209,6 +218,99 @@ func (d *Driver) recover(ctx context.Context) error {
 }
 
 func (d *Driver) mountpoint(name string) string { return filepath.Join(d.cfg.MountRoot, name) }
+
+// Mount references a crash inside Unmount left.
+//
+// Docker never repeats an Unmount, so the reference of a container whose Unmount was cut short
+// by a crash would hold its volume "mounted by 1 container" for good, and Remove would refuse
+// it. The references of a mounted volume that the previous process saved (loadedRefs) are
+// therefore suspect: once Docker says that no container still running, starting, paused or
+// restarting uses the volume (Config.Active), they are dropped and the volume is unmounted if
+// nothing else holds it. Docker is asked right after the start and then every refCheckEvery for
+// refCheckFor (at the start the container may still be in its exit, with Docker waiting on the
+// Unmount that failed), and by a Remove that finds only such references: Docker removes a
+// volume only when no container references it. A reference taken since the start is never
+// suspect, and without an answer from Docker nothing is dropped.
+const (
+	refCheckEvery = 10 * time.Second
+	refCheckFor   = 3 * time.Minute
+)
+
+// recheckRefs asks Docker about the suspect references until none is left or refCheckFor has
+// passed.
+func (d *Driver) recheckRefs(ctx context.Context) {
+	deadline := time.Now().Add(refCheckFor)
+	for {
+		d.mu.Lock()
+		names := slices.Sorted(maps.Keys(d.loadedRefs))
+		d.mu.Unlock()
+		if len(names) == 0 || time.Now().After(deadline) {
+			return
+		}
+		for _, name := range names {
+			d.locks.Lock(name)
+			if err := d.dropStaleRefs(ctx, name); err != nil {
+				d.log.WithError(err).WithField("volume", name).Warn("could not drop the mount references a crash left")
+			}
+			d.locks.Unlock(name)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(refCheckEvery):
+		}
+	}
+}
+
+// dropStaleRefs drops name's suspect references when Docker says no live container uses it,
+// and unmounts it when no reference is left. The caller holds name's lock.
+func (d *Driver) dropStaleRefs(ctx context.Context, name string) error {
+	d.mu.Lock()
+	suspect := d.loadedRefs[name]
+	st := d.vols[name]
+	d.mu.Unlock()
+	if len(suspect) == 0 || st == nil {
+		d.forgetLoadedRefs(name)
+		return nil
+	}
+	next := copyIDs(st.ids)
+	for id := range suspect {
+		delete(next, id)
+	}
+	if len(next) == len(st.ids) { // all of them released since
+		d.forgetLoadedRefs(name)
+		return nil
+	}
+	if !d.staleRefs(ctx, name) {
+		return nil
+	}
+	log := d.log.WithFields(logrus.Fields{"volume": name, "ids": len(st.ids) - len(next)})
+	log.Warn("Docker runs no container that uses the volume: dropping the mount references a crash in Unmount left")
+	if len(next) == 0 {
+		target := d.mountpoint(name)
+		if mounted, err := d.backend.Mounted(target); err != nil {
+			return err
+		} else if mounted {
+			if err := d.backend.Unmount(ctx, st.Volume, target); err != nil {
+				return fmt.Errorf("unmount %s: %w", name, err)
+			}
+		}
+	}
+	if err := d.refs.save(name, next); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	st.ids = next
+	d.mu.Unlock()
+	d.forgetLoadedRefs(name)
+	return nil
+}
+
+func (d *Driver) forgetLoadedRefs(name string) {
+	d.mu.Lock()
+	delete(d.loadedRefs, name)
+	d.mu.Unlock()
+}
 
 // staleRefs says whether Docker, asked within 5 seconds, runs no container that could hold a
 // mount of volume. Without an answer the references stand: dropping a live one would unmount a
@@ -368,6 +470,12 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 	st, ok := d.lookup(name)
 	if !ok {
 		return nil
+	}
+	if len(st.ids) > 0 {
+		if err := d.dropStaleRefs(ctx, name); err != nil {
+			return fmt.Errorf("remove volume %q: %w", name, err)
+		}
+		st, _ = d.lookup(name)
 	}
 	if n := len(st.ids); n > 0 {
 		return d.busyWith(ctx, name, fmt.Errorf("volume %q: %w: mounted by %d container(s); stop or remove them first", name, ErrBusy, n))

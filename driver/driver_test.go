@@ -587,12 +587,59 @@ func TestLoadDropsReferencesOfACrashedUnmount(t *testing.T) {
 			l.SetLevel(logrus.WarnLevel)
 			d2, err := New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l), Active: tc.active})
 			must(t, err)
-			if in, _ := d2.Get(ctx, "v"); in.Mounts != tc.want {
+			// The first recheck runs right after the start, in the background.
+			var in Info
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if in, _ = d2.Get(ctx, "v"); in.Mounts == tc.want || time.Now().After(deadline) {
+					break
+				}
+			}
+			if in.Mounts != tc.want {
 				t.Fatalf("after the restart v is held by %d mount(s), want %d", in.Mounts, tc.want)
 			}
 			if ok, _ := f.Mounted(d.mountpoint("v")); ok != (tc.want == 1) {
 				t.Fatalf("mounted = %v with %d reference(s) left", ok, tc.want)
 			}
+			// A reference taken since the start is never suspect.
+			_, err = d2.Mount(ctx, "v", "c2")
+			must(t, err)
+			if err := d2.Remove(ctx, "v"); !errors.Is(err, ErrBusy) {
+				t.Fatalf("Remove of a volume a container mounted since the start: %v, want busy", err)
+			}
+			must(t, d2.Unmount(ctx, "v", "c2"))
 		})
+	}
+}
+
+// TestRemoveDropsReferencesOfACrashedUnmount: while Docker still said the container might use
+// the volume at the start (it was in its exit, waiting on the Unmount that failed), the
+// references stand; Docker's Remove, which it sends only when no container references the
+// volume, asks again and removes it.
+func TestRemoveDropsReferencesOfACrashedUnmount(t *testing.T) {
+	ctx := context.Background()
+	f := newFake()
+	state := t.TempDir()
+	d := newTestDriver(t, f, state)
+	must(t, d.Create(ctx, "v", nil))
+	_, err := d.Mount(ctx, "v", "c1")
+	must(t, err)
+	var mu sync.Mutex
+	active := true
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	d2, err := New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l),
+		Active: func(context.Context, string) (bool, error) { mu.Lock(); defer mu.Unlock(); return active, nil }})
+	must(t, err)
+	if in, _ := d2.Get(ctx, "v"); in.Mounts != 1 {
+		t.Fatalf("while Docker says the container may still use it, v is held by %d mount(s), want 1", in.Mounts)
+	}
+	mu.Lock()
+	active = false
+	mu.Unlock()
+	if err := d2.Remove(ctx, "v"); err != nil {
+		t.Fatalf("Remove once Docker says no container uses it: %v", err)
+	}
+	if ok, _ := f.Mounted(d.mountpoint("v")); ok {
+		t.Fatal("the removed volume is still mounted")
 	}
 }

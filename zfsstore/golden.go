@@ -703,7 +703,8 @@ func (s *Store) cleanGoldens(ctx context.Context) error {
 	defer s.goldensChanged()
 	if mounts, err := xfsutil.MountsUnder(s.cfg.WorkDir); err == nil {
 		for _, m := range mounts {
-			if m.Mountpoint == filepath.Clean(s.cfg.WorkDir) {
+			// Early mounts (premount.go) are spares' and kept volumes': loadPremounts checks them.
+			if m.Mountpoint == filepath.Clean(s.cfg.WorkDir) || strings.HasPrefix(m.Mountpoint, s.premountDir()+"/") || m.Mountpoint == s.premountDir() {
 				continue
 			}
 			s.log.WithField("mountpoint", m.Mountpoint).Warn("unmounting a golden left mounted by an interrupted import")

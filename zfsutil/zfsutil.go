@@ -47,6 +47,7 @@ var classes = []struct {
 	{"dataset is busy", ErrBusy},
 	{"pool or dataset is busy", ErrBusy},
 	{"out of space", ErrNoSpace},
+	{"quota exceeded", ErrNoSpace}, // zfs receive on 2.1 into a parent at its quota: "space quota exceeded"
 	{"insufficient replicas", ErrNoSpace},
 	{"dependent clones", ErrHasDependents},
 	{"being held", ErrHeld}, // zfs destroy of a snapshot with a user hold (zfs hold)
