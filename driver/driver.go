@@ -46,9 +46,10 @@ type Config struct {
 	// for busy errors (a volume plugin is never told). It is bounded to 5 seconds a call.
 	Holders func(ctx context.Context, volume string) ([]string, error)
 	// Active, if set, says whether a container that may hold a mount of the volume (any state
-	// but exited or dead) uses it, as the Docker engine sees it. Load asks it about a mounted
-	// volume whose references survived a crash in Unmount: Docker never repeats an Unmount, so
-	// without it those references would pin the volume for good.
+	// but exited or dead) uses it, as the Docker engine sees it. The driver asks it, after a
+	// start and in Remove, about a mounted volume whose references the previous process saved:
+	// a crash in Unmount leaves one, Docker never repeats the Unmount, and without the question
+	// that reference would pin the volume for good (see recheckRefs).
 	Active func(ctx context.Context, volume string) (bool, error)
 	// Faults crashes the process at a named step, for crash tests; nil in production.
 	Faults *fault.Injector
