@@ -528,6 +528,13 @@ func TestStressDriver(t *testing.T) {
 // with SIGKILL, restarts it, and checks the same invariants.
 func TestStressPluginSockets(t *testing.T) {
 	b := newBackend(t)
+	// The workers mount through the volume protocol as Docker would, but they are no containers
+	// Docker knows: a plugin that could ask Docker would rightly find their references stale
+	// after the restart and drop them (driver.go, "Mount references a crash inside Unmount
+	// left"). So this plugin has no Docker to ask, and keeps every reference, which is what the
+	// test checks; tests/e2e's TestRestartWithMountedVolumes holds a real container's across a
+	// kill -9 with Docker there.
+	t.Setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
 	p := harness.StartPlugin(t, pluginName, b.pluginArgs()...)
 	c := newSocketClient(p)
 	baseline := b.inventory(t)
