@@ -286,7 +286,15 @@ func scenariosFor(point string) []scenario {
 				if out, err := write(s); err != nil {
 					return fmt.Errorf("%v: %s", err, out)
 				}
-				return nil
+				// The reference the crash left goes in the background, once Docker says its
+				// container is gone (every 10 s after the start); the checks that follow
+				// compare the references with the mount table, so they wait for that.
+				for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+					if v, err := s.e.get(s.vol); err == nil && v.mounts() == 0 {
+						return nil
+					}
+				}
+				return fmt.Errorf("a minute after the retry, %s still holds the reference the crash left", s.vol)
 			},
 			after: func(t *testing.T, s *run) {
 				if got := strings.TrimSpace(s.e.readMarker(t, s.vol)); got != "promoted-kept" {
