@@ -560,6 +560,24 @@ func TestPickGeneration(t *testing.T) {
 	}
 }
 
+// restartedWithMount mounts volume v for caller c1 and starts a second driver on the same state,
+// as after a crash inside v's Unmount, with active as Config.Active.
+func restartedWithMount(t *testing.T, active func(context.Context, string) (bool, error)) (f *fakeBackend, d, d2 *Driver) {
+	t.Helper()
+	ctx := context.Background()
+	f = newFake()
+	state := t.TempDir()
+	d = newTestDriver(t, f, state)
+	must(t, d.Create(ctx, "v", nil))
+	_, err := d.Mount(ctx, "v", "c1")
+	must(t, err)
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	d2, err = New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l), Active: active})
+	must(t, err)
+	return f, d, d2
+}
+
 // TestLoadDropsReferencesOfACrashedUnmount: a crash inside Unmount leaves the volume mounted
 // with its reference saved, and Docker never sends that Unmount again. The next start asks
 // Docker (Config.Active): references of a volume no live container uses are dropped and the
@@ -577,16 +595,7 @@ func TestLoadDropsReferencesOfACrashedUnmount(t *testing.T) {
 		{"not configured", nil, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newFake()
-			state := t.TempDir()
-			d := newTestDriver(t, f, state)
-			must(t, d.Create(ctx, "v", nil))
-			_, err := d.Mount(ctx, "v", "c1")
-			must(t, err)
-			l := logrus.New()
-			l.SetLevel(logrus.WarnLevel)
-			d2, err := New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l), Active: tc.active})
-			must(t, err)
+			f, d, d2 := restartedWithMount(t, tc.active)
 			// The first recheck runs right after the start, in the background.
 			var in Info
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -601,7 +610,7 @@ func TestLoadDropsReferencesOfACrashedUnmount(t *testing.T) {
 				t.Fatalf("mounted = %v with %d reference(s) left", ok, tc.want)
 			}
 			// A reference taken since the start is never suspect.
-			_, err = d2.Mount(ctx, "v", "c2")
+			_, err := d2.Mount(ctx, "v", "c2")
 			must(t, err)
 			if err := d2.Remove(ctx, "v"); !errors.Is(err, ErrBusy) {
 				t.Fatalf("Remove of a volume a container mounted since the start: %v, want busy", err)
@@ -617,19 +626,9 @@ func TestLoadDropsReferencesOfACrashedUnmount(t *testing.T) {
 // volume, asks again and removes it.
 func TestRemoveDropsReferencesOfACrashedUnmount(t *testing.T) {
 	ctx := context.Background()
-	f := newFake()
-	state := t.TempDir()
-	d := newTestDriver(t, f, state)
-	must(t, d.Create(ctx, "v", nil))
-	_, err := d.Mount(ctx, "v", "c1")
-	must(t, err)
 	var mu sync.Mutex
 	active := true
-	l := logrus.New()
-	l.SetLevel(logrus.WarnLevel)
-	d2, err := New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l),
-		Active: func(context.Context, string) (bool, error) { mu.Lock(); defer mu.Unlock(); return active, nil }})
-	must(t, err)
+	f, d, d2 := restartedWithMount(t, func(context.Context, string) (bool, error) { mu.Lock(); defer mu.Unlock(); return active, nil })
 	if in, _ := d2.Get(ctx, "v"); in.Mounts != 1 {
 		t.Fatalf("while Docker says the container may still use it, v is held by %d mount(s), want 1", in.Mounts)
 	}

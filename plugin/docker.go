@@ -25,9 +25,14 @@ func newEngine() (*engine, error) {
 	return &engine{c: c}, nil
 }
 
+// using lists the containers, in any state, that use volume.
+func (e *engine) using(ctx context.Context, volume string) ([]container.Summary, error) {
+	return e.c.ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("volume", volume))})
+}
+
 // holders names the containers that use volume, with their state: "web-1 (running)".
 func (e *engine) holders(ctx context.Context, volume string) ([]string, error) {
-	cs, err := e.c.ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("volume", volume))})
+	cs, err := e.using(ctx, volume)
 	if err != nil {
 		return nil, err
 	}
@@ -45,7 +50,7 @@ func (e *engine) holders(ctx context.Context, volume string) ([]string, error) {
 // active says whether a container in any state but exited or dead uses volume: one that runs,
 // is paused or restarting, or is being created or started, may hold a mount of it.
 func (e *engine) active(ctx context.Context, volume string) (bool, error) {
-	cs, err := e.c.ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("volume", volume))})
+	cs, err := e.using(ctx, volume)
 	if err != nil {
 		return false, err
 	}

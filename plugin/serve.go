@@ -181,7 +181,7 @@ func serve(args []string) error {
 	}
 	var labels *labeler
 	if c.SwarmLabels != "" {
-		if labels, err = newLabeler(d, c.SwarmLabels, c.SwarmManager, backend.Name(), strings.TrimSuffix(filepath.Base(c.Socket), ".sock"), log); err != nil {
+		if labels, err = newLabeler(d, eng.c, c.SwarmLabels, c.SwarmManager, backend.Name(), strings.TrimSuffix(filepath.Base(c.Socket), ".sock"), log); err != nil {
 			pl.Close()
 			al.Close()
 			return err

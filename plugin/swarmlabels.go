@@ -86,11 +86,10 @@ func validLabelPrefix(p string) error {
 	return nil
 }
 
-func newLabeler(d *driver.Driver, prefix, manager, store, plugin string, log *logrus.Entry) (*labeler, error) {
-	local, err := client.NewClientWithOpts(client.FromEnv, client.WithAPIVersionNegotiation())
-	if err != nil {
-		return nil, fmt.Errorf("docker client: %w", err)
-	}
+// newLabeler publishes through local, the engine's client serve already has, or through the
+// manager's engine when one is named.
+func newLabeler(d *driver.Driver, local *client.Client, prefix, manager, store, plugin string, log *logrus.Entry) (*labeler, error) {
+	var err error
 	l := &labeler{d: d, prefix: prefix, store: store, plugin: plugin, local: local, log: log.WithField("worker", "swarm-labels"), kickc: make(chan struct{}, 1)}
 	if manager != "" {
 		// FromEnv first, so DOCKER_CERT_PATH and DOCKER_TLS_VERIFY give the manager's TLS.
