@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/reflinkstore"
+	"golang.org/x/sys/unix"
 )
 
 // TestTransferBetweenStores: a generation moves between two reflink stores whole, as a sparse
@@ -90,16 +92,19 @@ func TestTransferBetweenStores(t *testing.T) {
 	}
 }
 
-// TestReceiveOutOfSpace sends a golden whose image holds more data than the receiver's whole
-// store: the receive fails with ErrNoSpace, says what to do, keeps nothing, and the store takes
-// an ordinary volume after it.
+// TestReceiveOutOfSpace sends a golden whose image holds more data than the receiver's store has
+// room for: the receive fails with ErrNoSpace, says what to do, keeps nothing, and the store takes
+// an ordinary volume after it. The receiver's store is filled up to 32 MiB of free space with an
+// allocated (never written) file first, so the golden can stay small: the first version sent
+// 600 MB of random data into an empty 512 MB store, and on a CI machine busy with two guests its
+// export alone took four minutes.
 func TestReceiveOutOfSpace(t *testing.T) {
 	base := newBase(t)
 	a := newEnv(t, filepath.Join(base, "a"), filepath.Join(base, "a", "root"), nil)
 	b := newEnv(t, filepath.Join(base, "b"), filepath.Join(base, "b", "root"), func(c *reflinkstore.Config) { c.StoreSize = 512 << 20 })
 	ctx := testCtx(t)
 	src := t.TempDir()
-	data := make([]byte, 600<<20) // random, so neither the image nor the stream is sparse
+	data := make([]byte, 96<<20) // random, so neither the image nor the stream is sparse
 	if _, err := rand.Read(data); err != nil {
 		t.Fatal(err)
 	}
@@ -111,6 +116,7 @@ func TestReceiveOutOfSpace(t *testing.T) {
 	if _, err := a.d.Export(ctx, "big", 0, 0, &stream); err != nil {
 		t.Fatal(err)
 	}
+	filler := fillStore(t, b, 32<<20)
 	_, err := b.d.Receive(ctx, "big", &stream)
 	if !errors.Is(err, driver.ErrNoSpace) || !strings.Contains(err.Error(), "nothing of the stream was kept") {
 		t.Fatalf("receive into a store too small: %v; want ErrNoSpace saying nothing was kept", err)
@@ -123,6 +129,9 @@ func TestReceiveOutOfSpace(t *testing.T) {
 		t.Fatalf("a failed receive left goldens %+v (%v)", gs, err)
 	}
 	assertNoImageLoops(t, b)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
 	b.create(t, "ok", nil)
 	writeFile(t, filepath.Join(b.mount(t, "ok", "c"), "f"), "fine")
 	b.unmount(t, "ok", "c")
@@ -130,4 +139,29 @@ func TestReceiveOutOfSpace(t *testing.T) {
 	for _, e := range []*env{a, b} {
 		e.finish(t)
 	}
+}
+
+// fillStore allocates a file in e's store filesystem that leaves it about free bytes, and returns
+// its path. fallocate reserves the blocks without writing them, so it costs no time.
+func fillStore(t *testing.T, e *env, free int64) string {
+	t.Helper()
+	dir := filepath.Join(e.root, "store")
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	avail := int64(st.Bavail) * st.Bsize
+	if avail <= free {
+		t.Fatalf("the store at %s has only %d bytes free, want more than %d", dir, avail, free)
+	}
+	path := filepath.Join(dir, "test-filler")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, avail-free); err != nil {
+		t.Fatalf("fill the store: %v", err)
+	}
+	return path
 }
