@@ -70,7 +70,7 @@ test-host: ## as root: real XFS, loop devices, reflink store and the host's Dock
 	  bash tests/summarize.sh host build/test-host.log && exit $$rc
 
 # The packages whose tests need ZFS (the rest run on the host).
-VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e ./tests/crash ./tests/stress ./tests/hostile ./tests/plugin
+VM_PKGS ?= ./zfsutil ./xfsutil ./zfsstore ./tests/vmsmoke ./tests/e2e ./tests/crash ./tests/stress ./tests/hostile ./tests/plugin ./tests/fleet
 # The ZFS release of the test bed (tests/vm/build-guest.sh): 2.1, 2.3 or 2.4. `make test-vm` runs
 # every ZFS package on it; `make test-vm-compat` runs the conformance (zfsstore), Docker end-to-end
 # and crash suites on each of COMPAT_ZFS. CI (make test) runs the newest in full and the oldest

@@ -94,6 +94,8 @@ type Golden struct {
 	Generations []Generation
 	// Importing is set while an import is running or was interrupted; such a golden is never cloned.
 	Importing bool
+	// Partial is the interrupted receive kept for a resume (nil: none); it is not a generation.
+	Partial *PartialReceive `json:",omitempty"`
 }
 
 // Newest returns the newest generation, or nil.

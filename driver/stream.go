@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"strings"
 
 	"github.com/sirupsen/logrus"
@@ -34,6 +35,43 @@ type StreamHeader struct {
 	// receiver must hold with BaseGUID.
 	Base     int    `json:"base,omitempty"`
 	BaseGUID string `json:"base_guid,omitempty"`
+	// Resume marks the rest of an interrupted stream, sent from the receiver's resume token: it
+	// goes into the partial receive the receiver kept, never into a new generation.
+	Resume bool `json:"resume,omitempty"`
+}
+
+// PartialReceive is an interrupted receive that a backend keeps so the next transfer of the
+// same generation resumes it instead of starting over. It is never visible to Creates.
+type PartialReceive struct {
+	Project    string `json:"project"`
+	Generation int    `json:"generation,omitempty"`
+	// Token is what the sender needs to send the rest ("" when nothing is kept).
+	Token string `json:"token,omitempty"`
+}
+
+// Resumer is implemented by a backend whose receives can resume (ZFS: zfs receive -s). Its
+// Goldens report each project's partial receive.
+type Resumer interface {
+	// ExportResume is ExportGolden for the rest of the stream a receiver's token names. A
+	// token that names a snapshot of another project, or none of this store's, is refused; one
+	// whose snapshot no longer is what the token says (destroyed, or moved by a promotion)
+	// fails with ErrStaleToken.
+	ExportResume(ctx context.Context, project, token string) (StreamHeader, func(ctx context.Context, w io.Writer) error, error)
+}
+
+// ErrStaleToken: the resume token's stream can no longer be sent; the sender starts over.
+var ErrStaleToken = errors.New("the resume token's stream can no longer be sent")
+
+// resumeTokenRE is the form of a zfs resume token ("1-" and three hex fields): a token crosses
+// hosts, goes into a remote command line and into zfs's argv, so nothing else is let through.
+var resumeTokenRE = regexp.MustCompile(`^[0-9]{1,4}(-[0-9a-f]+){3}$`)
+
+// ValidateResumeToken checks that token has the form of a resume token.
+func ValidateResumeToken(token string) error {
+	if len(token) > 64<<10 || !resumeTokenRE.MatchString(token) {
+		return invalidf("%.40q is not a resume token (zgolden golden ls --json shows the receiver's, as Partial)", token)
+	}
+	return nil
 }
 
 // Transferer is implemented by a backend that can move goldens between hosts as streams.
@@ -53,6 +91,14 @@ type Transferer interface {
 // Export writes generation n (0: the newest) of project to w as a golden stream, incremental
 // from generation base when base > 0.
 func (d *Driver) Export(ctx context.Context, project string, n, base int, w io.Writer) (StreamHeader, error) {
+	return d.ExportResume(ctx, project, n, base, "", w)
+}
+
+// ExportResume is Export that first tries to send only the rest of an interrupted stream, from
+// the receiver's resume token (none: ""). When the token's stream can no longer be sent, or is
+// not of generation n, it sends generation n afresh, and the receiver then drops its partial
+// receive: a resume is an optimisation, never a reason for a transfer to fail.
+func (d *Driver) ExportResume(ctx context.Context, project string, n, base int, token string, w io.Writer) (StreamHeader, error) {
 	t, err := d.transferer()
 	if err != nil {
 		return StreamHeader{}, err
@@ -63,8 +109,34 @@ func (d *Driver) Export(ctx context.Context, project string, n, base int, w io.W
 	if n < 0 || base < 0 || (n > 0 && base >= n) {
 		return StreamHeader{}, invalidf("export generation %d since %d: generations are positive, and the base must be older", n, base)
 	}
+	if token != "" {
+		if err := ValidateResumeToken(token); err != nil {
+			return StreamHeader{}, err
+		}
+	}
+	log := d.log.WithField("project", project)
 	d.projects.Lock(project)
-	h, write, err := t.ExportGolden(ctx, project, n, base)
+	var h StreamHeader
+	var write func(context.Context, io.Writer) error
+	resumed := false
+	if r, ok := t.(Resumer); ok && token != "" {
+		h, write, err = r.ExportResume(ctx, project, token)
+		switch {
+		case errors.Is(err, ErrStaleToken):
+			log.WithError(err).Info("cannot resume the receiver's partial receive; sending afresh")
+		case err == nil && n > 0 && h.Generation != n:
+			log.WithFields(logrus.Fields{"partial": h.Generation, "generation": n}).Info("the receiver's partial receive is of another generation; sending afresh")
+			_ = write(ctx, nil) // releases its holds
+		case err != nil:
+			d.projects.Unlock(project)
+			return StreamHeader{}, fmt.Errorf("export golden %q: %w", project, err)
+		default:
+			resumed = true
+		}
+	}
+	if !resumed {
+		h, write, err = t.ExportGolden(ctx, project, n, base)
+	}
 	d.projects.Unlock(project)
 	if err != nil {
 		return StreamHeader{}, fmt.Errorf("export golden %q: %w", project, err)
@@ -78,11 +150,12 @@ func (d *Driver) Export(ctx context.Context, project string, n, base int, w io.W
 		_ = write(ctx, nil) // releases the holds; the reader is gone
 		return h, fmt.Errorf("export golden %q: %w", project, err)
 	}
-	d.log.WithFields(logrus.Fields{"project": project, "generation": h.Generation, "base": h.Base}).Info("golden export started")
+	log = log.WithFields(logrus.Fields{"generation": h.Generation, "base": h.Base, "resume": h.Resume})
+	log.Info("golden export started")
 	if err := write(ctx, w); err != nil {
 		return h, fmt.Errorf("export golden %q generation %d: %w", project, h.Generation, err)
 	}
-	d.log.WithFields(logrus.Fields{"project": project, "generation": h.Generation, "base": h.Base}).Info("golden export finished")
+	log.Info("golden export finished")
 	return h, nil
 }
 

@@ -217,8 +217,11 @@ func cmdGoldenList(args []string) error {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PROJECT\tTYPE\tGENERATION\tNEWEST\tVOLUMES\tUNIQUE\tREFERENCED\tCREATED\tFROM")
 	for _, g := range gs {
-		if len(g.Generations) == 0 {
+		if len(g.Generations) == 0 && g.Partial == nil {
 			fmt.Fprintf(tw, "%s\t%s\t-\t\t\t\t\t\t%s\n", g.Project, g.Kind, map[bool]string{true: "(importing)", false: ""}[g.Importing])
+		}
+		if g.Partial != nil {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t\t\t\t\t\t(partial receive: the next transfer resumes it)\n", g.Project, g.Kind, g.Partial.Generation)
 		}
 		for i, gen := range g.Generations {
 			newest := ""

@@ -122,6 +122,18 @@ func generationsOf(gs []driver.Golden, project string) []driver.Generation {
 	return nil
 }
 
+// resumeToken is the token of the receiver's partial receive of project when it is of
+// generation n, the one about to be sent ("" otherwise: the transfer replaces it).
+func resumeToken(receiver []driver.Golden, project string, n int) (string, error) {
+	for _, g := range receiver {
+		if g.Project == project && g.Partial != nil && g.Partial.Generation == n {
+			// It goes into the remote command line of a pull: held to a token's form.
+			return g.Partial.Token, driver.ValidateResumeToken(g.Partial.Token)
+		}
+	}
+	return "", nil
+}
+
 // planTransfer chooses what the sender sends the receiver of project: its newest generation,
 // from the newest generation both hold with the same guid when incremental streams are possible
 // (base 0: in full). upToDate is set when the receiver already holds the sender's newest.
@@ -194,9 +206,13 @@ func cmdGoldenPush(args []string) error {
 		return err
 	}
 	if upToDate {
-		return c.transferDone(project, n, base, 0, s.host, true)
+		return c.transferDone(project, n, base, 0, s.host, true, false)
 	}
-	resp, err := c.do("GET", "/v1/goldens/"+project+"/export?generation="+strconv.Itoa(n)+"&since="+strconv.Itoa(base), nil)
+	token, err := resumeToken(remote, project, n)
+	if err != nil {
+		return fmt.Errorf("zgolden on %s: %w", s.host, err)
+	}
+	resp, err := c.do("GET", exportPath(project, n, base, token), nil)
 	if err != nil {
 		return err
 	}
@@ -215,7 +231,7 @@ func cmdGoldenPush(args []string) error {
 	if runErr != nil {
 		return s.sshError(runErr, stderr.String())
 	}
-	return c.transferDone(project, n, base, counted.n, s.host, false)
+	return c.transferDone(project, n, base, counted.n, s.host, false, counted.resumed())
 }
 
 func cmdGoldenPull(args []string) error {
@@ -247,10 +263,18 @@ func cmdGoldenPull(args []string) error {
 		return err
 	}
 	if upToDate {
-		return c.transferDone(project, n, base, 0, s.host, true)
+		return c.transferDone(project, n, base, 0, s.host, true, false)
+	}
+	token, err := resumeToken(local, project, n)
+	if err != nil {
+		return err
+	}
+	export := []string{"golden", "export", project, "--generation", strconv.Itoa(n), "--since", strconv.Itoa(base)}
+	if token != "" {
+		export = append(export, "--resume", token)
 	}
 	var stderr bytes.Buffer
-	cmd := s.command(ctx, "golden", "export", project, "--generation", strconv.Itoa(n), "--since", strconv.Itoa(base))
+	cmd := s.command(ctx, export...)
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -292,16 +316,18 @@ func cmdGoldenPull(args []string) error {
 	if recvErr != nil {
 		return fmt.Errorf("golden pull: %w", recvErr)
 	}
-	return c.transferDone(project, g.Number, base, counted.n, s.host, false)
+	return c.transferDone(project, g.Number, base, counted.n, s.host, false, counted.resumed())
 }
 
-func (c *cli) transferDone(project string, n, base int, bytes int64, host string, upToDate bool) error {
+func (c *cli) transferDone(project string, n, base int, bytes int64, host string, upToDate, resumed bool) error {
 	if c.json {
-		return printJSON(map[string]any{"project": project, "generation": n, "base": base, "bytes": bytes, "host": host, "up_to_date": upToDate})
+		return printJSON(map[string]any{"project": project, "generation": n, "base": base, "bytes": bytes, "host": host, "up_to_date": upToDate, "resumed": resumed})
 	}
 	switch {
 	case upToDate:
 		fmt.Printf("golden %s generation %d is on both hosts already\n", project, n)
+	case resumed:
+		fmt.Printf("golden %s generation %d moved (resumed where the last transfer stopped): %s\n", project, n, humanBytes(uint64(bytes)))
 	case base > 0:
 		fmt.Printf("golden %s generation %d moved (since generation %d): %s\n", project, n, base, humanBytes(uint64(bytes)))
 	default:
@@ -310,14 +336,26 @@ func (c *cli) transferDone(project string, n, base int, bytes int64, host string
 	return nil
 }
 
-// countingReader counts what passes through it.
+// countingReader counts what passes through it, and keeps the stream's header line.
 type countingReader struct {
-	r io.Reader
-	n int64
+	r    io.Reader
+	n    int64
+	head []byte
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
+	if len(c.head) < 64<<10 && !bytes.Contains(c.head, []byte("\n")) {
+		c.head = append(c.head, p[:min(n, 64<<10-len(c.head))]...)
+	}
 	return n, err
+}
+
+// resumed reports whether the stream that passed was the rest of a partial receive (the sender
+// decides: a token that no longer resumes is answered with the whole stream).
+func (c *countingReader) resumed() bool {
+	line, _, _ := bytes.Cut(c.head, []byte("\n"))
+	h, _, err := driver.ReadStreamHeader(bytes.NewReader(append(line, '\n')))
+	return err == nil && h.Resume
 }

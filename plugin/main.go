@@ -24,7 +24,7 @@ var commands = []struct{ path, args, summary string }{
 	{"golden promote", "VOLUME --project PRJ [--json]", "make a volume PRJ's next generation"},
 	{"golden reclaim", "[PRJ] [--keep N] [--json]", "destroy unused older generations"},
 	{"golden rm", "PRJ [--force] [--json]", "destroy a golden no volume uses (--force: and its volumes, none mounted)"},
-	{"golden export", "PRJ [--generation N] [--since M] [--json] > FILE", "write a generation as a stream; --since M (ZFS): only what changed since M"},
+	{"golden export", "PRJ [--generation N] [--since M] [--resume TOKEN] [--json] > FILE", "write a generation as a stream; --since M (ZFS): only what changed since M; --resume (ZFS): the rest of a receiver's partial receive"},
 	{"golden receive", "PRJ [--json] < FILE", "add the generation a stream carries to PRJ, once it is complete and checked"},
 	{"golden push", "PRJ [USER@]HOST [--ssh-port N] [--identity FILE] [--known-hosts FILE] [--remote-zgolden CMD] [--remote-admin-socket PATH] [--json]", "send HOST over SSH what it lacks of PRJ's newest generation"},
 	{"golden pull", "PRJ [USER@]HOST [--ssh-port N] [--identity FILE] [--known-hosts FILE] [--remote-zgolden CMD] [--remote-admin-socket PATH] [--json]", "fetch over SSH what this host lacks of PRJ's newest generation on HOST"},

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"time"
@@ -19,7 +20,8 @@ import (
 // that looks whole.
 const trailerError = "Zgolden-Error"
 
-// exportGolden answers GET /v1/goldens/{project}/export?generation=N&since=M with the stream.
+// exportGolden answers GET /v1/goldens/{project}/export?generation=N&since=M[&resume=TOKEN]
+// with the stream: the rest of the receiver's partial receive when TOKEN still resumes it.
 func (a *admin) exportGolden(w http.ResponseWriter, r *http.Request) {
 	project := r.PathValue("project")
 	n, err1 := optInt(r, "generation")
@@ -32,7 +34,7 @@ func (a *admin) exportGolden(w http.ResponseWriter, r *http.Request) {
 	sw := &startedWriter{w: w}
 	start := time.Now()
 	// The stream stops (and the holds are released) if the client disconnects.
-	_, err := a.d.Export(r.Context(), project, n, since, sw)
+	_, err := a.d.ExportResume(r.Context(), project, n, since, r.URL.Query().Get("resume"), sw)
 	a.m.observe("export", start, err)
 	if err != nil {
 		a.log.WithError(err).WithField("project", project).Warn("export failed")
@@ -54,6 +56,15 @@ func (a *admin) receiveGolden(w http.ResponseWriter, r *http.Request) {
 		a.log.WithError(err).WithField("project", project).Warn("receive failed")
 	}
 	a.reply(w, gen, err)
+}
+
+// exportPath is the admin API's export of project's generation n since base, resuming token.
+func exportPath(project string, n, base int, token string) string {
+	q := url.Values{"generation": {strconv.Itoa(n)}, "since": {strconv.Itoa(base)}}
+	if token != "" {
+		q.Set("resume", token)
+	}
+	return "/v1/goldens/" + project + "/export?" + q.Encode()
 }
 
 func optInt(r *http.Request, key string) (int, error) {
@@ -87,13 +98,14 @@ func cmdGoldenExport(args []string) error {
 	c := newCLI("golden export")
 	gen := c.fs.Int("generation", 0, "the generation to export (default: the newest)")
 	since := c.fs.Int("since", 0, "send only what changed since this generation, which the receiver has (default: everything)")
+	resume := c.fs.String("resume", "", "send the rest of the receiver's partial receive, from its token (zgolden golden ls --json on the receiver, Partial.token); falls back to the whole stream when it no longer resumes")
 	if err := c.parse(args, 1); err != nil {
 		return err
 	}
 	if isTerminal(os.Stdout) {
 		return errors.New("golden export: the stream is binary; redirect it to a file or a pipe (zgolden golden export PRJ > FILE)")
 	}
-	resp, err := c.do("GET", "/v1/goldens/"+c.args[0]+"/export?generation="+strconv.Itoa(*gen)+"&since="+strconv.Itoa(*since), nil)
+	resp, err := c.do("GET", exportPath(c.args[0], *gen, *since, *resume), nil)
 	if err != nil {
 		return err
 	}

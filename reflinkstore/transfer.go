@@ -82,7 +82,7 @@ func (s *Store) ExportGolden(ctx context.Context, projectName string, n, base in
 			return nil
 		}
 		s.cfg.Faults.Hit("export:after-hold")
-		return sendImage(ctx, w, f)
+		return sendImage(ctx, s.cfg.Faults.Writer("export:mid-stream", w), f)
 	}
 	return h, write, nil
 }
@@ -124,8 +124,8 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 	if err := driver.ValidateProject(h.Project); err != nil {
 		return driver.Generation{}, err
 	}
-	if h.Base > 0 {
-		return driver.Generation{}, fmt.Errorf("%w: the stream is incremental, and the reflink store receives whole generations only", driver.ErrInvalid)
+	if h.Base > 0 || h.Resume {
+		return driver.Generation{}, fmt.Errorf("%w: the stream is incremental or resumes another, and the reflink store receives whole generations only", driver.ErrInvalid)
 	}
 	p, err := s.readProject(h.Project, false)
 	if err != nil {
@@ -175,7 +175,7 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 	if err != nil {
 		return fail(mapErr(err))
 	}
-	if err := receiveImage(ctx, r, tmp); err != nil {
+	if err := receiveImage(ctx, s.cfg.Faults.Reader("receive:mid-stream", r), tmp); err != nil {
 		return fail(err)
 	}
 	if err := tmp.Sync(); err != nil {

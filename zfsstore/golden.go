@@ -19,11 +19,11 @@ import (
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
-var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "createtxg", "volsize", "guid", propKind, propState, propFrom}
+var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "createtxg", "volsize", "guid", propKind, propState, propFrom, "receive_resume_token"}
 
 // pickProps is what choosing a generation to clone needs: no space accounting and no clone
 // lists, which ZFS computes per snapshot (the clones list grows with every volume made from it).
-var pickProps = []string{"type", "origin", "creation", "volsize", propKind, propState}
+var pickProps = []string{"type", "origin", "creation", "volsize", propKind, propState, "receive_resume_token"}
 
 // lineage is one dataset of a project's golden and its generation snapshots.
 type lineage struct {
@@ -31,8 +31,11 @@ type lineage struct {
 	first  int // the generation it was started with (from its name gN)
 	state  string
 	origin string
-	gens   []driver.Generation
-	txgs   []uint64 // each generation's createtxg, as gens is ordered while it is listed
+	// token is set on a lineage an interrupted receive left for its resume (transfer.go): it
+	// has no generation, is never cloned, and stays across restarts.
+	token string
+	gens  []driver.Generation
+	txgs  []uint64 // each generation's createtxg, as gens is ordered while it is listed
 }
 
 // volsizes maps a generation's snapshot to its volsize (0 for a filesystem), read in the same
@@ -61,7 +64,7 @@ func (p *project) generations() []driver.Generation {
 func (p *project) newestLineage() *lineage {
 	var newest *lineage
 	for _, l := range p.lineages {
-		if newest == nil || l.first > newest.first {
+		if l.token == "" && (newest == nil || l.first > newest.first) {
 			newest = l
 		}
 	}
@@ -133,6 +136,9 @@ func (s *Store) projectsSizes(ctx context.Context, only string, props []string) 
 				continue
 			}
 			l := &lineage{name: r["name"], first: first, state: r[propState], origin: r["origin"]}
+			if t := r["receive_resume_token"]; t != "-" {
+				l.token = t
+			}
 			p.lineages = append(p.lineages, l)
 			lineages[r["name"]] = l
 		case len(parts) == 2 && isSnap && strings.HasPrefix(snap, forkPrefix):
@@ -240,7 +246,10 @@ func (s *Store) Goldens(ctx context.Context) ([]driver.Golden, error) {
 	for _, p := range ps {
 		g := driver.Golden{Project: p.name, Kind: p.kind, Generations: p.generations()}
 		for _, l := range p.lineages {
-			if l.state != "ready" {
+			switch {
+			case l.token != "":
+				g.Partial = &driver.PartialReceive{Project: p.name, Generation: l.first, Token: l.token}
+			case l.state != "ready":
 				g.Importing = true
 			}
 		}
@@ -722,6 +731,8 @@ func (s *Store) cleanGoldens(ctx context.Context) error {
 		for _, l := range p.lineages {
 			log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": l.name})
 			switch {
+			case l.token != "":
+				log.Info("keeping a partial receive: the next transfer of its generation resumes it, any other replaces it")
 			case l.state != "ready":
 				log.Warn("wiping a golden whose import, promotion or receive did not complete")
 				if err := s.destroy(ctx, l.name, true); err != nil {

@@ -453,7 +453,7 @@ func (s *Store) stockSpares(ctx context.Context) error {
 		}
 		importing := false
 		for _, l := range p.lineages {
-			importing = importing || l.state != "ready"
+			importing = importing || (l.state != "ready" && l.token == "")
 		}
 		if gens := p.generations(); len(gens) > 0 && !importing {
 			g := gens[len(gens)-1]

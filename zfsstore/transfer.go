@@ -84,12 +84,20 @@ func (s *Store) ExportGolden(ctx context.Context, project string, n, base int) (
 			return driver.StreamHeader{}, nil, err
 		}
 	}
+	log := s.log.WithFields(logrus.Fields{"project": project, "generation": gen.Number, "base": h.Base, "dataset": gen.Source})
+	write, err := s.heldSend(ctx, log, snaps, func(ctx context.Context, w io.Writer) error { return s.zfs.Send(ctx, w, gen.Source, from) })
+	return h, write, err
+}
+
+// heldSend holds snaps and returns the function that runs send to write their stream and then
+// releases the holds (with w nil, it only releases them).
+func (s *Store) heldSend(ctx context.Context, log *logrus.Entry, snaps []string, send func(context.Context, io.Writer) error) (func(context.Context, io.Writer) error, error) {
 	tag := exportHoldPrefix + strconv.FormatInt(time.Now().UnixNano(), 36)
 	if err := s.zfs.Hold(ctx, tag, snaps...); err != nil {
-		return driver.StreamHeader{}, nil, mapErr(err)
+		return nil, mapErr(err)
 	}
-	log := s.log.WithFields(logrus.Fields{"project": project, "generation": gen.Number, "base": h.Base, "dataset": gen.Source, "hold": tag})
-	write := func(ctx context.Context, w io.Writer) error {
+	log = log.WithField("hold", tag)
+	return func(ctx context.Context, w io.Writer) error {
 		defer func() {
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 			defer cancel()
@@ -101,9 +109,61 @@ func (s *Store) ExportGolden(ctx context.Context, project string, n, base int) (
 			return nil
 		}
 		s.cfg.Faults.Hit("export:after-hold")
-		return mapErr(s.zfs.Send(ctx, w, gen.Source, from))
+		return mapErr(send(ctx, s.cfg.Faults.Writer("export:mid-stream", w)))
+	}, nil
+}
+
+// ExportResume implements driver.Resumer. The token comes from the other host: before anything
+// is sent it must name a generation snapshot of this project here, by name and guid.
+func (s *Store) ExportResume(ctx context.Context, project, token string) (driver.StreamHeader, func(context.Context, io.Writer) error, error) {
+	if err := driver.ValidateProject(project); err != nil {
+		return driver.StreamHeader{}, nil, err
 	}
-	return h, write, nil
+	info, err := s.zfs.DescribeResumeToken(ctx, token)
+	if err != nil {
+		return driver.StreamHeader{}, nil, fmt.Errorf("%w: the resume token does not decode here: %v", driver.ErrInvalid, err)
+	}
+	if !inside(s.projectDataset(project), info.ToName) {
+		return driver.StreamHeader{}, nil, fmt.Errorf("%w: the resume token names %s, which is not a generation of golden %q on this host", driver.ErrInvalid, info.ToName, project)
+	}
+	ps, err := s.projects(ctx, project)
+	if err != nil {
+		return driver.StreamHeader{}, nil, err
+	}
+	p := ps[project]
+	if p == nil {
+		return driver.StreamHeader{}, nil, driver.GoldenMissingError(project)
+	}
+	gens := p.generations()
+	byGUID := func(guid string) *driver.Generation {
+		for i := range gens {
+			if gens[i].GUID == guid {
+				return &gens[i]
+			}
+		}
+		return nil
+	}
+	gen := byGUID(info.ToGUID)
+	switch {
+	case gen == nil:
+		return driver.StreamHeader{}, nil, fmt.Errorf("%w: the generation it resumes (guid %s) is gone from golden %q here", driver.ErrStaleToken, info.ToGUID, project)
+	case gen.Source != info.ToName:
+		// zfs send -t finds the snapshot by the name in the token.
+		return driver.StreamHeader{}, nil, fmt.Errorf("%w: generation %d moved from %s to %s (a promotion re-rooted it)", driver.ErrStaleToken, gen.Number, info.ToName, gen.Source)
+	}
+	h := driver.StreamHeader{Kind: p.kind, Generation: gen.Number, GUID: gen.GUID, Resume: true}
+	snaps := []string{gen.Source}
+	if info.FromGUID != "" {
+		b := byGUID(info.FromGUID)
+		if b == nil {
+			return driver.StreamHeader{}, nil, fmt.Errorf("%w: the generation it is incremental from (guid %s) is gone from golden %q here", driver.ErrStaleToken, info.FromGUID, project)
+		}
+		h.Base, h.BaseGUID = b.Number, b.GUID
+		snaps = append(snaps, b.Source)
+	}
+	log := s.log.WithFields(logrus.Fields{"project": project, "generation": gen.Number, "base": h.Base, "dataset": gen.Source, "resume": true})
+	write, err := s.heldSend(ctx, log, snaps, func(ctx context.Context, w io.Writer) error { return s.zfs.SendResume(ctx, w, token) })
+	return h, write, err
 }
 
 func findGeneration(gens []driver.Generation, n int) *driver.Generation {
@@ -170,8 +230,28 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 			}
 			return *g, nil // already here: a repeated transfer changes nothing
 		}
-		if m := p.maxGeneration(); m >= h.Generation {
+		if len(gens) > 0 && gens[len(gens)-1].Number >= h.Generation {
+			m := gens[len(gens)-1].Number
 			return driver.Generation{}, fmt.Errorf("%w: golden %q here already has generation %d, newer than the stream's %d, which it lacks: its history diverged from the sender's (generation numbers are given per host); remove the golden here, or receive into another project", driver.ErrGenerationInUse, h.Project, m, h.Generation)
+		}
+	}
+	var parts []*lineage
+	if p := ps[h.Project]; p != nil {
+		for _, l := range p.lineages {
+			if l.token != "" {
+				parts = append(parts, l)
+			}
+		}
+	}
+	var resumeInto string
+	if h.Resume {
+		for _, pt := range parts {
+			if pt.first == h.Generation {
+				resumeInto = pt.name
+			}
+		}
+		if resumeInto == "" {
+			return driver.Generation{}, fmt.Errorf("%w: the stream resumes a receive of generation %d of %q that this host no longer holds (a later transfer replaced it, or it was removed): send it again without --resume", driver.ErrInvalid, h.Generation, h.Project)
 		}
 	}
 	var origin string
@@ -189,13 +269,22 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 		}
 		origin = b.Source
 	}
+	// One partial receive per project: a transfer that does not resume it replaces it.
+	for _, pt := range parts {
+		if pt.name != resumeInto {
+			s.log.WithFields(logrus.Fields{"project": h.Project, "dataset": pt.name, "generation": pt.first}).Info("dropping a partial receive that this transfer replaces")
+			if err := s.destroy(ctx, pt.name, true); err != nil {
+				return driver.Generation{}, err
+			}
+		}
+	}
 	created := ps[h.Project] == nil
 	p, err := s.ensureProject(ctx, ps, h.Project, h.Kind)
 	if err != nil {
 		return driver.Generation{}, err
 	}
 	ds := s.projectDataset(p.name) + "/g" + strconv.Itoa(h.Generation)
-	log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": ds, "generation": h.Generation, "base": h.Base})
+	log := s.log.WithFields(logrus.Fields{"project": p.name, "dataset": ds, "generation": h.Generation, "base": h.Base, "resume": h.Resume})
 	// fail destroys what this receive made: the new lineage, and the project's container when
 	// the receive made that too (nothing of a refused stream may stay, not even a name).
 	fail := func(err error) (driver.Generation, error) {
@@ -211,8 +300,38 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 	if h.Kind == driver.KindFS {
 		props["mountpoint"] = "legacy" // as an import's lineage: zgolden mounts its clones itself
 	}
-	if err := s.zfs.Receive(ctx, r, ds, props, origin); err != nil {
-		return fail(receiveErr(err))
+	in := s.cfg.Faults.Reader("receive:mid-stream", r)
+	var rerr error
+	if h.Resume {
+		rerr = s.zfs.Receive(ctx, in, ds, nil, "") // the partial receive has its origin already
+	} else {
+		rerr = s.zfs.Receive(ctx, in, ds, props, origin)
+	}
+	if rerr != nil {
+		// What arrived stays for a resume when ZFS saved it, unless the pool is out of room,
+		// where keeping it would only hold the space that is missing.
+		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		token, _ := s.zfs.ResumeToken(tctx, ds)
+		cancel()
+		if token == "" || errors.Is(rerr, zfsutil.ErrNoSpace) {
+			return fail(receiveErr(rerr))
+		}
+		log.WithError(rerr).Warn("kept the partial receive: the next transfer of this generation resumes it")
+		return driver.Generation{}, fmt.Errorf("%w: the stream ended early or is corrupt; what arrived is kept, invisible to Creates, and the next transfer of generation %d resumes it (`zgolden golden push` and `pull` do so by themselves; `zgolden golden partial %s` prints the token for `zgolden golden export --resume`; any other transfer into %s replaces it): %v", driver.ErrInvalid, h.Generation, p.name, p.name, rerr)
+	}
+	if h.Resume {
+		// A resumed receive takes no -o: whether the first attempt's properties reached the
+		// partial dataset differs between releases, so they are set now.
+		if err := s.zfs.Set(ctx, ds, props); err != nil {
+			return fail(mapErr(err))
+		}
+		row, err := s.zfs.Get(ctx, ds, "origin")
+		if err != nil {
+			return fail(mapErr(err))
+		}
+		if o := row["origin"]; o != "-" {
+			origin = o
+		}
 	}
 	snap := genSnapshot(ds, h.Generation)
 	if guid, err := s.guid(ctx, snap); err != nil || guid != h.GUID {

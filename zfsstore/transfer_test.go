@@ -26,23 +26,16 @@ import (
 // host is one zgolden host of a two-host fleet, in one guest: its own pool, parent, store,
 // mount root and state.
 type host struct {
-	parent string
-	store  *zfsstore.Store
-	d      *driver.Driver
-	mounts string
+	parent, work, state string
+	store               *zfsstore.Store
+	d                   *driver.Driver
+	mounts              string
 }
 
 func newHost(t *testing.T, parent string) *host {
 	t.Helper()
-	s := mustOpen(t, parent, t.TempDir())
-	l := logrus.New()
-	l.SetLevel(logrus.WarnLevel)
-	h := &host{parent: parent, store: s, mounts: t.TempDir()}
-	d, err := driver.New(context.Background(), driver.Config{Backend: s, MountRoot: h.mounts, StateDir: t.TempDir(), DefaultSize: 1 << 30, Log: logrus.NewEntry(l)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.d = d
+	h := &host{parent: parent, work: t.TempDir(), state: t.TempDir(), mounts: t.TempDir()}
+	h.open(t)
 	// Before the store's Close and the pool's destroy (cleanups run last in, first out): a
 	// session left mounted by a failed test would keep both busy.
 	t.Cleanup(func() {
@@ -53,6 +46,27 @@ func newHost(t *testing.T, parent string) *host {
 		}
 	})
 	return h
+}
+
+func (h *host) open(t *testing.T) {
+	t.Helper()
+	h.store = mustOpen(t, h.parent, h.work)
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	d, err := driver.New(context.Background(), driver.Config{Backend: h.store, MountRoot: h.mounts, StateDir: h.state, DefaultSize: 1 << 30, Log: logrus.NewEntry(l)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.d = d
+}
+
+// restart closes the host's store and opens it again, as a restart of zgolden serve does.
+func (h *host) restart(t *testing.T) {
+	t.Helper()
+	if err := h.store.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.open(t)
 }
 
 // secondPool makes a pool on a sparse file, as a second host's own disk, and its parent dataset.
@@ -212,7 +226,15 @@ func TestTransferBetweenHosts(t *testing.T) {
 	}
 
 	t.Run("bad streams", func(t *testing.T) {
-		before := harness.ZFSInventory(t, b.parent)
+		g4 := a.promoteWith(t, "prj", "a-third", "four")
+		next := a.export(t, "prj", 0, g3.Number)
+		// A stream cut short leaves a partial receive of generation 4 for its resume
+		// (TestTransferResumes); it is no generation, and every other check ignores it.
+		partialDS := "/prj/g" + strconv.Itoa(g4.Number)
+		inventory := func() []string {
+			return slices.DeleteFunc(harness.ZFSInventory(t, b.parent), func(n string) bool { return strings.HasSuffix(n, partialDS) })
+		}
+		before := inventory()
 		refuse := func(what, project string, stream []byte, want error, says string) {
 			t.Helper()
 			_, err := b.d.Receive(ctx, project, bytes.NewReader(stream))
@@ -221,13 +243,14 @@ func TestTransferBetweenHosts(t *testing.T) {
 			} else {
 				t.Logf("%s: %v", what, err)
 			}
-			if after := harness.ZFSInventory(t, b.parent); !slices.Equal(after, before) {
+			if after := inventory(); !slices.Equal(after, before) {
 				t.Errorf("%s left %v (before: %v)", what, after, before)
 			}
 		}
-		g4 := a.promoteWith(t, "prj", "a-third", "four")
-		next := a.export(t, "prj", 0, g3.Number)
-		refuse("a truncated stream", "prj", next[:len(next)/2], driver.ErrInvalid, "truncated or corrupt")
+		refuse("a truncated stream", "prj", next[:len(next)/2], driver.ErrInvalid, "resumes it")
+		if p := partialOf(t, b, "prj"); p == nil || p.Generation != g4.Number {
+			t.Errorf("a truncated stream kept %+v; want the partial receive of generation %d", p, g4.Number)
+		}
 		corrupt := append([]byte{}, next...)
 		for i := len(corrupt) / 2; i < len(corrupt)/2+4096 && i < len(corrupt); i++ {
 			corrupt[i] ^= 0x5a
@@ -269,9 +292,12 @@ func TestTransferBetweenHosts(t *testing.T) {
 		harness.Run(t, "zfs", "set", "quota="+strconv.FormatUint(n+64<<10, 10), b.parent)
 		refuse("a receiver out of space", "prj", next, driver.ErrNoSpace, "nothing of the stream was kept")
 		harness.Run(t, "zfs", "set", "quota=none", b.parent)
-		// The good stream still goes in after all of that.
+		// The good stream still goes in after all of that, and no partial receive is left.
 		if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(next)); err != nil || got.Number != g4.Number {
 			t.Fatalf("the good stream after the bad ones: %+v, %v", got, err)
+		}
+		if p := partialOf(t, b, "prj"); p != nil {
+			t.Errorf("a partial receive is left after the good stream: %+v", p)
 		}
 	})
 
@@ -344,4 +370,152 @@ func (g *gatedReader) Read(p []byte) (int, error) {
 	g.once.Do(func() { close(g.started) })
 	<-g.open
 	return g.r.Read(p)
+}
+
+// partialOf is the partial receive h keeps for project, from its goldens (nil: none).
+func partialOf(t *testing.T, h *host, project string) *driver.PartialReceive {
+	t.Helper()
+	gs, err := h.d.Goldens(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range gs {
+		if g.Project == project {
+			return g.Partial
+		}
+	}
+	return nil
+}
+
+// TestTransferResumes: a stream cut short leaves a partial receive that no Create can clone and
+// that a restart keeps; the sender then sends only the rest, from the receiver's token, in full
+// and incrementally. A transfer that does not resume replaces the partial one, a token that no
+// longer resumes falls back to the whole stream, and a token is refused for any snapshot but a
+// generation of the project it is asked for.
+func TestTransferResumes(t *testing.T) {
+	a := newHost(t, harness.ZFSParent(t))
+	b := newHost(t, secondPool(t))
+	ctx := context.Background()
+	src := t.TempDir()
+	drivertest.MakeTree(t, src)
+	if _, err := a.d.Import(ctx, "prj", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// cut receives the first part of stream on b, and returns the partial receive it kept.
+	cut := func(stream []byte, gen int) *driver.PartialReceive {
+		t.Helper()
+		_, err := b.d.Receive(ctx, "prj", bytes.NewReader(stream[:len(stream)*2/5]))
+		if !errors.Is(err, driver.ErrInvalid) || !strings.Contains(err.Error(), "resumes it") {
+			t.Fatalf("a stream cut short: %v; want ErrInvalid saying the next transfer resumes it", err)
+		}
+		p := partialOf(t, b, "prj")
+		if p == nil || p.Generation != gen || p.Token == "" {
+			t.Fatalf("after a stream cut short, the partial receive is %+v; want one of generation %d with a token", p, gen)
+		}
+		return p
+	}
+	// resume has a send the rest from b's token and b receive it.
+	resume := func(p *driver.PartialReceive, n, base, whole int) driver.Generation {
+		t.Helper()
+		var rest bytes.Buffer
+		h, err := a.d.ExportResume(ctx, "prj", n, base, p.Token, &rest)
+		if err != nil || !h.Resume || h.Generation != p.Generation {
+			t.Fatalf("export from the token: %+v, %v; want the rest of generation %d", h, err, p.Generation)
+		}
+		if rest.Len() >= whole {
+			t.Errorf("the resumed stream has %d bytes, not fewer than the whole stream's %d", rest.Len(), whole)
+		}
+		t.Logf("generation %d: whole stream %d bytes, its rest after the cut %d bytes", p.Generation, whole, rest.Len())
+		got, err := b.d.Receive(ctx, "prj", &rest)
+		if err != nil || got.Number != p.Generation {
+			t.Fatalf("receive the rest: %+v, %v", got, err)
+		}
+		if q := partialOf(t, b, "prj"); q != nil {
+			t.Errorf("a partial receive is left after the resume: %+v", q)
+		}
+		return got
+	}
+
+	full := a.export(t, "prj", 0, 0)
+	p := cut(full, 1)
+	if err := b.d.Create(ctx, "early", map[string]string{"golden": "prj"}); err == nil {
+		t.Fatal("a Create cloned a golden whose only generation is a partial receive")
+	}
+	b.restart(t)
+	if q := partialOf(t, b, "prj"); q == nil || q.Token != p.Token {
+		t.Fatalf("after a restart the partial receive is %+v; want %+v", q, p)
+	}
+	resume(p, 0, 0, len(full))
+	if err := b.d.Create(ctx, "b-one", map[string]string{"golden": "prj"}); err != nil {
+		t.Fatal(err)
+	}
+	mp, err := b.d.Mount(ctx, "b-one", "check")
+	if err != nil {
+		t.Fatal(err)
+	}
+	drivertest.CheckTree(t, mp)
+	if err := b.d.Unmount(ctx, "b-one", "check"); err != nil {
+		t.Fatal(err)
+	}
+
+	// Incrementally: the partial receive is a clone of the base, re-rooted once whole.
+	g2 := a.promoteWith(t, "prj", "a-1", "two")
+	inc := a.export(t, "prj", 0, 1)
+	resume(cut(inc, g2.Number), g2.Number, 1, len(inc))
+	if m := b.readMarker(t, "prj", 0, "b-two"); m != "two" {
+		t.Fatalf("the resumed incremental generation reads marker %q, want %q", m, "two")
+	}
+	if m := b.readMarker(t, "prj", 1, "b-one-again"); m != "" {
+		t.Fatalf("generation 1 reads marker %q after the resumed receive, want none", m)
+	}
+
+	// A transfer that does not resume replaces the partial receive.
+	g3 := a.promoteWith(t, "prj", "a-2", "three")
+	inc3 := a.export(t, "prj", 0, g2.Number)
+	cut(inc3, g3.Number)
+	if got, err := b.d.Receive(ctx, "prj", bytes.NewReader(inc3)); err != nil || got.Number != g3.Number {
+		t.Fatalf("the whole stream over a partial receive: %+v, %v", got, err)
+	}
+	if q := partialOf(t, b, "prj"); q != nil {
+		t.Errorf("the whole stream left the partial receive %+v", q)
+	}
+
+	// A token is no key to the sender's pool.
+	g4 := a.promoteWith(t, "prj", "a-3", "four")
+	inc4 := a.export(t, "prj", 0, g3.Number)
+	p4 := cut(inc4, g4.Number)
+	for what, tc := range map[string]struct{ project, token, says string }{
+		"another project's name":       {"other", p4.Token, "not a generation of golden \"other\""},
+		"a token of another form":      {"prj", "1-abc; reboot", "is not a resume token"},
+		"a token that does not decode": {"prj", "1-abc-def-0123", "does not decode"},
+	} {
+		var w bytes.Buffer
+		if _, err := a.d.ExportResume(ctx, tc.project, 0, 0, tc.token, &w); !errors.Is(err, driver.ErrInvalid) || !strings.Contains(err.Error(), tc.says) || w.Len() > 0 {
+			t.Errorf("export from %s: %v, %d bytes written; want ErrInvalid saying %q and nothing sent", what, err, w.Len(), tc.says)
+		}
+	}
+	// The generation the token resumes moves with the next promotion's re-root: the sender
+	// sends the whole stream of its newest generation instead, and the receiver takes it.
+	g5 := a.promoteWith(t, "prj", "a-4", "five")
+	var again bytes.Buffer
+	h, err := a.d.ExportResume(ctx, "prj", 0, 0, p4.Token, &again)
+	if err != nil || h.Resume || h.Generation != g5.Number {
+		t.Fatalf("export from a token whose generation moved: %+v, %v; want the whole stream of generation %d", h, err, g5.Number)
+	}
+	if got, err := b.d.Receive(ctx, "prj", &again); err != nil || got.Number != g5.Number {
+		t.Fatalf("receive the fallback stream: %+v, %v", got, err)
+	}
+	if q := partialOf(t, b, "prj"); q != nil {
+		t.Errorf("the fallback stream left the partial receive %+v", q)
+	}
+	if m := b.readMarker(t, "prj", 0, "b-five"); m != "five" {
+		t.Fatalf("generation %d reads marker %q, want %q", g5.Number, m, "five")
+	}
+	for _, h := range []*host{a, b} {
+		for _, v := range h.d.List() {
+			if err := h.d.Remove(ctx, v.Name); err != nil {
+				t.Error(err)
+			}
+		}
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -315,16 +316,87 @@ func (z *ZFS) Send(ctx context.Context, w io.Writer, snapshot, from string) erro
 
 // Receive reads a zfs send stream from r into the new dataset dest, unmounted (-u), with props
 // set on it; an incremental stream is received as a clone of origin (-o origin=), whose guid
-// ZFS checks against the stream's base. Never -F: nothing local is rolled back or destroyed. A
-// receive that fails or is killed leaves nothing of dest (no -s). Bounded by ctx alone, as Send.
+// ZFS checks against the stream's base. Never -F: nothing local is rolled back or destroyed. The
+// receive is resumable (-s): one that fails or is killed mid-stream leaves dest inconsistent,
+// invisible to clones, with a receive_resume_token (ResumeToken), and the caller either keeps
+// it for a resume or destroys it. A resumed stream (SendResume) goes into the same dest with
+// origin "". Bounded by ctx alone, as Send.
 func (z *ZFS) Receive(ctx context.Context, r io.Reader, dest string, props Props, origin string) error {
-	args := append([]string{"receive", "-u"}, props.args()...)
+	args := append([]string{"receive", "-u", "-s"}, props.args()...)
 	if origin != "" {
 		args = append(args, "-o", "origin="+origin)
 	}
 	args = append(args, dest)
 	z.log.WithField("argv", args).Debug("zfs receive")
 	_, err := command.RunIO(ctx, r, nil, "zfs", args...)
+	return classify(err)
+}
+
+// ResumeToken returns the receive_resume_token of dataset: "" when no interrupted resumable
+// receive is saved in it.
+func (z *ZFS) ResumeToken(ctx context.Context, dataset string) (string, error) {
+	row, err := z.Get(ctx, dataset, "receive_resume_token")
+	if err != nil {
+		return "", err
+	}
+	if t := row["receive_resume_token"]; t != "-" {
+		return t, nil
+	}
+	return "", nil
+}
+
+// ResumeInfo is what a resume token says about the stream it resumes: the sender's snapshot
+// (its name and guid) and, for an incremental stream, its base's guid. Guids are decimal, as
+// zfs get prints them.
+type ResumeInfo struct {
+	ToName, ToGUID, FromGUID string
+}
+
+// DescribeResumeToken decodes token with a dry run of zfs send -t, which checks the token's
+// own checksum: a sender must know which snapshot a token names before it sends anything,
+// since the token comes from the other host.
+func (z *ZFS) DescribeResumeToken(ctx context.Context, token string) (ResumeInfo, error) {
+	ctx, cancel := context.WithTimeout(ctx, CommandTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "zfs", "send", "-n", "-v", "-t", token)
+	cmd.WaitDelay = command.KillGrace
+	// Releases differ in which stream the token's contents go to: read both.
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return ResumeInfo{}, classify(&command.Error{Argv: cmd.Args, Stderr: string(out), Err: err})
+	}
+	var info ResumeInfo
+	for _, line := range strings.Split(string(out), "\n") {
+		key, value, ok := strings.Cut(strings.TrimSpace(line), " = ")
+		if !ok {
+			continue
+		}
+		switch key {
+		case "toname":
+			info.ToName = value
+		case "toguid", "fromguid":
+			n, err := strconv.ParseUint(strings.TrimPrefix(value, "0x"), 16, 64)
+			if err != nil {
+				return ResumeInfo{}, fmt.Errorf("resume token: %s %q is not a guid", key, value)
+			}
+			if key == "toguid" {
+				info.ToGUID = strconv.FormatUint(n, 10)
+			} else {
+				info.FromGUID = strconv.FormatUint(n, 10)
+			}
+		}
+	}
+	if info.ToName == "" || info.ToGUID == "" {
+		return ResumeInfo{}, fmt.Errorf("zfs send -nvt printed no toname and toguid for the token:\n%s", out)
+	}
+	return info, nil
+}
+
+// SendResume writes the rest of an interrupted stream, from where the receiver's token says it
+// stopped (zfs send -t), to w. The token carries the first send's flags. Bounded by ctx, as Send.
+func (z *ZFS) SendResume(ctx context.Context, w io.Writer, token string) error {
+	z.log.Debug("zfs send -t")
+	_, err := command.RunIO(ctx, nil, w, "zfs", "send", "-t", token)
 	return classify(err)
 }
 

@@ -8,6 +8,7 @@ package fault
 
 import (
 	"context"
+	"io"
 	"os"
 	"sort"
 	"strings"
@@ -54,6 +55,8 @@ var Points = []string{
 	"import:after-copy",
 	"import:after-marker",
 	"export:after-hold",
+	"export:mid-stream",
+	"receive:mid-stream",
 	"receive:after-stream",
 	"receive:after-ready",
 }
@@ -141,4 +144,51 @@ func (i *Injector) Hit(point string) {
 	os.Stderr.WriteString("zgolden: fault injection: SIGKILL at " + point + "\n")
 	_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 	select {} // SIGKILL cannot be caught; never run past the point
+}
+
+// StreamAt is how far into a stream the mid-stream points (export:mid-stream,
+// receive:mid-stream) fire: far enough that a resumed transfer has something to skip, near
+// enough that the crash suite's small golden reaches it.
+const StreamAt = 64 << 10
+
+// Writer returns w, crashing at point once StreamAt bytes have gone through it when point is
+// the configured one (w itself otherwise).
+func (i *Injector) Writer(point string, w io.Writer) io.Writer {
+	if i == nil || i.point != point {
+		return w
+	}
+	return &streamFault{w: w, hit: func() { i.Hit(point) }}
+}
+
+// Reader is Writer for a stream that is read.
+func (i *Injector) Reader(point string, r io.Reader) io.Reader {
+	if i == nil || i.point != point {
+		return r
+	}
+	return &streamFault{r: r, hit: func() { i.Hit(point) }}
+}
+
+type streamFault struct {
+	w   io.Writer
+	r   io.Reader
+	n   int64
+	hit func()
+}
+
+func (f *streamFault) Write(p []byte) (int, error) {
+	n, err := f.w.Write(p)
+	f.count(n)
+	return n, err
+}
+
+func (f *streamFault) Read(p []byte) (int, error) {
+	n, err := f.r.Read(p)
+	f.count(n)
+	return n, err
+}
+
+func (f *streamFault) count(n int) {
+	if f.n += int64(n); f.n >= StreamAt {
+		f.hit()
+	}
 }

@@ -384,7 +384,21 @@ func scenariosFor(point string) []scenario {
 					t.Fatalf("golden rm: %v\n%s", err, out)
 				}
 			},
-			act: receive, retry: again(receive), after: hasGeneration}}
+			act: receive,
+			retry: func(t *testing.T, s *run) error {
+				// Killed mid-stream, a ZFS receive keeps what arrived for a resume, and the
+				// restart keeps it; the retry, a whole stream, replaces it.
+				if point == "receive:mid-stream" && s.e.backend == "zfs" && s.e.partial(t, s.project) == nil {
+					t.Errorf("after a kill mid-stream and the restart, golden %q keeps no partial receive", s.project)
+				}
+				return again(receive)(t, s)
+			},
+			after: func(t *testing.T, s *run) {
+				hasGeneration(t, s)
+				if p := s.e.partial(t, s.project); p != nil {
+					t.Errorf("after the retry, golden %q still keeps the partial receive %+v", s.project, p)
+				}
+			}}}
 	case "import":
 		imp := func(s *run) (string, error) {
 			return s.e.admin("golden", "import", s.dir, "--project", s.project)

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -310,6 +311,9 @@ func (e *env) expected(vols []volume, gs []driver.Golden) []string {
 				lineage, _, _ := strings.Cut(gen.Source, "@")
 				out = append(out, lineage, gen.Source)
 			}
+			if g.Partial != nil { // kept for a resume, and listed (zfsstore/transfer.go)
+				out = append(out, e.parent+"/golden/"+g.Project+"/g"+strconv.Itoa(g.Partial.Generation))
+			}
 		}
 	} else {
 		store := filepath.Join(e.root, "store")
@@ -330,6 +334,17 @@ func (e *env) expected(vols []volume, gs []driver.Golden) []string {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// partial is the partial receive the plugin keeps for project (nil: none).
+func (e *env) partial(t *testing.T, project string) *driver.PartialReceive {
+	t.Helper()
+	for _, g := range e.goldens(t) {
+		if g.Project == project {
+			return g.Partial
+		}
+	}
+	return nil
 }
 
 // forkSnapshots returns the fork snapshots among got (zfsstore/fork.go) that a listed volume is

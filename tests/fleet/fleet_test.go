@@ -1,6 +1,6 @@
 // Package fleet_test moves goldens between two zgolden servers over real SSH: the system ssh
-// client against an sshd of the test's own on 127.0.0.1, with generated keys, on the reflink
-// store of this host (the ZFS store's streams are tested in the guest, zfsstore/transfer_test.go).
+// client against an sshd of the test's own on 127.0.0.1, with generated keys. It runs on the
+// reflink store on the host, and on ZFS in the guest (two parents in its pool, as two hosts).
 package fleet_test
 
 import (
@@ -23,29 +23,38 @@ import (
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
-// server is one zgolden serve on the reflink store, not registered with Docker.
+// server is one zgolden serve, not registered with Docker: on ZFS in the guest (a parent of its
+// own in ZGOLDEN_TEST_ZPOOL), on the reflink store on the host.
 type server struct {
-	dir, socket, admin string
+	name, dir, socket, admin string
+	bin                      string
+	args                     []string
+	cmd                      *exec.Cmd
+	logs                     *bytes.Buffer
+	exited                   chan struct{}
+}
+
+// backend is the store the servers run on here.
+func backend() string {
+	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
+		return "zfs"
+	}
+	return "reflink"
 }
 
 func startServer(t *testing.T, bin, name string) *server {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), name)
-	s := &server{dir: dir, socket: filepath.Join(dir, "plugin.sock"), admin: filepath.Join(dir, "admin.sock")}
-	cmd := exec.Command(bin, "serve", "--backend", "reflink", "--root", filepath.Join(dir, "root"), "--store-size", "4G",
-		"--default-size", "1G", "--socket", s.socket, "--admin-socket", s.admin,
-		"--state-dir", filepath.Join(dir, "state"), "--mount-root", filepath.Join(dir, "mnt"))
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	s := &server{name: name, dir: dir, bin: bin, socket: filepath.Join(dir, "plugin.sock"), admin: filepath.Join(dir, "admin.sock")}
+	s.args = []string{"serve", "--default-size", "1G", "--socket", s.socket, "--admin-socket", s.admin,
+		"--state-dir", filepath.Join(dir, "state"), "--mount-root", filepath.Join(dir, "mnt")}
+	if backend() == "zfs" {
+		s.args = append(s.args, "--backend", "zfs", "--parent", harness.ZFSParent(t))
+	} else {
+		s.args = append(s.args, "--backend", "reflink", "--root", filepath.Join(dir, "root"), "--store-size", "4G")
 	}
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("zgolden serve %s:\n%s", name, logs.String())
-		}
+		s.stop()
 		// serve leaves the store file mounted for its next start (reflinkstore.Close): the test
 		// unmounts it, deepest mount first, before its directory goes.
 		mounts, _ := xfsutil.MountsUnder(dir)
@@ -55,14 +64,64 @@ func startServer(t *testing.T, bin, name string) *server {
 			}
 		}
 	})
+	s.start(t)
+	return s
+}
+
+// start runs zgolden serve with env added to the test's, and waits for its admin socket.
+func (s *server) start(t *testing.T, env ...string) {
+	t.Helper()
+	cmd := exec.Command(s.bin, s.args...)
+	cmd.Env = append(os.Environ(), env...)
+	logs := new(bytes.Buffer)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	_ = os.Remove(s.admin) // a killed server's; the new one must be the one that answers
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.cmd, s.logs, s.exited = cmd, logs, make(chan struct{})
+	go func() { _ = cmd.Wait(); close(s.exited) }()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("zgolden serve %s (%v):\n%s", s.name, env, logs.String())
+		}
+	})
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
 		if c, err := net.Dial("unix", s.admin); err == nil {
 			c.Close()
-			return s
+			return
+		}
+		select {
+		case <-s.exited:
+			t.Fatalf("zgolden serve %s exited at start:\n%s", s.name, logs.String())
+		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("zgolden serve %s did not start:\n%s", name, logs.String())
+			t.Fatalf("zgolden serve %s did not start:\n%s", s.name, logs.String())
 		}
+	}
+}
+
+// stop interrupts the server and waits for it.
+func (s *server) stop() {
+	select {
+	case <-s.exited:
+	default:
+		_ = s.cmd.Process.Signal(os.Interrupt)
+		<-s.exited
+	}
+}
+
+// died waits for a server armed with a fault point to have killed itself.
+func (s *server) died(t *testing.T) {
+	t.Helper()
+	select {
+	case <-s.exited:
+		if !strings.Contains(s.logs.String(), "fault injection: SIGKILL") {
+			t.Fatalf("zgolden serve %s exited, but not at its fault point:\n%s", s.name, s.logs.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("zgolden serve %s did not die at its fault point", s.name)
 	}
 }
 
@@ -172,22 +231,9 @@ func startSSHD(t *testing.T) *sshd {
 	}
 }
 
-type moved struct {
-	Project    string
-	Generation int
-	Base       int
-	Bytes      int64
-	UpToDate   bool `json:"up_to_date"`
-}
-
-// TestPushPullOverSSH: push a golden to another host, again (nothing to do), after a promotion,
-// pull one back; refuse an unknown host key, an unreachable host and a diverged receiver with
-// errors that say so.
-func TestPushPullOverSSH(t *testing.T) {
-	harness.RequireRoot(t)
-	bin := harness.Binary(t)
-	d := startSSHD(t)
-	a, b := startServer(t, bin, "a"), startServer(t, bin, "b")
+// verbs returns a runner of zgolden commands against a server, and one of push or pull from
+// local to remote over this sshd.
+func (d *sshd) verbs(bin string) (func(s *server, args ...string) (string, error), func(verb string, local, remote *server, project string, extra ...string) (moved, string, error)) {
 	zg := func(s *server, args ...string) (string, error) {
 		return harness.Output(bin, append(args, "--admin-socket", s.admin)...)
 	}
@@ -202,6 +248,27 @@ func TestPushPullOverSSH(t *testing.T) {
 		}
 		return m, out, err
 	}
+	return zg, transfer
+}
+
+type moved struct {
+	Project    string
+	Generation int
+	Base       int
+	Bytes      int64
+	UpToDate   bool `json:"up_to_date"`
+	Resumed    bool
+}
+
+// TestPushPullOverSSH: push a golden to another host, again (nothing to do), after a promotion,
+// pull one back; refuse an unknown host key, an unreachable host and a diverged receiver with
+// errors that say so.
+func TestPushPullOverSSH(t *testing.T) {
+	harness.RequireRoot(t)
+	bin := harness.Binary(t)
+	d := startSSHD(t)
+	a, b := startServer(t, bin, "a"), startServer(t, bin, "b")
+	zg, transfer := d.verbs(bin)
 	tree := t.TempDir()
 	drivertest.MakeTree(t, tree)
 	if out, err := zg(a, "golden", "import", tree, "--project", "prj"); err != nil {
@@ -289,5 +356,118 @@ func TestPushPullOverSSH(t *testing.T) {
 		for _, v := range s.vols {
 			s.srv.call(t, "Remove", map[string]string{"Name": v}, nil)
 		}
+	}
+}
+
+// TestTransferSurvivesAKill: kill -9 of the receiving server, then of the sending one, in the
+// middle of a push, and of the receiver in the middle of a pull; each time the same command
+// run again completes the transfer. On ZFS it resumes: the receiver kept what arrived, and only
+// the rest crosses. On the reflink store the whole generation is sent again. Either way nothing
+// of the broken transfer is left, and the golden clones whole.
+func TestTransferSurvivesAKill(t *testing.T) {
+	harness.RequireRoot(t)
+	bin := harness.Binary(t)
+	d := startSSHD(t)
+	a, b := startServer(t, bin, "a"), startServer(t, bin, "b")
+	zg, transfer := d.verbs(bin)
+	tree := t.TempDir()
+	drivertest.MakeTree(t, tree)
+	if out, err := zg(a, "golden", "import", tree, "--project", "prj"); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	// streamSize is the size of the stream of project's newest generation on s (since base).
+	streamSize := func(s *server, base int) int64 {
+		t.Helper()
+		f, err := os.Create(filepath.Join(t.TempDir(), "stream"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		cmd := exec.Command(bin, "golden", "export", "prj", "--since", strconv.Itoa(base), "--admin-socket", s.admin)
+		var stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = f, &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("golden export: %v\n%s", err, stderr.String())
+		}
+		st, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Size()
+	}
+	partial := func(s *server) *driver.PartialReceive {
+		t.Helper()
+		var gs []driver.Golden
+		out, err := zg(s, "golden", "ls", "--json")
+		if err != nil || json.Unmarshal([]byte(out), &gs) != nil {
+			t.Fatalf("golden ls on %s: %v\n%s", s.name, err, out)
+		}
+		for _, g := range gs {
+			if g.Project == "prj" {
+				return g.Partial
+			}
+		}
+		return nil
+	}
+	// killed runs verb with victim armed to die at point mid-stream, restarts it, and runs the
+	// verb again: the second run must complete generation n, resumed on ZFS.
+	killed := func(what, verb string, local, remote, victim *server, point string, n int, whole int64) {
+		t.Helper()
+		victim.stop()
+		victim.start(t, "ZGOLDEN_FAULT="+point)
+		if m, out, err := transfer(verb, local, remote, "prj"); err == nil {
+			t.Fatalf("%s: the %s went through although %s was killed mid-stream: %+v\n%s", what, verb, victim.name, m, out)
+		}
+		victim.died(t)
+		victim.start(t)
+		receiver := b
+		if verb == "pull" {
+			receiver = local
+		}
+		p := partial(receiver)
+		switch {
+		case backend() == "zfs" && (p == nil || p.Generation != n):
+			t.Fatalf("%s: after the kill and a restart the receiver keeps %+v; want a partial receive of generation %d", what, p, n)
+		case backend() != "zfs" && p != nil:
+			t.Fatalf("%s: the reflink store keeps a partial receive %+v", what, p)
+		}
+		m, out, err := transfer(verb, local, remote, "prj")
+		if err != nil || m.Generation != n {
+			t.Fatalf("%s: the %s again: %+v, %v\n%s", what, verb, m, err, out)
+		}
+		if backend() == "zfs" && (!m.Resumed || m.Bytes >= whole) {
+			t.Errorf("%s: the %s again moved %d bytes, resumed=%v; want the rest of the %d-byte stream, resumed", what, verb, m.Bytes, m.Resumed, whole)
+		}
+		t.Logf("%s: the second %s moved %d bytes of a %d-byte stream (resumed: %v)", what, verb, m.Bytes, whole, m.Resumed)
+		if p := partial(receiver); p != nil {
+			t.Errorf("%s: a partial receive is left after the transfer: %+v", what, p)
+		}
+	}
+
+	killed("the receiver killed during a push", "push", a, b, b, "receive:mid-stream", 1, streamSize(a, 0))
+	b.checkClone(t, "prj", "b1")
+
+	a.call(t, "Create", map[string]any{"Name": "a1", "Opts": map[string]string{"golden": "prj"}}, nil)
+	if out, err := zg(a, "golden", "promote", "a1", "--project", "prj"); err != nil {
+		t.Fatalf("promote: %v\n%s", err, out)
+	}
+	base := 0
+	if backend() == "zfs" {
+		base = 1 // an incremental stream
+	}
+	killed("the sender killed during a push", "push", a, b, a, "export:mid-stream", 2, streamSize(a, base))
+	b.checkClone(t, "prj", "b2")
+
+	a.call(t, "Create", map[string]any{"Name": "a2", "Opts": map[string]string{"golden": "prj"}}, nil)
+	if out, err := zg(a, "golden", "promote", "a2", "--project", "prj"); err != nil {
+		t.Fatalf("promote: %v\n%s", err, out)
+	}
+	if backend() == "zfs" {
+		base = 2
+	}
+	killed("the receiver killed during a pull", "pull", b, a, b, "receive:mid-stream", 3, streamSize(a, base))
+	b.checkClone(t, "prj", "b3")
+	for _, v := range []string{"a1", "a2"} {
+		a.call(t, "Remove", map[string]string{"Name": v}, nil)
 	}
 }

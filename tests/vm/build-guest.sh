@@ -34,7 +34,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 GUEST_PKGS=(linux-image-KVER linux-headers-KVER zfs-dkms zfsutils-linux xfsprogs docker.io
 	iptables udev initramfs-tools util-linux e2fsprogs kmod procps git iproute2 zstd
-	btrfs-progs attr acl rsync) # the last line: the host's test tools, for tests of other backends
+	btrfs-progs attr acl rsync openssh-client openssh-server) # the last line: the host's test tools (tests/fleet runs its own sshd)
 ROOT_SIZE="${ZGOLDEN_VM_ROOT_SIZE:-8G}" # sparse; docker's data root in the guest lives here
 
 [ "$(id -u)" = 0 ] || zg_die "must run as root"
