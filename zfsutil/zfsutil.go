@@ -354,17 +354,17 @@ type ResumeInfo struct {
 
 // DescribeResumeToken decodes token with a dry run of zfs send -t, which checks the token's
 // own checksum: a sender must know which snapshot a token names before it sends anything,
-// since the token comes from the other host.
+// since the token comes from the other host. The snapshot need not exist any more: the caller
+// compares the name and guid with what it holds.
 func (z *ZFS) DescribeResumeToken(ctx context.Context, token string) (ResumeInfo, error) {
 	ctx, cancel := context.WithTimeout(ctx, CommandTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "zfs", "send", "-n", "-v", "-t", token)
 	cmd.WaitDelay = command.KillGrace
-	// Releases differ in which stream the token's contents go to: read both.
+	// Releases differ in which stream the token's contents go to: read both. zfs prints them
+	// before it looks the snapshot up, so a token whose snapshot is gone or renamed fails here
+	// after its contents: those are what the caller needs to say so.
 	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return ResumeInfo{}, classify(&command.Error{Argv: cmd.Args, Stderr: string(out), Err: err})
-	}
 	var info ResumeInfo
 	for _, line := range strings.Split(string(out), "\n") {
 		key, value, ok := strings.Cut(strings.TrimSpace(line), " = ")
@@ -387,6 +387,9 @@ func (z *ZFS) DescribeResumeToken(ctx context.Context, token string) (ResumeInfo
 		}
 	}
 	if info.ToName == "" || info.ToGUID == "" {
+		if err != nil {
+			return ResumeInfo{}, classify(&command.Error{Argv: cmd.Args, Stderr: string(out), Err: err})
+		}
 		return ResumeInfo{}, fmt.Errorf("zfs send -nvt printed no toname and toguid for the token:\n%s", out)
 	}
 	return info, nil
