@@ -165,18 +165,25 @@ func (h *host) readMarker(t *testing.T, project string, n int, vol string) strin
 	return string(b)
 }
 
+// twoHosts makes host a on the test pool and host b on a pool of its own, and imports the tree
+// it returns into a as golden prj.
+func twoHosts(t *testing.T) (a, b *host, src string) {
+	t.Helper()
+	a, b = newHost(t, harness.ZFSParent(t)), newHost(t, secondPool(t))
+	src = t.TempDir()
+	drivertest.MakeTree(t, src)
+	if _, err := a.d.Import(context.Background(), "prj", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	return a, b, src
+}
+
 // TestTransferBetweenHosts: a golden moves from one host's pool to another's as streams, in full
 // and then incrementally after a promotion, while the receiver has a session of the older
 // generation mounted; every bad stream is refused with nothing of it left.
 func TestTransferBetweenHosts(t *testing.T) {
-	a := newHost(t, harness.ZFSParent(t))
-	b := newHost(t, secondPool(t))
+	a, b, src := twoHosts(t)
 	ctx := context.Background()
-	src := t.TempDir()
-	drivertest.MakeTree(t, src)
-	if _, err := a.d.Import(ctx, "prj", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
-		t.Fatal(err)
-	}
 	g2 := a.promoteWith(t, "prj", "a-first", "two")
 
 	full := a.export(t, "prj", 0, 0)
@@ -393,14 +400,8 @@ func partialOf(t *testing.T, h *host, project string) *driver.PartialReceive {
 // longer resumes falls back to the whole stream, and a token is refused for any snapshot but a
 // generation of the project it is asked for.
 func TestTransferResumes(t *testing.T) {
-	a := newHost(t, harness.ZFSParent(t))
-	b := newHost(t, secondPool(t))
+	a, b, _ := twoHosts(t)
 	ctx := context.Background()
-	src := t.TempDir()
-	drivertest.MakeTree(t, src)
-	if _, err := a.d.Import(ctx, "prj", driver.KindBlock, src, driver.ImportOptions{}, nil); err != nil {
-		t.Fatal(err)
-	}
 	// cut receives the first part of stream on b, and returns the partial receive it kept.
 	cut := func(stream []byte, gen int) *driver.PartialReceive {
 		t.Helper()

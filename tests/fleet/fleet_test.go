@@ -251,6 +251,28 @@ func (d *sshd) verbs(bin string) (func(s *server, args ...string) (string, error
 	return zg, transfer
 }
 
+// fleet is two servers, a and b, an sshd between them, and golden prj imported into a.
+type fleet struct {
+	bin, tree string
+	a, b      *server
+	d         *sshd
+	zg        func(s *server, args ...string) (string, error)
+	transfer  func(verb string, local, remote *server, project string, extra ...string) (moved, string, error)
+}
+
+func twoHosts(t *testing.T) *fleet {
+	t.Helper()
+	harness.RequireRoot(t)
+	f := &fleet{bin: harness.Binary(t), d: startSSHD(t), tree: t.TempDir()}
+	f.a, f.b = startServer(t, f.bin, "a"), startServer(t, f.bin, "b")
+	f.zg, f.transfer = f.d.verbs(f.bin)
+	drivertest.MakeTree(t, f.tree)
+	if out, err := f.zg(f.a, "golden", "import", f.tree, "--project", "prj"); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	return f
+}
+
 type moved struct {
 	Project    string
 	Generation int
@@ -264,16 +286,8 @@ type moved struct {
 // pull one back; refuse an unknown host key, an unreachable host and a diverged receiver with
 // errors that say so.
 func TestPushPullOverSSH(t *testing.T) {
-	harness.RequireRoot(t)
-	bin := harness.Binary(t)
-	d := startSSHD(t)
-	a, b := startServer(t, bin, "a"), startServer(t, bin, "b")
-	zg, transfer := d.verbs(bin)
-	tree := t.TempDir()
-	drivertest.MakeTree(t, tree)
-	if out, err := zg(a, "golden", "import", tree, "--project", "prj"); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	f := twoHosts(t)
+	tree, a, b, d, zg, transfer := f.tree, f.a, f.b, f.d, f.zg, f.transfer
 
 	m, out, err := transfer("push", a, b, "prj")
 	if err != nil || m.Generation != 1 || m.Base != 0 || m.Bytes == 0 || m.UpToDate {
@@ -365,16 +379,8 @@ func TestPushPullOverSSH(t *testing.T) {
 // the rest crosses. On the reflink store the whole generation is sent again. Either way nothing
 // of the broken transfer is left, and the golden clones whole.
 func TestTransferSurvivesAKill(t *testing.T) {
-	harness.RequireRoot(t)
-	bin := harness.Binary(t)
-	d := startSSHD(t)
-	a, b := startServer(t, bin, "a"), startServer(t, bin, "b")
-	zg, transfer := d.verbs(bin)
-	tree := t.TempDir()
-	drivertest.MakeTree(t, tree)
-	if out, err := zg(a, "golden", "import", tree, "--project", "prj"); err != nil {
-		t.Fatalf("import: %v\n%s", err, out)
-	}
+	f := twoHosts(t)
+	bin, a, b, zg, transfer := f.bin, f.a, f.b, f.zg, f.transfer
 	// streamSize is the size of the stream of project's newest generation on s (since base).
 	streamSize := func(s *server, base int) int64 {
 		t.Helper()
