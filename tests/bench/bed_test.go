@@ -30,6 +30,9 @@ type bed interface {
 	// rawBlock is the raw create+mount of a type=block volume from generation source gen, timed
 	// by the caller; steps are its parts' durations.
 	rawBlock(gen, name, target string) (steps map[string]time.Duration, err error)
+	// receiver starts a second plugin on a store of its own, as a second host's (the transfer
+	// case): ZFS under a parent of its own, the reflink store on a root of its own.
+	receiver(t testing.TB) *plugin
 	// rawFS is the same for a type=fs volume.
 	rawFS(gen, name, target string) error
 	// rawCleanup unmounts and destroys what rawBlock or rawFS made.
@@ -111,6 +114,10 @@ func newZFSBed(t testing.TB, dir string) *zfsBed {
 	b.poolDev = poolDevice(t, pool)
 	b.p = startPlugin(t, filepath.Join(dir, "plugin"), "--backend", "zfs", "--parent", parent+"/zg")
 	return b
+}
+
+func (b *zfsBed) receiver(t testing.TB) *plugin {
+	return startPlugin(t, filepath.Join(b.dir, "receiver"), "--backend", "zfs", "--parent", b.parent+"/zg2")
 }
 
 // makeOldFS makes a sparse zvol with the given dedup setting, formats it with mkfs.xfs's
@@ -331,6 +338,24 @@ type reflinkBed struct {
 	oldDev   string
 }
 
+func (b *reflinkBed) receiver(t testing.TB) *plugin {
+	return startReflinkPlugin(t, filepath.Join(b.dir, "receiver"), filepath.Join(b.dir, "root2"))
+}
+
+// startReflinkPlugin starts a plugin on the reflink store at root, and unmounts the store when
+// the test is done.
+func startReflinkPlugin(t testing.TB, dir, root string) *plugin {
+	// The store stays mounted when the plugin stops (so do its volumes): unmount it after the
+	// plugin is gone (cleanups run last-registered first), or it leaks a loop device and the
+	// deleted store file's space.
+	t.Cleanup(func() {
+		if err := unmountRetry(filepath.Join(root, "store")); err != nil {
+			t.Errorf("unmount the bench's reflink store: %v", err)
+		}
+	})
+	return startPlugin(t, dir, "--backend", "reflink", "--root", root, "--store-size", "400G")
+}
+
 func newReflinkBed(t testing.TB, dir string) *reflinkBed {
 	harness.RequireTools(t, "mkfs.xfs", "cp", "git")
 	b := &reflinkBed{t: t, dir: dir}
@@ -356,15 +381,7 @@ func newReflinkBed(t testing.TB, dir string) *reflinkBed {
 		t.Fatal(err)
 	}
 	root := filepath.Join(dir, "root")
-	// The store stays mounted when the plugin stops (so do its volumes): unmount it after the
-	// plugin is gone (cleanups run last-registered first), or it leaks a loop device and the
-	// deleted store file's space.
-	t.Cleanup(func() {
-		if err := unmountRetry(filepath.Join(root, "store")); err != nil {
-			t.Errorf("unmount the bench's reflink store: %v", err)
-		}
-	})
-	b.p = startPlugin(t, filepath.Join(dir, "plugin"), "--backend", "reflink", "--root", root, "--store-size", "400G")
+	b.p = startReflinkPlugin(t, filepath.Join(dir, "plugin"), root)
 	b.storeDir = filepath.Join(root, "store")
 	b.rawDir = filepath.Join(b.storeDir, ".bench-raw")
 	if err := os.MkdirAll(b.rawDir, 0o755); err != nil {

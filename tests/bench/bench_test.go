@@ -35,7 +35,7 @@ import (
 //	ZGOLDEN_BENCH_REPS=10           samples per fast method (plugin, raw) per file count
 //	ZGOLDEN_BENCH_CP_REPS=5,5,3,2   samples of cp -a per file count (the slow one)
 //	ZGOLDEN_BENCH_LARGE=4x256M      large files in each golden (guest default 2x64M)
-//	ZGOLDEN_BENCH_CASES=...         subset of create,remove,wa,concurrency,scale,workspace,load
+//	ZGOLDEN_BENCH_CASES=...         subset of create,remove,wa,concurrency,scale,workspace,load,transfer
 //	ZGOLDEN_BENCH_LOAD_WRITERS=4    session volumes writing during the load case
 //	ZGOLDEN_BENCH_LOAD_REPS=5       samples per method and phase in the load case (guest: 3)
 //	ZGOLDEN_BENCH_SPARES=N          run the plugin with --spares N (ZFS warm spares)
@@ -98,6 +98,9 @@ func TestBench(t *testing.T) {
 	}
 	if has("load") {
 		t.Run("load", func(t *testing.T) { bm.load(t, cfg.Sizes[0]) })
+	}
+	if has("transfer") {
+		t.Run("transfer", func(t *testing.T) { bm.transfer(t, ref) })
 	}
 	bm.run.Env.LoadEnd = loadavg()
 	bm.run.Finished = time.Now().UTC()
@@ -947,7 +950,7 @@ func loadConfig(t *testing.T) Config {
 	guest := harness.InGuest()
 	c := Config{
 		Sizes: []int{1000, 10000, 100000, 1000000}, Reps: 10, Large: "4x256M",
-		Cases:     []string{"create", "wa", "remove", "concurrency", "workspace", "scale", "load"},
+		Cases:     []string{"create", "wa", "remove", "concurrency", "workspace", "scale", "load", "transfer"},
 		ScaleVols: 500, RemoveSizes: []string{"0", "100M", "1G"}, WASize: 100000,
 	}
 	if guest {

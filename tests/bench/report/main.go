@@ -293,7 +293,7 @@ func (r *Report) print(w *os.File) {
 				bench.Ratio(hi.Methods["plugin"].Median, lo.Methods["plugin"].Median), bench.Ratio(hi.Methods["raw"].Median, lo.Methods["raw"].Median),
 				bench.Ratio(hi.Methods["cp"].Median, lo.Methods["cp"].Median))
 		}
-		for _, c := range []string{"import", "remove", "concurrency", "workspace", "scale"} {
+		for _, c := range []string{"import", "remove", "concurrency", "workspace", "scale", "transfer"} {
 			var rows []bench.Entry
 			for _, e := range r.Entries {
 				if e.Case == c && e.Backend == b {
@@ -311,7 +311,11 @@ func (r *Report) print(w *os.File) {
 				}
 				fmt.Fprintf(w, "   %s\n", label)
 				for _, m := range sortedKeys(e.Methods) {
-					fmt.Fprintf(tw, "      %s\t%s\t(n=%d)\t\n", m, ms(e.Methods[m]), e.Methods[m].N)
+					moved := ""
+					if v, ok := e.Extra[m+" bytes"].(float64); ok { // the transfer case's bytes moved
+						moved = fmt.Sprintf("%.1f MB", v/1e6)
+					}
+					fmt.Fprintf(tw, "      %s\t%s\t(n=%d)\t%s\t\n", m, ms(e.Methods[m]), e.Methods[m].N, moved)
 				}
 				tw.Flush()
 				for _, k := range sortedKeys(e.Ratios) {
