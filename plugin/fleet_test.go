@@ -57,3 +57,28 @@ func TestSSHTargetRefusesShellWords(t *testing.T) {
 		t.Errorf("%+v: %v", ok, err)
 	}
 }
+
+// TestResumeToken: a push or pull resumes only the receiver's partial receive of the generation
+// it is about to send, and never carries a token that is not one into a remote command line.
+func TestResumeToken(t *testing.T) {
+	const tok = "1-e604ea4bf-e0-789c63a2"
+	gs := []driver.Golden{
+		{Project: "other", Partial: &driver.PartialReceive{Project: "other", Generation: 3, Token: "1-aa-bb-cc"}},
+		{Project: "prj", Partial: &driver.PartialReceive{Project: "prj", Generation: 3, Token: tok}},
+	}
+	for _, tc := range []struct {
+		project string
+		n       int
+		want    string
+	}{{"prj", 3, tok}, {"prj", 4, ""}, {"none", 3, ""}} {
+		if got, err := resumeToken(gs, tc.project, tc.n); err != nil || got != tc.want {
+			t.Errorf("resumeToken(%s, %d) = %q, %v; want %q", tc.project, tc.n, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{"1-aa-bb-cc; reboot", "$(reboot)", "1-aa-bb", "-t 1-aa-bb-cc", "1-AA-bb-cc"} {
+		gs := []driver.Golden{{Project: "prj", Partial: &driver.PartialReceive{Generation: 1, Token: bad}}}
+		if _, err := resumeToken(gs, "prj", 1); !errors.Is(err, driver.ErrInvalid) {
+			t.Errorf("token %q: %v; want it refused as invalid", bad, err)
+		}
+	}
+}
