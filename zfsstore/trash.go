@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/zgolden/zgolden/internal/retry"
 	"github.com/zgolden/zgolden/zfsutil"
 )
@@ -116,6 +118,15 @@ func (s *Store) trashVolume(ctx context.Context, ds, name string, dev *os.File) 
 		held.hold(dst, dev)
 	}
 	s.kickTrash()
+	if inside(s.volRoot(), ds) {
+		// A Create of the same name right after this must not clone while the old device still
+		// has the name: ZFS would give the new zvol no device (zfsutil.WaitNameGone). The stress
+		// suite hit that on zfs 2.1 with a Remove and a Create of one name back to back. The
+		// volume is in the trash already, so a wait that gives up does not fail the Remove.
+		if err := s.zfs.WaitNameGone(ctx, ds, 30*time.Second); err != nil {
+			s.log.WithError(err).WithFields(logrus.Fields{"volume": name, "dataset": ds}).Warn("the removed volume's device kept its name; a Create of the same name may find no device")
+		}
+	}
 	return nil
 }
 
