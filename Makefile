@@ -88,8 +88,11 @@ COMPAT_PKGS ?= ./zfsstore ./tests/e2e ./tests/crash
 # code on every release, and on 2.1 against the oldest module, whose clone takes two sync tasks;
 # 2.4's one-task clone under concurrency stays covered by the conformance suite's concurrent
 # Creates and Creates during a promotion. `make test-vm` runs every package on one release.
-CI_VM_PKGS ?= $(filter-out ./tests/stress,$(VM_PKGS))
-CI_COMPAT_PKGS ?= $(COMPAT_PKGS) ./tests/stress
+# The fleet suite (two servers over SSH, each side killed mid-transfer and resumed) runs there
+# too: the oldest release is where zfs receive -s with -o origin= and zfs send -t are likeliest to
+# differ, and 2.4 runs the resume at the store level (zfsstore) and in the crash suite.
+CI_VM_PKGS ?= $(filter-out ./tests/stress ./tests/fleet,$(VM_PKGS))
+CI_COMPAT_PKGS ?= $(COMPAT_PKGS) ./tests/stress ./tests/fleet
 
 # The guest cannot debootstrap (no network), so the managed plugin's rootfs (rootfs/build.sh,
 # cached) goes in as a tarball; tests/plugin assembles the plugin from it and the guest's zgolden.
