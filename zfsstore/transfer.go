@@ -317,7 +317,7 @@ func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.R
 			return fail(receiveErr(rerr))
 		}
 		log.WithError(rerr).Warn("kept the partial receive: the next transfer of this generation resumes it")
-		return driver.Generation{}, fmt.Errorf("%w: the stream ended early or is corrupt; what arrived is kept, invisible to Creates, and the next transfer of generation %d resumes it (`zgolden golden push` and `pull` do so by themselves; `zgolden golden partial %s` prints the token for `zgolden golden export --resume`; any other transfer into %s replaces it): %v", driver.ErrInvalid, h.Generation, p.name, p.name, rerr)
+		return driver.Generation{}, fmt.Errorf("%w: the stream ended early or is corrupt; what arrived is kept, invisible to Creates, and the next transfer of generation %d resumes it (`zgolden golden push` and `pull` do so by themselves; for a stream carried by hand, `zgolden golden ls --json` here shows the token, as Partial, for `zgolden golden export --resume`; any other transfer into %s replaces it): %v", driver.ErrInvalid, h.Generation, p.name, rerr)
 	}
 	if h.Resume {
 		// A resumed receive takes no -o: whether the first attempt's properties reached the

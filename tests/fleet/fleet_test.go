@@ -5,6 +5,7 @@ package fleet_test
 
 import (
 	"bytes"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -478,7 +479,19 @@ func TestTransferSurvivesAKill(t *testing.T) {
 	killed("the sender killed during a push", "push", a, b, a, "export:mid-stream", 2, streamSize(a, baseFor(2)))
 	b.checkClone(t, "prj", "b2")
 
+	// A session's change of 1 MiB: without it generation 3's incremental stream is a few hundred
+	// bytes, and ends before the fault point.
 	a.call(t, "Create", map[string]any{"Name": "a2", "Opts": map[string]string{"golden": "prj"}}, nil)
+	var m struct{ Mountpoint string }
+	a.call(t, "Mount", map[string]string{"Name": "a2", "ID": "change"}, &m)
+	change := make([]byte, 1<<20)
+	if _, err := rand.Read(change); err != nil { // random: compression leaves it 1 MiB
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(m.Mountpoint, "change.bin"), change, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a.call(t, "Unmount", map[string]string{"Name": "a2", "ID": "change"}, nil)
 	if out, err := zg(a, "golden", "promote", "a2", "--project", "prj"); err != nil {
 		t.Fatalf("promote: %v\n%s", err, out)
 	}
