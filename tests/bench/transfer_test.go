@@ -87,9 +87,12 @@ func (bm *bencher) transfer(t *testing.T, n int) {
 		send("full send of generation N", "--generation", strconv.Itoa(base))
 	}
 
-	// Generation N+1: a session's small change, promoted.
-	if err := p.create("xfer-src", map[string]string{"golden": prj}); err != nil {
-		t.Fatal(err)
+	// Generation N+1: a session's small change, promoted. A session of generation N stays on
+	// the sender, as on a busy host, so the promotion's reclaim keeps N there to send from.
+	for _, v := range []string{"xfer-keep", "xfer-src"} {
+		if err := p.create(v, map[string]string{"golden": prj}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	srcMP, err := p.mount("xfer-src", "bench")
 	if err != nil {
@@ -149,6 +152,11 @@ func (bm *bencher) transfer(t *testing.T, n int) {
 	}
 	if err := p.unmount("xfer-src", "bench"); err != nil {
 		t.Fatal(err)
+	}
+	for _, v := range []string{"xfer-keep", "xfer-src"} {
+		if err := p.remove(v); err != nil {
+			t.Fatal(err)
+		}
 	}
 	e := Entry{Case: "transfer", Files: n, Param: fmt.Sprintf("generation %d, then %d (%s: a 16 MiB file and %d files appended to)", base, next, "a session's change", changed),
 		Methods: map[string]Stat{}, Ratios: map[string]float64{}, Extra: map[string]any{}}
