@@ -214,24 +214,39 @@ func (p *plugin) importGolden(t testing.TB, dir, project, kind string) (string, 
 	if err != nil {
 		t.Fatalf("golden import %s: %v\n%s", dir, err, out)
 	}
-	out, err = p.adminCLI("golden", "ls", "--json")
+	if gens := p.generations(t, project); len(gens) > 0 {
+		return gens[len(gens)-1].Source, took
+	}
+	t.Fatalf("golden ls shows no generation of %s", project)
+	return "", 0
+}
+
+// generation is what the bench reads of a generation in golden ls --json.
+type generation struct {
+	Number int
+	Source string
+}
+
+// generations lists project's generations on p, oldest first.
+func (p *plugin) generations(t testing.TB, project string) []generation {
+	t.Helper()
+	out, err := p.adminCLI("golden", "ls", "--json")
 	if err != nil {
 		t.Fatalf("golden ls: %v\n%s", err, out)
 	}
 	var gs []struct {
 		Project     string
-		Generations []struct{ Source string }
+		Generations []generation
 	}
 	if err := json.Unmarshal([]byte(out), &gs); err != nil {
 		t.Fatalf("golden ls --json: %v\n%s", err, out)
 	}
 	for _, g := range gs {
-		if g.Project == project && len(g.Generations) > 0 {
-			return g.Generations[len(g.Generations)-1].Source, took
+		if g.Project == project {
+			return g.Generations
 		}
 	}
-	t.Fatalf("golden ls shows no generation of %s:\n%s", project, out)
-	return "", 0
+	return nil
 }
 
 // rss returns the plugin's resident and peak resident memory in KiB.

@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -31,25 +30,9 @@ func (bm *bencher) transfer(t *testing.T, n int) {
 	prj := project(n)
 	reps := min(bm.cfg.Reps, 3)
 	gens := func(pl *plugin) []int {
-		t.Helper()
-		out, err := pl.adminCLI("golden", "ls", "--json")
-		if err != nil {
-			t.Fatalf("golden ls: %v\n%s", err, out)
-		}
-		var gs []struct {
-			Project     string
-			Generations []struct{ Number int }
-		}
-		if err := json.Unmarshal([]byte(out), &gs); err != nil {
-			t.Fatal(err)
-		}
 		var ns []int
-		for _, g := range gs {
-			if g.Project == prj {
-				for _, gen := range g.Generations {
-					ns = append(ns, gen.Number)
-				}
-			}
+		for _, g := range pl.generations(t, prj) {
+			ns = append(ns, g.Number)
 		}
 		return ns
 	}
