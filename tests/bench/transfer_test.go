@@ -88,7 +88,8 @@ func (bm *bencher) transfer(t *testing.T, n int) {
 	if out, err := p.adminCLI("golden", "promote", "xfer-src", "--project", prj); err != nil {
 		t.Fatalf("promote: %v\n%s", err, out)
 	}
-	next := gens(p)[len(gens(p))-1]
+	after := gens(p)
+	next := after[len(after)-1]
 
 	for r := 0; r < reps; r++ {
 		methods := []string{"full send", "rsync -a onto generation N", "rsync -a into an empty volume"}
