@@ -2,20 +2,15 @@ package zfsstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/retry"
-	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
@@ -23,17 +18,17 @@ import (
 //
 // Moving a volume into the trash is a zfs rename, one sync task, and on a busy pool that waits
 // tens of seconds for a transaction group (docs/design-facts.md, "Transaction groups"). With a
-// record directory (Config.RecordDir) a Remove writes a removal record instead, fsyncs it and
-// its directory, and returns: the trash worker destroys the dataset in place later, pausing while
+// record directory (Config.RecordDir) a Remove writes a removal record instead, durably (records.go:
+// one overwrite and an fdatasync, no journal commit), and returns: the trash worker destroys the dataset in place later, pausing while
 // Creates clone (their sync tasks come first), and deletes the record after the destroy.
 //
 // The truth, and when each part of it wins:
-//   - A removal record RECORD_DIR/removing/DATASET.json names a dataset whose volume is gone.
+//   - A removal record (records.go, key removal/DATASET) names a dataset whose volume is gone.
 //     While the dataset exists the record wins over its zgolden:* properties and over a claim
 //     record naming it: Load lists neither, and hands the dataset to the worker. Once the
 //     dataset is gone the record is spent, and Load deletes it.
-//   - A Remove returns only after its record and the record's directory are fsynced. A host
-//     crash before that means the Remove never returned, and the volume is still there.
+//   - A Remove returns only after its record is durable. A host crash before that means the
+//     Remove never returned (a torn record is no record), and the volume is still there.
 //   - A Remove of a claimed spare that the finisher is renaming does not wait for the rename:
 //     its record names the spare and, in Then, PARENT/vol/NAME. The finisher, when its rename
 //     returns, records whichever holds the volume and hands it to the worker. Once the spare is
@@ -62,12 +57,6 @@ type removalRecord struct {
 	Then string `json:"then,omitempty"`
 }
 
-func (s *Store) removalDir() string { return filepath.Join(s.recordDir(), "removing") }
-
-func (s *Store) removalFile(ds string) string {
-	return filepath.Join(s.removalDir(), strings.ReplaceAll(ds, "/", "%")+".json")
-}
-
 // removeLater records volume name (held in ds) as removed and hands ds to the trash worker.
 func (s *Store) removeLater(name string) error {
 	ds := s.volDataset(name)
@@ -87,7 +76,9 @@ func (s *Store) removeLater(name string) error {
 			ds = c.Dataset
 		}
 	}
-	err := s.writeRemoval(removalRecord{Name: name, Dataset: ds, Removed: time.Now().Unix()})
+	start := time.Now()
+	err := s.writeRemoval(removalRecord{Name: name, Dataset: ds, Removed: start.Unix()})
+	recordTook := time.Since(start)
 	if err != nil {
 		if c != nil {
 			c.rm.Lock()
@@ -106,19 +97,7 @@ func (s *Store) removeLater(name string) error {
 	s.trash.mu.Unlock()
 	s.setGrowing(name, false)
 	s.kickTrash()
-	s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds}).Debug("removal recorded; the dataset is destroyed in the background")
-	return nil
-}
-
-// writeRemoval writes rec durably, under its dataset's name.
-func (s *Store) writeRemoval(rec removalRecord) error {
-	data, err := json.Marshal(rec)
-	if err == nil {
-		err = driver.WriteFileAtomic(s.removalFile(rec.Dataset), data)
-	}
-	if err != nil {
-		return fmt.Errorf("record the removal of %s in %s: %w", rec.Name, s.removalDir(), err)
-	}
+	s.log.WithFields(logrus.Fields{"volume": name, "dataset": ds, "record_took": recordTook.Round(time.Microsecond).String()}).Debug("removal recorded; the dataset is destroyed in the background")
 	return nil
 }
 
@@ -136,14 +115,6 @@ func (s *Store) removeDuring(c *claim) error {
 	s.setGrowing(c.Name, false)
 	s.log.WithFields(logrus.Fields{"volume": c.Name, "dataset": c.Dataset}).Debug("removal recorded while the spare is renamed; the finisher hands it to the trash")
 	return nil
-}
-
-// dropRemovalRecord deletes ds's removal record once ds is destroyed or renamed into the trash.
-func (s *Store) dropRemovalRecord(ds string) error {
-	if err := os.Remove(s.removalFile(ds)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return xfsutil.SyncDir(s.removalDir())
 }
 
 // clearRemoval gets a removed volume's dataset out of the way of a new volume of the same name:
@@ -202,29 +173,11 @@ func (s *Store) loadRemovals(ctx context.Context) (map[string]bool, error) {
 	if s.cfg.RecordDir == "" {
 		return waiting, nil
 	}
-	entries, err := os.ReadDir(s.removalDir())
-	if errors.Is(err, os.ErrNotExist) {
-		return waiting, nil
-	}
+	recs, err := s.removalRecords()
 	if err != nil {
-		return nil, fmt.Errorf("read removal records: %w", err)
+		return nil, err
 	}
-	for _, e := range entries {
-		path := filepath.Join(s.removalDir(), e.Name())
-		if !strings.HasSuffix(e.Name(), ".json") {
-			continue // a WriteFileAtomic temporary that a crash left
-		}
-		data, err := os.ReadFile(path)
-		var rec removalRecord
-		if err == nil {
-			err = json.Unmarshal(data, &rec)
-		}
-		if err == nil && (driver.ValidateName(rec.Name) != nil || !(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) || s.removalFile(rec.Dataset) != path || rec.Then != "" && rec.Then != s.volDataset(rec.Name)) {
-			err = errors.New("it names no dataset of this parent's volumes or spares")
-		}
-		if err != nil {
-			return nil, fmt.Errorf("removal record %s is unreadable (%v); move it away once you have checked what it names", path, err)
-		}
+	for _, rec := range recs {
 		ok, err := s.zfs.Exists(ctx, rec.Dataset)
 		if err != nil {
 			return nil, mapErr(err)

@@ -46,8 +46,8 @@ func TestRemoveIsRecorded(t *testing.T) {
 		t.Fatal(err)
 	}
 	ds := parent + "/vol/v"
-	if _, err := os.Stat(s.removalFile(ds)); err != nil {
-		t.Fatalf("no removal record after Remove: %v", err)
+	if keys := recordKeys(t, s, removalKey); !slices.Contains(keys, ds) {
+		t.Fatalf("no removal record of %s on disk after Remove: %v", ds, keys)
 	}
 	if inv := harness.ZFSInventory(t, parent, t.TempDir()); !slices.Contains(inv, ds) {
 		t.Fatalf("Remove destroyed or moved %s itself (the worker was stopped): %v", ds, inv)
@@ -65,8 +65,8 @@ func TestRemoveIsRecorded(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Create of a name whose removal waits: %v", err)
 	}
-	if _, err := os.Stat(s.removalFile(ds)); !os.IsNotExist(err) {
-		t.Fatalf("the removal record of %s outlived the rename into the trash (%v): a restart would destroy the new volume", ds, err)
+	if keys := recordKeys(t, s, removalKey); slices.Contains(keys, ds) {
+		t.Fatalf("the removal record of %s outlived the rename into the trash: a restart would destroy the new volume", ds)
 	}
 	// A worker whose list of datasets to destroy was taken before that Create must not destroy
 	// the new volume under the old one's name.
@@ -95,7 +95,7 @@ func TestRemoveIsRecorded(t *testing.T) {
 			t.Errorf("after the restart %s is left (inventory %v)", name, harness.ZFSInventory(t, parent, records))
 		}
 	}
-	if left, _ := filepath.Glob(filepath.Join(s2.removalDir(), "*")); len(left) != 0 {
+	if left := recordKeys(t, s2, removalKey); len(left) != 0 {
 		t.Errorf("removal records left after the destroys: %v", left)
 	}
 }
@@ -138,9 +138,13 @@ func TestRemoveDuringRename(t *testing.T) {
 	if !renaming() {
 		t.Fatal("Remove returned only after the rename: it waited for the finisher's sync tasks")
 	}
-	data, err := os.ReadFile(s.removalFile(spareDS))
+	rf, err := s.recordFile()
 	if err != nil {
-		t.Fatalf("no removal record naming the spare: %v", err)
+		t.Fatal(err)
+	}
+	data, ok := rf.Get(removalKey + spareDS)
+	if !ok || !slices.Contains(recordKeys(t, s, removalKey), spareDS) {
+		t.Fatalf("no removal record naming the spare %s on disk", spareDS)
 	}
 	var rec removalRecord
 	if err := json.Unmarshal(data, &rec); err != nil || rec.Then != parent+"/vol/v" {
@@ -161,7 +165,7 @@ func TestRemoveDuringRename(t *testing.T) {
 	if ok, err := s.zfs.Exists(ctx, spareDS); ok || err != nil {
 		t.Errorf("the removed volume's spare %s is still there (%v)", spareDS, err)
 	}
-	if left, _ := filepath.Glob(filepath.Join(s.removalDir(), "*")); len(left) != 0 {
+	if left := recordKeys(t, s, removalKey); len(left) != 0 {
 		t.Errorf("removal records left: %v", left)
 	}
 	if err := s.Close(ctx); err != nil {
@@ -188,12 +192,10 @@ func TestLoadFinishesRemovalAfterRename(t *testing.T) {
 		t.Fatal(err)
 	}
 	gone := parent + "/spare/renamed"
-	if err := os.MkdirAll(s.removalDir(), 0o700); err != nil {
-		t.Fatal(err)
-	}
 	if err := s.writeRemoval(removalRecord{Name: "w", Dataset: gone, Then: parent + "/vol/w", Removed: 1}); err != nil {
 		t.Fatal(err)
 	}
+	_ = s.closeRecords()
 	s2 := openSpares(t, parent, records, 0)
 	vols, err := s2.Load(ctx)
 	if err != nil {
@@ -207,7 +209,6 @@ func TestLoadFinishesRemovalAfterRename(t *testing.T) {
 		return err == nil && !ok
 	})
 	waitFor(t, "the records to go", func() bool {
-		left, _ := filepath.Glob(filepath.Join(s2.removalDir(), "*"))
-		return len(left) == 0
+		return len(recordKeys(t, s2, removalKey)) == 0
 	})
 }

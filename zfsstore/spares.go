@@ -2,21 +2,16 @@ package zfsstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
-	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
 
@@ -26,21 +21,21 @@ import (
 // groups"), which under heavy write load took minutes in the guest. With Config.Spares > 0 a
 // worker keeps that many clones of each block project's newest generation under PARENT/spare,
 // each with its device made. A Create of that project's newest generation (no -o size, no
-// -o generation of another) claims one: it writes a claim record, fsyncs it and its directory,
-// and returns. A finisher then sets the volume's creation time and renames the spare to
+// -o generation of another) claims one: it writes a claim record durably (records.go: one
+// overwrite and an fdatasync, no journal commit), and returns. A finisher then sets the volume's creation time and renames the spare to
 // PARENT/vol/NAME in the background; a mounted zvol can be renamed, its device keeps its number.
 //
 // The truth, and when each part of it wins:
 //   - A spare is a dataset under PARENT/spare with zgolden:state=ready and its project and
 //     generation in zgolden:golden and zgolden:generation. Without state=ready it is a clone the
 //     worker had not finished, and Load destroys it.
-//   - A claim record RECORD_DIR/NAME.json names the spare a volume was given. While the spare
+//   - A claim record (records.go, key claim/NAME) names the spare a volume was given. While the spare
 //     exists, the record wins: that spare is volume NAME, whatever ZFS calls it. Once the spare
 //     is gone, the record is spent: if PARENT/vol/NAME exists the rename happened, and if not the
 //     volume was removed (Remove moves the spare to the trash before it deletes the record). Load
 //     deletes spent records.
-//   - A Create returns only after its record and the record's directory are fsynced. A host crash
-//     before that means the Create never returned, and the spare is still a spare.
+//   - A Create returns only after its record is durable. A host crash before that means the
+//     Create never returned (a torn record is no record), and the spare is still a spare.
 //
 // Locks: spares.mu guards the maps only and is never held across a zfs command or I/O. A claim's
 // mu is held by the finisher for its rename and by Promote of that volume, so it never sees the
@@ -82,7 +77,7 @@ type spare struct {
 	dev string // its /dev/zdN, when known
 }
 
-// claimRecord is the durable claim, RECORD_DIR/NAME.json.
+// claimRecord is the durable claim, the record claim/NAME (records.go).
 type claimRecord struct {
 	Name       string `json:"name"`
 	Dataset    string `json:"dataset"`
@@ -108,11 +103,6 @@ type claim struct {
 }
 
 func (s *Store) spareRoot() string { return s.cfg.Parent + "/spare" }
-
-// recordDir is this parent's claim directory under Config.RecordDir.
-func (s *Store) recordDir() string {
-	return filepath.Join(s.cfg.RecordDir, strings.ReplaceAll(s.cfg.Parent, "/", "%"))
-}
 
 // dsOf is the dataset that holds volume name now.
 func (s *Store) dsOf(name string) string {
@@ -183,7 +173,9 @@ func (s *Store) claimSpare(spec driver.Spec, gen *driver.Generation, size uint64
 	}
 	now := time.Now().UTC()
 	rec := claimRecord{Name: spec.Name, Dataset: sp.ds, Golden: spec.Golden, Generation: gen.Number, Created: now.Unix(), Size: size}
-	if err := s.writeRecord(rec); err != nil {
+	err := s.writeRecord(rec)
+	recordTook := time.Since(now)
+	if err != nil {
 		log.WithError(err).Warn("could not record a spare's claim; cloning instead")
 		s.putSpare(spec.Golden, *sp)
 		return driver.Volume{}, false
@@ -194,7 +186,7 @@ func (s *Store) claimSpare(spec driver.Spec, gen *driver.Generation, size uint64
 	s.spares.mu.Unlock()
 	s.cfg.Faults.Hit("create:after-claim")
 	s.kickSpares()
-	log.WithField("spare", sp.ds).Debug("claimed a spare")
+	log.WithFields(logrus.Fields{"spare": sp.ds, "record_took": recordTook.Round(time.Microsecond).String()}).Debug("claimed a spare")
 	return c.volume(), true
 }
 
@@ -203,23 +195,6 @@ func (c *claim) volume() driver.Volume {
 		Name: c.Name, Kind: driver.KindBlock, Golden: c.Golden, Generation: c.Generation,
 		CreatedAt: time.Unix(c.Created, 0).UTC(), Size: c.Size, Source: c.Dataset,
 	}
-}
-
-// writeRecord writes a claim record durably (driver.WriteFileAtomic: file and directory fsynced).
-func (s *Store) writeRecord(rec claimRecord) error {
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	return driver.WriteFileAtomic(filepath.Join(s.recordDir(), rec.Name+".json"), data)
-}
-
-func (s *Store) deleteRecord(name string) error {
-	dir := s.recordDir()
-	if err := os.Remove(filepath.Join(dir, name+".json")); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return xfsutil.SyncDir(dir)
 }
 
 // finishClaim renames a claimed spare to its volume's name, unless that is done; Remove and
@@ -618,23 +593,12 @@ func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driv
 	}
 	var vols []driver.Volume
 	if s.cfg.RecordDir != "" {
-		entries, err := os.ReadDir(s.recordDir())
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("read claim records: %w", err)
+		recs, err := s.claimRecords()
+		if err != nil {
+			return nil, err
 		}
-		for _, e := range entries {
-			name, ok := strings.CutSuffix(e.Name(), ".json")
-			if !ok || driver.ValidateName(name) != nil {
-				continue
-			}
-			data, err := os.ReadFile(filepath.Join(s.recordDir(), e.Name()))
-			var rec claimRecord
-			if err == nil {
-				err = json.Unmarshal(data, &rec)
-			}
-			if err != nil || rec.Name != name || !inside(s.spareRoot(), rec.Dataset) {
-				return nil, fmt.Errorf("claim record %s is unreadable (%v); move it away if the volume it names is gone", filepath.Join(s.recordDir(), e.Name()), err)
-			}
+		for _, rec := range recs {
+			name := rec.Name
 			if _, ok := present[rec.Dataset]; !ok {
 				// Spent: renamed to vol/NAME, or removed (its removal record, if the dataset is
 				// still there). Either way the record says nothing more.

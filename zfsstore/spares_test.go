@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/recordfile"
 	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/xfsutil"
 )
@@ -107,8 +109,8 @@ func TestSparesAreClaimedAndFinished(t *testing.T) {
 			t.Errorf("%s of the finished volume is %q, want %q", prop, got, want)
 		}
 	}
-	if _, err := os.Stat(filepath.Join(s.recordDir(), "a.json")); !os.IsNotExist(err) {
-		t.Fatalf("the claim record outlived the rename: %v", err)
+	if keys := recordKeys(t, s, claimKey); slices.Contains(keys, "a") {
+		t.Fatalf("the claim record outlived the rename: %v", keys)
 	}
 	if err := os.WriteFile(filepath.Join(mp, "after"), []byte("rename"), 0o644); err != nil {
 		t.Fatalf("writing to the volume after its rename: %v", err)
@@ -175,7 +177,7 @@ func TestClaimSurvivesACrash(t *testing.T) {
 	if err != nil || !strings.HasPrefix(lost.Source, parent+"/spare/") {
 		t.Fatalf("claim: %+v, %v", lost, err)
 	}
-	if err := os.Remove(filepath.Join(s.recordDir(), "lost.json")); err != nil { // never reached the disk
+	if err := s.deleteRecord("lost"); err != nil { // as if it never reached the disk
 		t.Fatal(err)
 	}
 
@@ -213,10 +215,8 @@ func TestClaimSurvivesACrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Claims in the record directory, removals under its removing/ (removal.go): none left.
-	for _, glob := range []string{filepath.Join(s2.recordDir(), "*.json"), filepath.Join(s2.removalDir(), "*")} {
-		if left, _ := filepath.Glob(glob); len(left) != 0 {
-			t.Fatalf("records left: %v", left)
-		}
+	if left := recordKeys(t, s2, ""); len(left) != 0 {
+		t.Fatalf("records left: %v", left)
 	}
 }
 
@@ -310,4 +310,21 @@ func TestSparesAreMountedAhead(t *testing.T) {
 	if left, err := xfsutil.MountsUnder(s.premountDir()); err != nil || len(left) != 0 {
 		t.Errorf("Close left early mounts %+v (%v)", left, err)
 	}
+}
+
+// recordKeys lists, from the record file on disk, the keys of one kind (claimKey, removalKey, or
+// "" for all) without their prefix.
+func recordKeys(t *testing.T, s *Store, kind string) []string {
+	t.Helper()
+	keys, err := recordfile.ReadKeys(RecordFile(s.cfg.RecordDir, s.cfg.Parent))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, k := range keys {
+		if rest, ok := strings.CutPrefix(k, kind); ok {
+			out = append(out, rest)
+		}
+	}
+	return out
 }

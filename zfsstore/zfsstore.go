@@ -121,6 +121,9 @@ type Store struct {
 
 	// spares are the warm clones and the claims of them (see spares.go).
 	spares spareSet
+
+	// recs is the record file of claims and removals (see records.go).
+	recs recordSet
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -479,11 +482,15 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		s.swap.RLock()
 		var once sync.Once
 		unlock = func() { once.Do(s.swap.RUnlock) }
+		pickStart := time.Now()
 		g, size, cached, err := s.pickGeneration(ctx, spec, false)
 		if err != nil {
 			return v, err
 		}
 		gen, genSize, pickCached = g, size, cached
+		if !cached {
+			s.log.WithFields(logrus.Fields{"volume": spec.Name, "dataset": ds, "took": time.Since(pickStart).Round(time.Microsecond).String()}).Debug("read the golden's generations from ZFS")
+		}
 	}
 	log := s.log.WithFields(logrus.Fields{"volume": spec.Name, "dataset": ds})
 	if gen != nil && spec.Kind == driver.KindBlock && spec.Size == 0 {
@@ -759,6 +766,7 @@ func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) err
 func (s *Store) Close(ctx context.Context) error {
 	err := s.stopTrash(ctx)
 	err = errors.Join(err, s.stopWorker(ctx))
+	defer func() { _ = s.closeRecords() }() // after the workers, which write records
 	for ds, f := range held.under(s.cfg.Parent) {
 		s.closeDevice(f, ds)
 	}

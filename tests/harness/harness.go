@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/zgolden/zgolden/internal/recordfile"
 )
 
 // RequireRoot skips the test, saying why, unless it runs as root outside -short mode.
@@ -174,7 +176,7 @@ const DefaultRecordDir = "/var/lib/zgolden/zfs-records"
 // A removed volume waits until the plugin's worker destroys it: in PARENT/trash (zfsstore's
 // trash.go), or in place with a removal record under the record directory (removal.go; the
 // record directories are recordDirs, DefaultRecordDir when none are given). So the inventory
-// first waits, up to a minute, for the trash to empty and the records to go: what is still
+// first waits, up to a minute, for the trash to empty and the removal records to go: what is still
 // there after that is listed, as the leak it then is. The trash and spare containers are not.
 func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 	t.Helper()
@@ -187,8 +189,12 @@ func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 		// none before the listing means the listing shows no recorded removal's dataset.
 		pending := false
 		for _, dir := range recordDirs {
-			records, _ := filepath.Glob(filepath.Join(dir, strings.ReplaceAll(parent, "/", "%"), "removing", "*.json"))
-			pending = pending || len(records) > 0
+			// zfsstore.RecordFile's path; zfsstore's own tests use this package, so it cannot
+			// be imported here.
+			keys, _ := recordfile.ReadKeys(filepath.Join(dir, strings.ReplaceAll(parent, "/", "%"), "records"))
+			for _, k := range keys {
+				pending = pending || strings.HasPrefix(k, "removal/")
+			}
 		}
 		out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
 		var names []string

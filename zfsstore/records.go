@@ -1,0 +1,225 @@
+package zfsstore
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/recordfile"
+	"github.com/zgolden/zgolden/xfsutil"
+)
+
+// The local records: claims of spares (spares.go) and recorded removals (removal.go).
+//
+// They live in one record file per parent, RECORD_DIR/PARENT%/records (internal/recordfile),
+// keyed "claim/NAME" and "removal/DATASET", each value the record's JSON. A record is written or
+// deleted with one overwrite of a block written ahead and an fdatasync, so the Create or Remove
+// that waits for it does not wait for the filesystem's journal, which on a busy host queues behind
+// everyone else's I/O. Which record wins over ZFS, and when, is written beside each kind; the
+// file only makes a record durable before its caller returns, or not at all.
+//
+// Releases before this one wrote each record to its own JSON file (RECORD_DIR/PARENT%/NAME.json,
+// and removing/DATASET%.json beneath it). Load moves those into the record file: each is written
+// there before its file is deleted, so a crash in between leaves it in both, never in neither.
+
+const (
+	claimKey   = "claim/"
+	removalKey = "removal/"
+)
+
+// recordSet opens the record file once, at first use, and keeps it open.
+type recordSet struct {
+	mu sync.Mutex
+	rf *recordfile.File
+}
+
+// RecordFile is where a parent's records are kept under recordDir, for tests and tools that look
+// at a running store's records (recordfile.ReadKeys).
+func RecordFile(recordDir, parent string) string {
+	return filepath.Join(recordDir, strings.ReplaceAll(parent, "/", "%"), "records")
+}
+
+func (s *Store) recordFile() (*recordfile.File, error) {
+	s.recs.mu.Lock()
+	defer s.recs.mu.Unlock()
+	if s.recs.rf == nil {
+		rf, err := recordfile.Open(RecordFile(s.cfg.RecordDir, s.cfg.Parent))
+		if err != nil {
+			return nil, fmt.Errorf("open the record file (--record-dir %s): %w", s.cfg.RecordDir, err)
+		}
+		s.recs.rf = rf
+	}
+	return s.recs.rf, nil
+}
+
+func (s *Store) closeRecords() error {
+	s.recs.mu.Lock()
+	defer s.recs.mu.Unlock()
+	if s.recs.rf == nil {
+		return nil
+	}
+	err := s.recs.rf.Close()
+	s.recs.rf = nil
+	return err
+}
+
+func (s *Store) putRecord(key string, rec any) error {
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	rf, err := s.recordFile()
+	if err != nil {
+		return err
+	}
+	return rf.Put(key, data)
+}
+
+func (s *Store) dropRecord(key string) error {
+	rf, err := s.recordFile()
+	if err != nil {
+		return err
+	}
+	return rf.Delete(key)
+}
+
+// writeRecord writes a claim record durably.
+func (s *Store) writeRecord(rec claimRecord) error { return s.putRecord(claimKey+rec.Name, rec) }
+
+func (s *Store) deleteRecord(name string) error { return s.dropRecord(claimKey + name) }
+
+// writeRemoval writes rec durably, under its dataset's name.
+func (s *Store) writeRemoval(rec removalRecord) error {
+	if err := s.putRecord(removalKey+rec.Dataset, rec); err != nil {
+		return fmt.Errorf("record the removal of %s: %w", rec.Name, err)
+	}
+	return nil
+}
+
+// dropRemovalRecord deletes ds's removal record once ds is destroyed or renamed into the trash.
+func (s *Store) dropRemovalRecord(ds string) error { return s.dropRecord(removalKey + ds) }
+
+// recorded returns the records of one kind (claimKey or removalKey) as key suffix -> JSON,
+// after moving any left by an earlier release into the record file.
+func (s *Store) recorded(kind string) (map[string][]byte, error) {
+	rf, err := s.recordFile()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.migrateRecords(rf); err != nil {
+		return nil, err
+	}
+	out := map[string][]byte{}
+	for _, key := range rf.Keys() {
+		if rest, ok := strings.CutPrefix(key, kind); ok {
+			out[rest], _ = rf.Get(key)
+		}
+	}
+	return out, nil
+}
+
+// claimRecords reads the claim records, refusing any that does not name a spare of this parent.
+func (s *Store) claimRecords() ([]claimRecord, error) {
+	recs, err := s.recorded(claimKey)
+	if err != nil {
+		return nil, err
+	}
+	var out []claimRecord
+	for _, name := range sortedKeys(recs) {
+		var rec claimRecord
+		err := json.Unmarshal(recs[name], &rec)
+		if err == nil && (rec.Name != name || driver.ValidateName(name) != nil || !inside(s.spareRoot(), rec.Dataset)) {
+			err = errors.New("it names no spare of this parent")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("claim record %q in %s is invalid (%v); stop zgolden, check the volume it names, and delete the record file only if no claimed spare is waiting for its rename", claimKey+name, RecordFile(s.cfg.RecordDir, s.cfg.Parent), err)
+		}
+		out = append(out, rec)
+	}
+	return out, nil
+}
+
+// removalRecords reads the removal records, refusing any that does not name a dataset of this
+// parent's volumes or spares.
+func (s *Store) removalRecords() ([]removalRecord, error) {
+	recs, err := s.recorded(removalKey)
+	if err != nil {
+		return nil, err
+	}
+	var out []removalRecord
+	for _, ds := range sortedKeys(recs) {
+		var rec removalRecord
+		err := json.Unmarshal(recs[ds], &rec)
+		if err == nil && (rec.Dataset != ds || driver.ValidateName(rec.Name) != nil || !(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) || rec.Then != "" && rec.Then != s.volDataset(rec.Name)) {
+			err = errors.New("it names no dataset of this parent's volumes or spares")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("removal record %q in %s is invalid (%v); stop zgolden and check what it names", removalKey+ds, RecordFile(s.cfg.RecordDir, s.cfg.Parent), err)
+		}
+		out = append(out, rec)
+	}
+	return out, nil
+}
+
+func sortedKeys(m map[string][]byte) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// migrateRecords moves the JSON record files of an earlier release into rf: each is written to
+// rf, durably, before its file is deleted. A file that cannot be read stops Load, as it did then.
+func (s *Store) migrateRecords(rf *recordfile.File) error {
+	dir := filepath.Dir(rf.Path())
+	for _, m := range []struct{ dir, kind string }{{dir, claimKey}, {filepath.Join(dir, "removing"), removalKey}} {
+		// A crash inside that release's atomic write left a temporary: the write never returned.
+		tmps, _ := filepath.Glob(filepath.Join(m.dir, ".tmp-*"))
+		for _, tmp := range tmps {
+			_ = os.Remove(tmp)
+		}
+		files, err := filepath.Glob(filepath.Join(m.dir, "*.json"))
+		if err != nil || len(files) == 0 {
+			continue
+		}
+		for _, file := range files {
+			data, err := os.ReadFile(file)
+			key := ""
+			if err == nil {
+				var rec struct{ Name, Dataset string }
+				if err = json.Unmarshal(data, &rec); err == nil {
+					key = m.kind + rec.Name
+					if m.kind == removalKey {
+						key = m.kind + rec.Dataset
+					}
+				}
+			}
+			if err == nil && key == m.kind {
+				err = errors.New("it names nothing")
+			}
+			if err != nil {
+				return fmt.Errorf("record %s, from an earlier release, is unreadable (%v); move it away once you have checked what it names", file, err)
+			}
+			if err := rf.Put(key, data); err != nil {
+				return err
+			}
+			if err := os.Remove(file); err != nil {
+				return err
+			}
+		}
+		if err := xfsutil.SyncDir(m.dir); err != nil {
+			return err
+		}
+		s.log.WithField("records", len(files)).Info("moved the records of an earlier release into the record file")
+	}
+	_ = os.Remove(filepath.Join(dir, "removing")) // empty now, or left alone
+	return nil
+}
