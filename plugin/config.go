@@ -23,6 +23,7 @@ type serveConfig struct {
 	StateDir        string
 	Spares          int
 	RecordDir       string
+	Nice            int
 	MetricsListen   string
 	SwarmLabels     string
 	SwarmManager    string
@@ -115,13 +116,14 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.boolean(&c.LegacyRemove, "legacy-remove", "ZGOLDEN_LEGACY_REMOVE", false, "delete a legacy golden directory once its import is verified and complete")
 	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "ZFS: warm clones of each block project's newest generation to keep ready, so a Create on a busy pool runs no zfs command (0: none)")
 	fs.str(&c.zfsProven, "zfs-proven", "ZGOLDEN_ZFS_PROVEN", "", "ZFS: module series (such as 2.3,2.4) the zfs userland may drive besides its own; the managed plugin sets those its bundled userland passed the suites on")
-	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares are recorded; must survive reboots")
+	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares and removals are recorded (RECORD_DIR/PARENT/records); must survive reboots, and is cheapest on ext4 or XFS")
 	fs.str(&reserve, "reserve", "ZGOLDEN_RESERVE", "0", "free space (50G, or 10% of the pool or store) that new volumes, imports and promotions leave alone; running volumes keep writing into it (0: none)")
 	fs.duration(&c.ReapUnusedAfter, "reap-unused-after", "ZGOLDEN_REAP_UNUSED_AFTER", 0, "remove volumes that no container, running or stopped, has referenced for this long, asking the Docker engine (at least 10m; 0: never)")
 	fs.str(&c.MetricsListen, "metrics-listen", "ZGOLDEN_METRICS_LISTEN", "", "serve Prometheus metrics and /healthz on HOST:PORT or unix:PATH (off when empty)")
 	fs.str(&c.SwarmLabels, "swarm-labels", "ZGOLDEN_SWARM_LABELS", "", "publish the goldens this host holds as labels PREFIX.* on its Swarm node, for placement constraints, such as --swarm-labels zgolden (off when empty)")
 	fs.str(&c.SwarmManager, "swarm-manager", "ZGOLDEN_SWARM_MANAGER", "", "with --swarm-labels on a worker node: a manager's Docker engine (tcp://HOST:2376, TLS from $DOCKER_CERT_PATH) to write the labels through")
 	fs.boolean(&c.Adopt, "adopt", "ZGOLDEN_ADOPT", false, "use a parent dataset or root that already holds things zgolden did not create")
+	fs.integer(&c.Nice, "nice", "ZGOLDEN_NICE", -10, "CPU priority of the plugin's threads, -20 (first) to 19; below 0 runs Docker's requests ahead of the sessions' builds on a busy host (0: as started)")
 	fs.str(&c.LogLevel, "log-level", "ZGOLDEN_LOG_LEVEL", "info", "debug, info, warn or error")
 	fs.str(&c.LogFormat, "log-format", "ZGOLDEN_LOG_FORMAT", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -144,6 +146,9 @@ func parseServe(args []string) (serveConfig, error) {
 	}
 	if c.LegacyGoldens != "" && (!strings.Contains(c.LegacyGoldens, "{project}") || !strings.HasPrefix(c.LegacyGoldens, "/")) {
 		fs.errs = append(fs.errs, fmt.Sprintf("--legacy-goldens %q must be an absolute path containing {project}", c.LegacyGoldens))
+	}
+	if c.Nice < -20 || c.Nice > 19 {
+		fs.errs = append(fs.errs, fmt.Sprintf("--nice %d must be from -20 (first) to 19 (last); 0 leaves the priority as started", c.Nice))
 	}
 	if c.Spares < 0 || c.Spares > 64 {
 		fs.errs = append(fs.errs, fmt.Sprintf("--spares %d must be between 0 and 64 per project", c.Spares))

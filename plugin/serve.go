@@ -122,6 +122,7 @@ func serve(args []string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("zgolden serve must run as root: it creates block devices and mounts filesystems")
 	}
+	setNice(c.Nice, log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 

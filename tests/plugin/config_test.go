@@ -58,8 +58,8 @@ func TestPluginConfig(t *testing.T) {
 	if c.Network.Type != "none" {
 		t.Errorf("network %q: zgolden talks only over unix sockets, so none", c.Network.Type)
 	}
-	if !slices.Equal(c.Linux.Capabilities, []string{"CAP_SYS_ADMIN"}) {
-		t.Errorf("capabilities %v: zgolden needs CAP_SYS_ADMIN (mount, loop, zfs ioctls, FIFREEZE) and no more", c.Linux.Capabilities)
+	if !slices.Equal(c.Linux.Capabilities, []string{"CAP_SYS_ADMIN", "CAP_SYS_NICE"}) {
+		t.Errorf("capabilities %v: zgolden needs CAP_SYS_ADMIN (mount, loop, zfs ioctls, FIFREEZE), CAP_SYS_NICE (--nice: its requests ahead of the sessions' builds) and no more", c.Linux.Capabilities)
 	}
 	if !c.Linux.AllowAllDevices || len(c.Linux.Devices) != 0 {
 		t.Errorf("devices: allowAllDevices=%v devices=%v; zvols and loop devices appear with new minors after the plugin starts, so device entries (fixed at enable time) cannot cover them", c.Linux.AllowAllDevices, c.Linux.Devices)
