@@ -233,6 +233,15 @@ func (bm *bencher) load(t *testing.T, n int) {
 			ls.timed("raw destroy", func() error { return b.rawDestroy(raw) })
 			_ = os.Remove(target)
 		}
+		zfsTarget := ""
+		if zb, ok := b.(*zfsBed); ok {
+			zfsTarget = zb.pool
+		}
+		e.Extra["probes, "+name] = p.primitiveProbes(filepath.Dir(p.logPath), zfsTarget, 8)
+		for call, ds := range p.serverTimes("ld-" + name + "-") {
+			e.Extra["inside the plugin, "+call+", "+name] = Summarize(ds)
+		}
+		p.traceLog("ld-" + name + "-")
 		if w != nil {
 			during := time.Since(start)
 			e.Extra["writers MB/s, whole phase"] = float64(w.written.Load()-startBytes) / during.Seconds() / 1e6

@@ -45,8 +45,9 @@ func startPlugin(t testing.TB, dir string, backendArgs ...string) *plugin {
 	// the plugin's default is: on a disk, its fsyncs would be charged to the plugin.
 	state := filepath.Join("/run", "zgolden-bench-"+harness.ID())
 	t.Cleanup(func() { _ = os.RemoveAll(state) })
+	// Debug: the plugin logs every request with its own time, which the load case reads.
 	p.args = append([]string{"serve", "--socket", p.socket, "--admin-socket", p.admin, "--state-dir", state,
-		"--mount-root", p.mountRoot, "--log-level", "info"}, backendArgs...)
+		"--mount-root", p.mountRoot, "--log-level", "debug"}, backendArgs...)
 	if n := os.Getenv("ZGOLDEN_BENCH_SPARES"); n != "" { // warm spares (ZFS), see zfsstore/spares.go
 		p.args = append(p.args, "--spares", n, "--record-dir", filepath.Join(dir, "records"))
 	}

@@ -1,0 +1,122 @@
+package bench
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/zgolden/zgolden/driver"
+)
+
+// ---- what the plugin's paths are made of, timed in each load phase -------------------------
+//
+// Under load the plugin's Create, Mount, Unmount and Remove (with spares) run no zfs command;
+// what is left is the request itself, fsyncs of small records and bind mounts. These probes time
+// each of those alone, in the same phase, so that a slow call can be put down to the part that
+// got slow, and the plugin's own log gives each call's time inside the server (against the time
+// the bench saw over the socket).
+
+// primitiveProbes times each primitive reps times; dir must be on the filesystem of the plugin's
+// records.
+func (p *plugin) primitiveProbes(dir string, zfsTarget string, reps int) map[string]Stat {
+	out := map[string]Stat{}
+	timeIt := func(name string, f func() error) {
+		var ds []time.Duration
+		for i := 0; i < reps; i++ {
+			t0 := time.Now()
+			if err := f(); err != nil {
+				p.t.Logf("probe %s: %v", name, err)
+				return
+			}
+			ds = append(ds, time.Since(t0))
+		}
+		out[name] = Summarize(ds)
+	}
+	timeIt("request that does no work (Capabilities)", func() error { return p.call("Capabilities", struct{}{}, nil) })
+	rec := filepath.Join(dir, "probe-records")
+	timeIt("record: write, fsync, rename, fsync dir", func() error {
+		return driver.WriteFileAtomic(filepath.Join(rec, "probe.json"), []byte(`{"name":"probe"}`))
+	})
+	// The same few bytes, overwritten in place in a file whose block is already written: a
+	// datasync that changes no metadata, so the filesystem's journal is not committed.
+	slot := filepath.Join(rec, "slots")
+	if f, err := os.OpenFile(slot, os.O_CREATE|os.O_RDWR, 0o600); err == nil {
+		if _, err := f.WriteAt(make([]byte, 4096), 0); err == nil && f.Sync() == nil {
+			timeIt("record: overwrite in place, fdatasync", func() error {
+				if _, err := f.WriteAt([]byte(`{"name":"probe"}`), 0); err != nil {
+					return err
+				}
+				return unix.Fdatasync(int(f.Fd()))
+			})
+		}
+		f.Close()
+	}
+	src, dst := filepath.Join(rec, "bind-src"), filepath.Join(rec, "bind-dst")
+	if os.MkdirAll(src, 0o755) == nil && os.MkdirAll(dst, 0o755) == nil {
+		timeIt("bind mount, then umount", func() error {
+			if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+				return err
+			}
+			return unix.Unmount(dst, 0)
+		})
+	}
+	timeIt("fork+exec /bin/true", func() error { return exec.Command("/bin/true").Run() })
+	if zfsTarget != "" {
+		timeIt("zfs get (one property)", func() error {
+			return exec.Command("zfs", "get", "-H", "-o", "value", "name", zfsTarget).Run()
+		})
+	}
+	return out
+}
+
+// serverTimes reads the plugin's log for its own time of each call on the volumes whose names
+// start with prefix: call -> durations. The plugin logs every request at debug level.
+func (p *plugin) serverTimes(prefix string) map[string][]time.Duration {
+	f, err := os.Open(p.logPath)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	out := map[string][]time.Duration{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.Contains(line, `msg="request done"`) {
+			continue
+		}
+		m := requestDone.FindStringSubmatch(line)
+		if m == nil || !strings.HasPrefix(m[3], prefix) {
+			continue
+		}
+		if d, err := time.ParseDuration(m[2]); err == nil {
+			out[m[1]] = append(out[m[1]], d)
+		}
+	}
+	return out
+}
+
+var requestDone = regexp.MustCompile(`call=(\w+) .*took=([0-9.]+[a-zµ]+) .*volume=(\S+)`)
+
+// traceLog prints the plugin's log lines about the volumes whose names start with prefix, and
+// the spare worker's, when ZGOLDEN_BENCH_TRACE=1: where a slow call spent its time.
+func (p *plugin) traceLog(prefix string) {
+	if os.Getenv("ZGOLDEN_BENCH_TRACE") != "1" {
+		return
+	}
+	data, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.Contains(line, "volume="+prefix) || strings.Contains(line, "made a spare") {
+			p.t.Log(line)
+		}
+	}
+}
