@@ -706,8 +706,12 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 	// failed with ENOSPC in XFS's log recovery (hostile TestSpaceExhaustion in the guest), most
 	// likely because what that close syncs still counts against the pool's space.
 	s.closeDevice(held.take(ds), ds)
+	t0 := time.Now()
 	if pm := s.premountOf(ds); pm != "" && !s.isGrowing(v.Name) {
-		if s.mountEarly(pm, target, s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})) {
+		log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})
+		t1 := time.Now()
+		if s.mountEarly(pm, target, log) {
+			log.WithFields(logrus.Fields{"find_took": t1.Sub(t0).Round(time.Microsecond).String(), "bind_took": time.Since(t1).Round(time.Microsecond).String()}).Debug("bound the early mount")
 			return nil
 		}
 	}
@@ -746,7 +750,10 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) error {
 	ds := s.dsOf(v.Name)
 	if v.Kind == driver.KindBlock {
-		if s.keepMounted(ds, target, s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})) {
+		log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})
+		t0 := time.Now()
+		if s.keepMounted(ds, target, log) {
+			log.WithField("took", time.Since(t0).Round(time.Microsecond).String()).Debug("kept the XFS mounted early")
 			return nil
 		}
 		s.holdDevice(v.Name, ds, target)
