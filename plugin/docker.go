@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"strings"
 
 	"github.com/docker/docker/api/types/container"
@@ -18,11 +19,23 @@ import (
 type engine struct{ c *client.Client }
 
 func newEngine() (*engine, error) {
-	c, err := client.NewClientWithOpts(client.FromEnv, client.WithAPIVersionNegotiation())
+	c, err := client.NewClientWithOpts(localEngineOpts()...)
 	if err != nil {
 		return nil, fmt.Errorf("docker client: %w", err)
 	}
 	return &engine{c: c}, nil
+}
+
+// localEngineOpts reach the local engine: $DOCKER_HOST or the default socket. $DOCKER_CERT_PATH
+// and $DOCKER_TLS_VERIFY are for an engine over TCP (the --swarm-manager on a worker), and only
+// apply here when $DOCKER_HOST is one: over the unix socket they would make the client speak
+// TLS to a plain socket, and every call fail.
+func localEngineOpts() []client.Opt {
+	opts := []client.Opt{client.WithHostFromEnv(), client.WithVersionFromEnv(), client.WithAPIVersionNegotiation()}
+	if h := os.Getenv(client.EnvOverrideHost); strings.HasPrefix(h, "tcp://") || strings.HasPrefix(h, "https://") {
+		opts = append(opts, client.WithTLSClientConfigFromEnv())
+	}
+	return opts
 }
 
 // using lists the containers, in any state, that use volume.
