@@ -29,11 +29,17 @@ type backend struct {
 
 func startBackend(t *testing.T, extra ...string) *backend {
 	t.Helper()
+	return startBackendEnv(t, nil, extra...)
+}
+
+// startBackendEnv is startBackend with env added to the plugin's environment.
+func startBackendEnv(t *testing.T, env []string, extra ...string) *backend {
+	t.Helper()
 	harness.Docker(t)
 	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
 		parent := harness.ZFSParent(t)
 		b := &backend{pool: harness.RequireZFS(t), id: harness.ID()}
-		b.p = harness.StartPlugin(t, pluginName, append([]string{"--backend", "zfs", "--parent", parent}, extra...)...)
+		b.p = harness.StartPluginEnv(t, pluginName, env, append([]string{"--backend", "zfs", "--parent", parent}, extra...)...)
 		b.leaks = func(t *testing.T) []string {
 			var out []string
 			for _, ds := range harness.ZFSInventory(t, parent) {
@@ -54,7 +60,7 @@ func startBackend(t *testing.T, extra ...string) *backend {
 			t.Errorf("cleanup: umount the store: %v\n%s", err, out)
 		}
 	})
-	b.p = harness.StartPlugin(t, pluginName, append([]string{"--backend", "reflink", "--root", root, "--store-size", "8G"}, extra...)...)
+	b.p = harness.StartPluginEnv(t, pluginName, env, append([]string{"--backend", "reflink", "--root", root, "--store-size", "8G"}, extra...)...)
 	b.leaks = func(t *testing.T) []string {
 		harness.ReflinkUnlinked(t, filepath.Join(root, "store"))
 		var out []string

@@ -27,6 +27,7 @@ type Plugin struct {
 	args        []string
 	extra       []string // added to args from the next Start on (Extra)
 	wrap        []string // a command the plugin runs under, from the next Start on (Wrap)
+	env         []string // added to the plugin's environment (StartPluginEnv)
 	t           testing.TB
 
 	mu   sync.Mutex
@@ -70,11 +71,18 @@ func Binary(t testing.TB) string {
 // (unless args set them), waits until it answers, and stops it (SIGTERM) when the test ends.
 func StartPlugin(t testing.TB, name string, args ...string) *Plugin {
 	t.Helper()
+	return StartPluginEnv(t, name, nil, args...)
+}
+
+// StartPluginEnv is StartPlugin with env (KEY=VALUE) added to the plugin's environment only, for
+// settings such as the Docker client's TLS that the test's own docker commands must not get.
+func StartPluginEnv(t testing.TB, name string, env []string, args ...string) *Plugin {
+	t.Helper()
 	RequireRoot(t)
 	state := filepath.Join("/run/zgolden-test", name+"-"+ID())
 	p := &Plugin{
 		Name: name, Socket: "/run/docker/plugins/" + name + ".sock", AdminSocket: filepath.Join(state, "admin.sock"),
-		MountRoot: filepath.Join(state, "mounts"), t: t,
+		MountRoot: filepath.Join(state, "mounts"), env: env, t: t,
 		args: append([]string{"serve", "--socket", "/run/docker/plugins/" + name + ".sock", "--state-dir", state,
 			"--mount-root", filepath.Join(state, "mounts"), "--log-level", "debug"}, args...),
 	}
@@ -113,7 +121,7 @@ func (p *Plugin) Start() {
 	argv := append(append(slices.Clone(p.wrap), Binary(p.t)), append(slices.Clone(p.args), p.extra...)...)
 	p.cmd = exec.Command(argv[0], argv[1:]...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
-	p.cmd.Env = append(os.Environ(), "ZGOLDEN_ADMIN_SOCKET="+p.AdminSocket)
+	p.cmd.Env = append(append(os.Environ(), "ZGOLDEN_ADMIN_SOCKET="+p.AdminSocket), p.env...)
 	if err := p.cmd.Start(); err != nil {
 		p.mu.Unlock()
 		p.t.Fatal(err)
