@@ -58,9 +58,8 @@ func loadSettings(t *testing.T, guest bool) (writers, reps int) {
 // Each session is a process of its own, as sessions are: this test binary run again with
 // writerEnv set (TestMain). Writers as goroutines of the bench's own process would compete with
 // the timed calls' client for the Go runtime's processors: while every processor sat in a
-// writer's long write system call, the client waited for the runtime to take one back. In the
-// guest under load, a request that does no work measured 45 ms (median) with the writers in
-// this process and 15 ms with them in processes of their own.
+// writer's long write system call, the client waits for the runtime to take one back, time the
+// plugin never sees. Sessions are separate processes, and so is dockerd.
 type loadWriters struct {
 	wg       sync.WaitGroup
 	written  atomic.Int64
