@@ -521,4 +521,20 @@ func TestTransferResumes(t *testing.T) {
 			}
 		}
 	}
+
+	// A golden removed while it holds an incremental partial receive (a clone of one of its
+	// generations) goes whole, the partial receive with it.
+	a.promoteWith(t, "prj", "a-5", "six")
+	cut(a.export(t, "prj", 0, g5.Number), g5.Number+1)
+	if err := b.d.RemoveGolden(ctx, "prj", false); err != nil {
+		t.Fatalf("golden rm of a project with a partial receive: %v", err)
+	}
+	for _, name := range harness.ZFSInventory(t, b.parent) {
+		if strings.Contains(name, "/prj") {
+			t.Errorf("after golden rm, %s is left", name)
+		}
+	}
+	if q := partialOf(t, b, "prj"); q != nil {
+		t.Errorf("after golden rm the partial receive %+v is still listed", q)
+	}
 }
