@@ -17,10 +17,7 @@ import (
 // a service constrained to a golden the node lacks stays pending, and the labels follow the
 // goldens as they are promoted and removed, leaving the node's other labels alone.
 func TestSwarmPlacementByGoldenLabels(t *testing.T) {
-	harness.Docker(t)
-	if state := strings.TrimSpace(harness.DockerCmd(t, "info", "--format", "{{.Swarm.LocalNodeState}}")); state != "inactive" {
-		t.Skipf("this engine's swarm state is %q: the test makes and leaves a swarm of its own, so it needs an engine in none", state)
-	}
+	requireNoSwarm(t)
 	harness.DockerCmd(t, "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377")
 	t.Cleanup(func() {
 		if out, err := harness.Output("docker", "swarm", "leave", "--force"); err != nil {
@@ -124,6 +121,16 @@ func TestSwarmPlacementByGoldenLabels(t *testing.T) {
 	out, err = b.p.Admin(t, "doctor")
 	if !strings.Contains(out, "swarm labels") || !strings.Contains(out, prefix+".backend") {
 		t.Errorf("zgolden doctor (err %v) says nothing of the published labels:\n%s", err, out)
+	}
+}
+
+// requireNoSwarm skips a test that makes (or joins) a swarm and leaves it, unless this machine's
+// engine is in none: leaving would take the engine out of a swarm it was in before.
+func requireNoSwarm(t *testing.T) {
+	t.Helper()
+	harness.Docker(t)
+	if state := strings.TrimSpace(harness.DockerCmd(t, "info", "--format", "{{.Swarm.LocalNodeState}}")); state != "inactive" {
+		t.Skipf("this engine's swarm state is %q: the test makes and leaves a swarm of its own, so it needs an engine in none", state)
 	}
 }
 

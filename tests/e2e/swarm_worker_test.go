@@ -29,10 +29,7 @@ import (
 // runs the plugin. The labels reach the worker's node through the manager, and a service created
 // on the manager, constrained by them, runs on the worker with a volume cloned from the golden.
 func TestSwarmWorkerPublishesThroughManager(t *testing.T) {
-	harness.Docker(t)
-	if state := strings.TrimSpace(harness.DockerCmd(t, "info", "--format", "{{.Swarm.LocalNodeState}}")); state != "inactive" {
-		t.Skipf("this engine's swarm state is %q: the test joins it to a swarm of its own, so it needs an engine in none", state)
-	}
+	requireNoSwarm(t)
 	dockerd, err := exec.LookPath("dockerd")
 	if err != nil {
 		t.Skip("no dockerd to run the manager engine with")
