@@ -18,9 +18,10 @@ import (
 //
 // Moving a volume into the trash is a zfs rename, one sync task, and on a busy pool that waits
 // tens of seconds for a transaction group (docs/design-facts.md, "Transaction groups"). With a
-// record directory (Config.RecordDir) a Remove writes a removal record instead, durably (records.go:
-// one overwrite and an fdatasync, no journal commit), and returns: the trash worker destroys the dataset in place later, pausing while
-// Creates clone (their sync tasks come first), and deletes the record after the destroy.
+// record directory (Config.RecordDir) a Remove writes a removal record instead, durably
+// (records.go: one overwrite and an fdatasync, no journal commit), and returns: the trash worker
+// destroys the dataset in place later, pausing while Creates clone (their sync tasks come
+// first), and deletes the record after the destroy.
 //
 // The truth, and when each part of it wins:
 //   - A removal record (records.go, key removal/DATASET) names a dataset whose volume is gone.

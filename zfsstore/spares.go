@@ -22,8 +22,9 @@ import (
 // worker keeps that many clones of each block project's newest generation under PARENT/spare,
 // each with its device made. A Create of that project's newest generation (no -o size, no
 // -o generation of another) claims one: it writes a claim record durably (records.go: one
-// overwrite and an fdatasync, no journal commit), and returns. A finisher then sets the volume's creation time and renames the spare to
-// PARENT/vol/NAME in the background; a mounted zvol can be renamed, its device keeps its number.
+// overwrite and an fdatasync, no journal commit), and returns. A finisher then sets the volume's
+// creation time and renames the spare to PARENT/vol/NAME in the background; a mounted zvol can be
+// renamed, its device keeps its number.
 //
 // The truth, and when each part of it wins:
 //   - A spare is a dataset under PARENT/spare with zgolden:state=ready and its project and
