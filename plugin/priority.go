@@ -10,13 +10,15 @@ import (
 
 // The plugin's CPU priority (--nice, default -10).
 //
-// Docker waits on the plugin with deadlines, and every session on the host competes with it for
-// CPU. On a host whose sessions keep every CPU busy, a request that does no work at all took 51
-// ms in the bench's load case (median; 6.4 ms idle) and up to 124 ms; with the plugin at nice -10,
-// 5.4 ms (tests/bench, the probes of the load case). The plugin uses little CPU, in short
-// bursts, so running it ahead of the sessions costs them almost nothing (the writers' throughput
-// did not change). The zfs commands it starts inherit the value; their work is in the kernel's
-// own threads, which ZFS runs at high priority anyway.
+// Docker waits on the plugin with deadlines, and on a busy host every session's build competes
+// with it for CPU at the same default priority. At nice -10 the scheduler gives the plugin's
+// threads about nine times a default thread's share, so a request waits less for a CPU; the
+// plugin uses little CPU, in short bursts, so that costs the sessions almost nothing. The guest's
+// bench could not show the gain through its noise: a request that does no work took 51 ms under
+// load (median, one run) with the plugin at nice 0, and 5.4, 45, 15 and 26 ms in four runs at -10
+// (tests/bench, the load case's probes). There most CPU under load goes to the kernel's ZFS
+// threads, which run above -10 anyway; the case it is for is a host of user-space builds. The zfs
+// commands the plugin starts inherit the value; their work is mostly in those kernel threads.
 //
 // Linux keeps a nice value per thread, and a new thread takes its creator's. So every thread
 // the process has is set, until a pass finds no new one; the Go runtime makes later threads from
