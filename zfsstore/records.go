@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 
@@ -52,6 +51,11 @@ func (s *Store) recordFile() (*recordfile.File, error) {
 		rf, err := recordfile.Open(RecordFile(s.cfg.RecordDir, s.cfg.Parent))
 		if err != nil {
 			return nil, fmt.Errorf("open the record file (--record-dir %s): %w", s.cfg.RecordDir, err)
+		}
+		// Once per open, before any record is read or written: the next open tries again.
+		if err := s.migrateRecords(rf); err != nil {
+			rf.Close()
+			return nil, err
 		}
 		s.recs.rf = rf
 	}
@@ -105,75 +109,60 @@ func (s *Store) writeRemoval(rec removalRecord) error {
 // dropRemovalRecord deletes ds's removal record once ds is destroyed or renamed into the trash.
 func (s *Store) dropRemovalRecord(ds string) error { return s.dropRecord(removalKey + ds) }
 
-// recorded returns the records of one kind (claimKey or removalKey) as key suffix -> JSON,
-// after moving any left by an earlier release into the record file.
-func (s *Store) recorded(kind string) (map[string][]byte, error) {
+// recordKind is what readRecords needs to know of one kind of record.
+type recordKind struct {
+	key    string // claimKey or removalKey
+	noun   string // for messages: "claim record"
+	wrong  string // why a record that check refuses is invalid
+	advice string // what the operator should do about an invalid one
+}
+
+// readRecords decodes the records of kind k, in key order. check is given the key without its
+// kind; a record it refuses, or that does not decode, stops the read.
+func readRecords[T any](s *Store, k recordKind, check func(key string, rec T) bool) ([]T, error) {
 	rf, err := s.recordFile()
 	if err != nil {
 		return nil, err
 	}
-	if err := s.migrateRecords(rf); err != nil {
-		return nil, err
-	}
-	out := map[string][]byte{}
-	for _, key := range rf.Keys() {
-		if rest, ok := strings.CutPrefix(key, kind); ok {
-			out[rest], _ = rf.Get(key)
+	var out []T
+	for _, key := range rf.Keys() { // sorted
+		rest, ok := strings.CutPrefix(key, k.key)
+		if !ok {
+			continue
 		}
+		data, _ := rf.Get(key)
+		var rec T
+		err := json.Unmarshal(data, &rec)
+		if err == nil && !check(rest, rec) {
+			err = errors.New(k.wrong)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s %q in %s is invalid (%v); %s", k.noun, key, rf.Path(), err, k.advice)
+		}
+		out = append(out, rec)
 	}
 	return out, nil
 }
 
 // claimRecords reads the claim records, refusing any that does not name a spare of this parent.
 func (s *Store) claimRecords() ([]claimRecord, error) {
-	recs, err := s.recorded(claimKey)
-	if err != nil {
-		return nil, err
-	}
-	var out []claimRecord
-	for _, name := range sortedKeys(recs) {
-		var rec claimRecord
-		err := json.Unmarshal(recs[name], &rec)
-		if err == nil && (rec.Name != name || driver.ValidateName(name) != nil || !inside(s.spareRoot(), rec.Dataset)) {
-			err = errors.New("it names no spare of this parent")
-		}
-		if err != nil {
-			return nil, fmt.Errorf("claim record %q in %s is invalid (%v); stop zgolden, check the volume it names, and delete the record file only if no claimed spare is waiting for its rename", claimKey+name, RecordFile(s.cfg.RecordDir, s.cfg.Parent), err)
-		}
-		out = append(out, rec)
-	}
-	return out, nil
+	k := recordKind{claimKey, "claim record", "it names no spare of this parent",
+		"stop zgolden, check the volume it names, and delete the record file only if no claimed spare is waiting for its rename"}
+	return readRecords(s, k, func(name string, rec claimRecord) bool {
+		return rec.Name == name && driver.ValidateName(name) == nil && inside(s.spareRoot(), rec.Dataset)
+	})
 }
 
 // removalRecords reads the removal records, refusing any that does not name a dataset of this
 // parent's volumes or spares.
 func (s *Store) removalRecords() ([]removalRecord, error) {
-	recs, err := s.recorded(removalKey)
-	if err != nil {
-		return nil, err
-	}
-	var out []removalRecord
-	for _, ds := range sortedKeys(recs) {
-		var rec removalRecord
-		err := json.Unmarshal(recs[ds], &rec)
-		if err == nil && (rec.Dataset != ds || driver.ValidateName(rec.Name) != nil || !(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) || rec.Then != "" && rec.Then != s.volDataset(rec.Name)) {
-			err = errors.New("it names no dataset of this parent's volumes or spares")
-		}
-		if err != nil {
-			return nil, fmt.Errorf("removal record %q in %s is invalid (%v); stop zgolden and check what it names", removalKey+ds, RecordFile(s.cfg.RecordDir, s.cfg.Parent), err)
-		}
-		out = append(out, rec)
-	}
-	return out, nil
-}
-
-func sortedKeys(m map[string][]byte) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
+	k := recordKind{removalKey, "removal record", "it names no dataset of this parent's volumes or spares",
+		"stop zgolden and check what it names"}
+	return readRecords(s, k, func(ds string, rec removalRecord) bool {
+		return rec.Dataset == ds && driver.ValidateName(rec.Name) == nil &&
+			(inside(s.volRoot(), rec.Dataset) || inside(s.spareRoot(), rec.Dataset)) &&
+			(rec.Then == "" || rec.Then == s.volDataset(rec.Name))
+	})
 }
 
 // migrateRecords moves the JSON record files of an earlier release into rf: each is written to
