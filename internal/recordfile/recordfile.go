@@ -44,6 +44,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // SlotSize is one record's slot: one page, so that a slot is written whole on the devices where
@@ -202,20 +204,11 @@ func (rf *File) grow(n int) error {
 	if err := rf.f.Sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", rf.path, err)
 	}
-	if err := syncDir(filepath.Dir(rf.path)); err != nil {
+	if err := xfsutil.SyncDir(filepath.Dir(rf.path)); err != nil {
 		return fmt.Errorf("sync the directory of %s: %w", rf.path, err)
 	}
 	rf.slots = n
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 func (rf *File) clear(slot int) error {
