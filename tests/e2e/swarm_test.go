@@ -38,7 +38,7 @@ func TestSwarmPlacementByGoldenLabels(t *testing.T) {
 		prefix + ".newest." + project:            "1",
 		prefix + ".generation." + project + ".1": "true",
 	}
-	labels := waitLabels(t, prefix, want)
+	labels := waitLabels(t, localDocker, "self", prefix, want)
 	if backend == "zfs" && labels[prefix+".guid."+project] == "" {
 		t.Errorf("no guid label for the ZFS generation: %v", labels)
 	}
@@ -50,11 +50,8 @@ func TestSwarmPlacementByGoldenLabels(t *testing.T) {
 		waitGone(t, "label=com.docker.swarm.service.name="+svc)
 		_, _ = harness.Output("docker", "volume", "rm", "-f", vol)
 	})
-	harness.DockerCmd(t, "service", "create", "--detach", "--no-resolve-image", "--name", svc,
-		"--restart-condition", "none", "--constraint", "node.labels."+prefix+".golden."+project+"==true",
-		"--mount", "type=volume,source="+vol+",destination=/data,volume-driver="+b.p.Name+",volume-opt=golden="+project,
-		harness.BusyboxImage(), "sleep", "600")
-	ctr := waitTask(t, svc)
+	harness.DockerCmd(t, placedService(svc, vol, b.p.Name, prefix+".golden."+project, project)...)
+	ctr := waitTask(t, localDocker, svc)
 	if got := harness.DockerCmd(t, "exec", ctr, "cat", "/data/README"); got != "golden content" {
 		t.Fatalf("the service's task reads %q from the golden's README", got)
 	}
@@ -65,10 +62,7 @@ func TestSwarmPlacementByGoldenLabels(t *testing.T) {
 	// A service whose golden no node holds is not placed; Swarm says why.
 	lost := b.n("zg-lost")
 	t.Cleanup(func() { _, _ = harness.Output("docker", "service", "rm", lost) })
-	harness.DockerCmd(t, "service", "create", "--detach", "--no-resolve-image", "--name", lost,
-		"--restart-condition", "none", "--constraint", "node.labels."+prefix+".golden.nothere==true",
-		"--mount", "type=volume,source="+b.n("zg-lost")+",destination=/data,volume-driver="+b.p.Name+",volume-opt=golden=nothere",
-		harness.BusyboxImage(), "sleep", "600")
+	harness.DockerCmd(t, placedService(lost, b.n("zg-lost"), b.p.Name, prefix+".golden.nothere", "nothere")...)
 	var state string
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
 		state = harness.DockerCmd(t, "service", "ps", "--no-trunc", "--format", "{{.CurrentState}} | {{.Error}}", lost)
@@ -94,7 +88,7 @@ func TestSwarmPlacementByGoldenLabels(t *testing.T) {
 	want[prefix+".generation."+project+".2"] = "true"
 	// Generation 1 stays or is reclaimed, depending on whether the promoted volume still counts
 	// on it; its label must say which.
-	labels = waitLabels(t, prefix, want, prefix+".generation."+project+".1")
+	labels = waitLabels(t, localDocker, "self", prefix, want, prefix+".generation."+project+".1")
 	out, err := b.p.Admin(t, "golden", "ls", "--json")
 	var gs []struct {
 		Project     string
@@ -116,7 +110,7 @@ func TestSwarmPlacementByGoldenLabels(t *testing.T) {
 	if out, err := b.p.Admin(t, "golden", "rm", project); err != nil {
 		t.Fatalf("zgolden golden rm: %v\n%s", err, out)
 	}
-	waitLabels(t, prefix, map[string]string{"team": "kept", prefix + ".backend": backend})
+	waitLabels(t, localDocker, "self", prefix, map[string]string{"team": "kept", prefix + ".backend": backend})
 
 	out, err = b.p.Admin(t, "doctor")
 	if !strings.Contains(out, "swarm labels") || !strings.Contains(out, prefix+".backend") {
@@ -134,9 +128,25 @@ func requireNoSwarm(t *testing.T) {
 	}
 }
 
-// waitLabels waits until the node's labels, but for the prefix's guid labels and the keys
-// ignored, are exactly want, and returns them all.
-func waitLabels(t *testing.T, prefix string, want map[string]string, ignore ...string) map[string]string {
+// dockerOn runs docker against one engine and returns its output, failing the test on an error:
+// localDocker for this machine's, or a manager's (managerEngine.docker).
+type dockerOn func(t *testing.T, args ...string) string
+
+func localDocker(t *testing.T, args ...string) string { return harness.DockerCmd(t, args...) }
+
+// placedService is the argv of `docker service create` for a service svc that mounts volume vol
+// of driver, cloned from golden, and may only run on a node whose label is true.
+func placedService(svc, vol, driver, label, golden string) []string {
+	return []string{"service", "create", "--detach", "--no-resolve-image", "--name", svc,
+		"--restart-condition", "none", "--constraint", "node.labels." + label + "==true",
+		"--mount", "type=volume,source=" + vol + ",destination=/data,volume-driver=" + driver + ",volume-opt=golden=" + golden,
+		harness.BusyboxImage(), "sleep", "600"}
+}
+
+// waitLabels waits until node's labels, read through docker (a manager's engine, since only a
+// manager can inspect nodes), but for the prefix's guid labels and the keys ignored, are exactly
+// want, and returns them all.
+func waitLabels(t *testing.T, docker dockerOn, node, prefix string, want map[string]string, ignore ...string) map[string]string {
 	t.Helper()
 	want = maps.Clone(want)
 	for _, k := range ignore {
@@ -144,7 +154,7 @@ func waitLabels(t *testing.T, prefix string, want map[string]string, ignore ...s
 	}
 	var got map[string]string
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(500 * time.Millisecond) {
-		raw := harness.DockerCmd(t, "node", "inspect", "self", "--format", "{{json .Spec.Labels}}")
+		raw := docker(t, "node", "inspect", node, "--format", "{{json .Spec.Labels}}")
 		got = map[string]string{}
 		if err := json.Unmarshal([]byte(raw), &got); err != nil {
 			t.Fatalf("docker node inspect: %v: %s", err, raw)
@@ -160,8 +170,9 @@ func waitLabels(t *testing.T, prefix string, want map[string]string, ignore ...s
 	}
 }
 
-// waitTask waits until the service's one task runs and returns its container.
-func waitTask(t *testing.T, svc string) string {
+// waitTask waits until the service's one task runs on this machine's engine and returns its
+// container; docker reaches a manager, to say where the task is when it does not come.
+func waitTask(t *testing.T, docker dockerOn, svc string) string {
 	t.Helper()
 	for deadline := time.Now().Add(3 * time.Minute); ; time.Sleep(time.Second) {
 		if id := harness.DockerCmd(t, "ps", "-q", "--filter", "label=com.docker.swarm.service.name="+svc); id != "" {
@@ -169,7 +180,7 @@ func waitTask(t *testing.T, svc string) string {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("service %s has no running task after 3 minutes: %s", svc,
-				harness.DockerCmd(t, "service", "ps", "--no-trunc", "--format", "{{.CurrentState}} | {{.Error}}", svc))
+				docker(t, "service", "ps", "--no-trunc", "--format", "{{.Node}} {{.CurrentState}} | {{.Error}}", svc))
 		}
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"encoding/pem"
 	"math/big"
 	"net"
@@ -72,24 +71,8 @@ func TestSwarmWorkerPublishesThroughManager(t *testing.T) {
 		prefix + ".newest." + project:            "1",
 		prefix + ".generation." + project + ".1": "true",
 	}
-	var got map[string]string
-	for deadline := time.Now().Add(time.Minute); ; time.Sleep(500 * time.Millisecond) {
-		got = map[string]string{}
-		raw := mgr.docker(t, "node", "inspect", worker, "--format", "{{json .Spec.Labels}}")
-		if err := json.Unmarshal([]byte(raw), &got); err != nil {
-			t.Fatalf("docker node inspect on the manager: %v: %s", err, raw)
-		}
-		ok := true
-		for k, v := range want {
-			ok = ok && got[k] == v
-		}
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the worker's labels, read on the manager, are %v; want %v\nplugin log:\n%s", got, want, b.p.Logs())
-		}
-	}
+	// Only a manager can inspect nodes: the labels are read where the plugin wrote them.
+	waitLabels(t, mgr.docker, worker, prefix, want)
 
 	// A service created on the manager, placed by the labels, runs on the worker.
 	vol, svc := b.n("zg-wsvc"), b.n("zg-wsvc")
@@ -98,18 +81,8 @@ func TestSwarmWorkerPublishesThroughManager(t *testing.T) {
 		waitGone(t, "label=com.docker.swarm.service.name="+svc)
 		_, _ = harness.Output("docker", "volume", "rm", "-f", vol)
 	})
-	mgr.docker(t, "service", "create", "--detach", "--no-resolve-image", "--name", svc,
-		"--restart-condition", "none", "--constraint", "node.labels."+prefix+".golden."+project+"==true",
-		"--mount", "type=volume,source="+vol+",destination=/data,volume-driver="+b.p.Name+",volume-opt=golden="+project,
-		harness.BusyboxImage(), "sleep", "600")
-	var ctr string
-	for deadline := time.Now().Add(3 * time.Minute); ctr == ""; time.Sleep(time.Second) {
-		ctr = harness.DockerCmd(t, "ps", "-q", "--filter", "label=com.docker.swarm.service.name="+svc)
-		if ctr == "" && time.Now().After(deadline) {
-			t.Fatalf("service %s has no running task on the worker after 3 minutes: %s", svc,
-				mgr.docker(t, "service", "ps", "--no-trunc", "--format", "{{.Node}} {{.CurrentState}} | {{.Error}}", svc))
-		}
-	}
+	mgr.docker(t, placedService(svc, vol, b.p.Name, prefix+".golden."+project, project)...)
+	ctr := waitTask(t, mgr.docker, svc)
 	if node := mgr.docker(t, "inspect", "--format", "{{.NodeID}}", mgr.docker(t, "service", "ps", "-q", svc)); node != worker {
 		t.Errorf("the task ran on node %s, want the worker %s", node, worker)
 	}
