@@ -44,8 +44,6 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // SlotSize is one record's slot: one page, so that a slot is written whole on the devices where
@@ -204,11 +202,22 @@ func (rf *File) grow(n int) error {
 	if err := rf.f.Sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", rf.path, err)
 	}
-	if err := xfsutil.SyncDir(filepath.Dir(rf.path)); err != nil {
+	if err := syncDir(filepath.Dir(rf.path)); err != nil {
 		return fmt.Errorf("sync the directory of %s: %w", rf.path, err)
 	}
 	rf.slots = n
 	return nil
+}
+
+// syncDir is xfsutil.SyncDir's twin: xfsutil's tests use tests/harness, which reads record files
+// with this package, so importing xfsutil here would make an import cycle.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 func (rf *File) clear(slot int) error {
