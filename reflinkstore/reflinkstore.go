@@ -39,6 +39,7 @@ import (
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/fault"
+	"github.com/zgolden/zgolden/internal/proclock"
 	"github.com/zgolden/zgolden/xfsutil"
 )
 
@@ -93,7 +94,7 @@ type Store struct {
 	fsType    string // filesystem of the store directory, for status and messages
 	storeDir  string // where volumes/ and goldens/ live; every path the store removes is below it
 	storeFile string
-	lockFD    int // holds the root's lock; see lockRoot
+	lock      *proclock.Lock // the root's; see lockRoot
 
 	// gens is read-locked for the whole of a clone (pick a generation, reflink it, commit the
 	// volume) and write-locked while a generation's dependents are checked and it is deleted. The
@@ -157,7 +158,6 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		log:       cfg.Log.WithField("backend", "reflink"),
 		storeDir:  filepath.Join(root, storeDirName),
 		storeFile: filepath.Join(root, storeFileName),
-		lockFD:    -1,
 	}
 	if err := s.open(ctx); err != nil {
 		return nil, err
@@ -179,36 +179,25 @@ func (s *Store) open(ctx context.Context) error {
 		return err
 	}
 	if err := s.openLocked(ctx, mk); err != nil {
-		unix.Close(s.lockFD)
+		s.lock.Release()
 		return err
 	}
 	return nil
 }
 
-// lockRoot takes a POSIX write lock on ROOT/.zgolden-reflink.lock for the life of the process, so a
-// second zgolden on the same root (a managed plugin and a systemd service, say) fails at start
-// instead of deleting the first one's half-made images as crash leftovers. A POSIX lock, not
-// flock: it belongs to the process, so a store reopened in the same process (as tests simulate a
-// restart) takes it again, while any other process is refused; the kernel releases it when the
-// process dies, kill -9 included. The descriptor stays a raw one, never an os.File: closing any
-// descriptor of the file drops a POSIX lock, and os.File's finalizer closes.
+// lockRoot locks ROOT/.zgolden-reflink.lock for the life of the process (internal/proclock), so
+// a second zgolden on the same root (a managed plugin and a systemd service, say) fails at start
+// instead of deleting the first one's half-made images as crash leftovers.
 func (s *Store) lockRoot() error {
-	path := filepath.Join(s.cfg.Root, lockName)
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+	lk, err := proclock.Take(filepath.Join(s.cfg.Root, lockName))
+	var held *proclock.HeldError
+	if errors.As(err, &held) {
+		return fmt.Errorf("%w: another process (pid %d) is using the reflink store at %s; run one zgolden per root, and stop the other one first", driver.ErrBusy, held.Pid, s.cfg.Root)
+	}
 	if err != nil {
-		return fmt.Errorf("open the store lock: %w", &os.PathError{Op: "open", Path: path, Err: err})
+		return fmt.Errorf("lock the store: %w", err)
 	}
-	lk := unix.Flock_t{Type: unix.F_WRLCK}
-	if err := unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk); err != nil {
-		holder := unix.Flock_t{Type: unix.F_WRLCK}
-		_ = unix.FcntlFlock(uintptr(fd), unix.F_GETLK, &holder)
-		unix.Close(fd)
-		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
-			return fmt.Errorf("%w: another process (pid %d) is using the reflink store at %s; run one zgolden per root, and stop the other one first", driver.ErrBusy, holder.Pid, s.cfg.Root)
-		}
-		return fmt.Errorf("lock %s: %w", path, err)
-	}
-	s.lockFD = fd
+	s.lock = lk
 	return nil
 }
 
@@ -510,9 +499,9 @@ func (s *Store) Close(ctx context.Context) error {
 	if err := s.closeStoreFile(ctx); err != nil {
 		return err
 	}
-	if s.lockFD >= 0 {
-		unix.Close(s.lockFD)
-		s.lockFD = -1
+	if s.lock != nil {
+		s.lock.Release()
+		s.lock = nil
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/proclock"
 	"github.com/zgolden/zgolden/internal/recordfile"
 	"github.com/zgolden/zgolden/xfsutil"
 )
@@ -42,6 +43,31 @@ type recordSet struct {
 // at a running store's records (recordfile.ReadKeys).
 func RecordFile(recordDir, parent string) string {
 	return filepath.Join(recordDir, strings.ReplaceAll(parent, "/", "%"), "records")
+}
+
+// lockParent locks RECORD_DIR/PARENT/lock for the life of the process (internal/proclock), so a
+// second zgolden on the same parent (a managed plugin and a systemd service, say, or a restart
+// that overlaps the old process) fails at start instead of writing the same free slot of the
+// record file as the first, finishing its claims or destroying its removals. Without a record
+// directory there is no file to lock, and nothing local to share.
+func (s *Store) lockParent() error {
+	if s.cfg.RecordDir == "" {
+		return nil
+	}
+	dir := filepath.Dir(RecordFile(s.cfg.RecordDir, s.cfg.Parent))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("make the record directory (--record-dir %s): %w", s.cfg.RecordDir, err)
+	}
+	lk, err := proclock.Take(filepath.Join(dir, "lock"))
+	var held *proclock.HeldError
+	if errors.As(err, &held) {
+		return fmt.Errorf("%w: another process (pid %d) is serving the parent dataset %s with the record directory %s; run one zgolden per parent dataset, and stop the other one first", driver.ErrBusy, held.Pid, s.cfg.Parent, s.cfg.RecordDir)
+	}
+	if err != nil {
+		return fmt.Errorf("lock the parent dataset's records (--record-dir %s): %w", s.cfg.RecordDir, err)
+	}
+	s.lock = lk
+	return nil
 }
 
 func (s *Store) recordFile() (*recordfile.File, error) {

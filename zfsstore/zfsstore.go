@@ -37,6 +37,7 @@ import (
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/fault"
+	"github.com/zgolden/zgolden/internal/proclock"
 	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
@@ -85,9 +86,10 @@ type Config struct {
 
 // Store is the ZFS backend.
 type Store struct {
-	cfg Config
-	zfs *zfsutil.ZFS
-	log *logrus.Entry
+	cfg  Config
+	zfs  *zfsutil.ZFS
+	log  *logrus.Entry
+	lock *proclock.Lock // the parent's, in the record directory; see lockParent
 	// swap is read-locked by a Create from picking a generation until its clone exists, and
 	// write-locked while a promotion moves generation snapshots between lineages (two zfs
 	// promotes, O(1) each): a racing Create must never look for a snapshot that is moving.
@@ -226,13 +228,17 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{cfg: cfg, zfs: zfsutil.New(cfg.Log), log: cfg.Log.WithField("backend", "zfs"), growing: map[string]bool{}}
-	var err error
-	if s.versions, err = Versions(ctx, s.zfs, cfg.ProvenZFS); err != nil {
+	if err := s.lockParent(); err != nil {
 		return nil, err
 	}
-	s.oneTask.Store(oneTaskModule(s.versions.Module))
-	s.log.WithFields(logrus.Fields{"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland, "one_task_clone": s.oneTask.Load()}).Info("zfs userland and module accepted")
-	if err := s.initParent(ctx); err != nil {
+	var err error
+	if s.versions, err = Versions(ctx, s.zfs, cfg.ProvenZFS); err == nil {
+		s.oneTask.Store(oneTaskModule(s.versions.Module))
+		s.log.WithFields(logrus.Fields{"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland, "one_task_clone": s.oneTask.Load()}).Info("zfs userland and module accepted")
+		err = s.initParent(ctx)
+	}
+	if err != nil {
+		s.lock.Release()
 		return nil, err
 	}
 	s.startTrash()
@@ -773,6 +779,7 @@ func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) err
 func (s *Store) Close(ctx context.Context) error {
 	err := s.stopTrash(ctx)
 	err = errors.Join(err, s.stopWorker(ctx))
+	defer s.lock.Release()                  // last: after the records are closed
 	defer func() { _ = s.closeRecords() }() // after the workers, which write records
 	for ds, f := range held.under(s.cfg.Parent) {
 		s.closeDevice(f, ds)

@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -25,6 +27,7 @@ type backend struct {
 	p     *harness.Plugin
 	leaks func(t *testing.T) []string
 	pool  string
+	args  []string // the plugin's store arguments, past the harness's own
 }
 
 func startBackend(t *testing.T, extra ...string) *backend {
@@ -39,7 +42,8 @@ func startBackendEnv(t *testing.T, env []string, extra ...string) *backend {
 	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
 		parent := harness.ZFSParent(t)
 		b := &backend{pool: harness.RequireZFS(t), id: harness.ID()}
-		b.p = harness.StartPluginEnv(t, pluginName, env, append([]string{"--backend", "zfs", "--parent", parent}, extra...)...)
+		b.args = append([]string{"--backend", "zfs", "--parent", parent}, extra...)
+		b.p = harness.StartPluginEnv(t, pluginName, env, b.args...)
 		b.leaks = func(t *testing.T) []string {
 			var out []string
 			for _, ds := range harness.ZFSInventory(t, parent) {
@@ -52,7 +56,7 @@ func startBackendEnv(t *testing.T, env []string, extra ...string) *backend {
 		return b
 	}
 	root := filepath.Join(t.TempDir(), "root")
-	b := &backend{id: harness.ID()}
+	b := &backend{id: harness.ID(), args: append([]string{"--backend", "reflink", "--root", root, "--store-size", "8G"}, extra...)}
 	// The store file stays mounted when the plugin stops (volumes live on it); unmount it after
 	// the plugin has stopped, which cleanups registered earlier do.
 	t.Cleanup(func() {
@@ -60,7 +64,7 @@ func startBackendEnv(t *testing.T, env []string, extra ...string) *backend {
 			t.Errorf("cleanup: umount the store: %v\n%s", err, out)
 		}
 	})
-	b.p = harness.StartPluginEnv(t, pluginName, env, append([]string{"--backend", "reflink", "--root", root, "--store-size", "8G"}, extra...)...)
+	b.p = harness.StartPluginEnv(t, pluginName, env, b.args...)
 	b.leaks = func(t *testing.T) []string {
 		harness.ReflinkUnlinked(t, filepath.Join(root, "store"))
 		var out []string
@@ -290,6 +294,32 @@ func TestRestartWithMountedVolumes(t *testing.T) {
 	}
 	b.docker(t, "rm", "-f", "zg-user2")
 	b.docker(t, "volume", "rm", "zg-live", "zg-idle")
+	if left := b.leaks(t); len(left) > 0 && !onlyGoldens(left) {
+		t.Fatalf("left behind: %v", left)
+	}
+}
+
+// TestSecondPluginIsRefused: a second zgolden on the same store (the parent dataset with the same
+// record directory, or the reflink root) exits at start and names the first one's pid, and the
+// first goes on serving; two would write the same record slots, or delete each other's half-made
+// images as leftovers.
+func TestSecondPluginIsRefused(t *testing.T) {
+	b := startBackend(t)
+	b.volume(t, "zg-first")
+	state := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, harness.Binary(t), append([]string{"serve",
+		"--socket", filepath.Join(state, "second.sock"), "--admin-socket", filepath.Join(state, "admin.sock"),
+		"--state-dir", state, "--mount-root", filepath.Join(state, "mounts")}, b.args...)...).CombinedOutput()
+	if err == nil || ctx.Err() != nil {
+		t.Fatalf("a second zgolden on the same store did not exit with an error (%v, %v):\n%s", err, ctx.Err(), out)
+	}
+	if want := fmt.Sprintf("another process (pid %d)", b.p.Pid()); !strings.Contains(string(out), want) {
+		t.Fatalf("the second zgolden's error does not say %q:\n%s", want, out)
+	}
+	b.volume(t, "zg-second")
+	b.docker(t, "volume", "rm", "zg-first", "zg-second")
 	if left := b.leaks(t); len(left) > 0 && !onlyGoldens(left) {
 		t.Fatalf("left behind: %v", left)
 	}

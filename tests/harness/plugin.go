@@ -173,6 +173,16 @@ func (p *Plugin) Stop(sig syscall.Signal) {
 	}
 }
 
+// Pid is the running plugin process's, or 0.
+func (p *Plugin) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
+}
+
 // Logs returns what the plugin printed since its last start.
 func (p *Plugin) Logs() string {
 	p.mu.Lock()
