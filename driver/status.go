@@ -31,8 +31,8 @@ type ZFSStatus struct {
 	// DDTEntries is nil when the pool's dedup table could not be read.
 	DDTEntries      *uint64        `json:"ddt_entries,omitempty"`
 	SparesReady     map[string]int `json:"spares_ready"`   // warm spares by project
-	SparesMounted   int            `json:"spares_mounted"` // spares (and claimed volumes) mounted ahead
-	KeptMounted     int            `json:"kept_mounted"`   // volumes Docker unmounted whose XFS stays mounted until Remove
+	SparesMounted   int            `json:"spares_mounted"` // spares mounted ahead of their claim (claims not yet renamed included)
+	KeptMounted     int            `json:"kept_mounted"`   // volumes whose XFS an early mount holds until Remove, beside Docker's mount and after it
 	ClaimsPending   int            `json:"claims_pending"` // claimed spares not yet renamed
 	DevicesHeld     int            `json:"devices_held"`   // zvols held open from Unmount to Remove
 	CleanupsPending int            `json:"cleanups_pending"`

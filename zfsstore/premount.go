@@ -7,7 +7,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"strings"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -23,34 +22,40 @@ import (
 // queues behind the writers: the load case measured a claimed spare's Create at 74 ms and its
 // Mount at about 380 ms more, against 160 ms for both idle (zfs 2.4, guest). So the worker also
 // mounts each ready spare's XFS, with the options Mount uses, at WORKDIR/spares/ID, and a Mount
-// of the volume that claimed it binds that mount to its target and detaches the early one: two
-// mount calls, no I/O.
+// of the volume that claimed it binds that mount to its target: one mount call, no I/O.
+//
+// The early mount then stays beside Docker's mountpoint until the volume is destroyed, so that
+// Unmount only unmounts Docker's mountpoint, which is not the XFS's last mount and writes
+// nothing. An earlier design detached the early mount at Mount and bound a new one at Unmount:
+// two more mount calls on Docker's paths, and the detach waits for the kernel's RCU grace
+// period, which under the load case's emulated CPUs took tens of milliseconds.
 //
 // The truth is the kernel's mount table: a mount under WORKDIR/spares whose device is a zvol
 // (BLKZNAME) is that dataset's early mount, whatever the dataset is called now (the finisher
-// renames a claimed spare with its XFS mounted). Nothing else records it:
+// renames a claimed spare with its XFS mounted). A dataset has at most one. Nothing else
+// records it:
 //   - destroy unmounts a dataset's early mount first, so no path that retires a spare or
 //     destroys a removed volume is held busy by one;
-//   - Promote freezes a volume's early mount when Docker has not mounted it;
+//   - Promote and fork freeze a volume's early mount when Docker has not mounted it (the two
+//     mounts are one XFS, so freezing either freezes both);
 //   - Close unmounts the early mounts, so nothing stays mounted that Docker did not ask for;
-//   - Load detaches an early mount whose device is also mounted elsewhere (a crash between the
-//     bind and the detach), and the worker mounts ready spares that have none (after a stop, a
-//     crash that left none, or a reboot).
+//   - the worker mounts ready spares that have none (after a stop, a crash that left none, or a
+//     reboot).
 //
 // A spare whose early mount fails is still a spare: its Mount mounts the device as usual.
 //
-// Unmount has the same problem the other way round: unmounting XFS flushes what the container
-// wrote and writes the log, and under load that I/O queued behind the writers (the load case:
-// 0.34 s p99 under load against 57 ms idle on zfs 2.4; the raw umount of a written zvol took up
-// to 145 s in the guest, where Docker gives Unmount one minute). So Unmount of a block volume
-// binds its XFS at WORKDIR/spares/u-NAME and then unmounts Docker's mountpoint, which is then
-// not the XFS's last mount and writes nothing (keepMounted). The kept mount is an early mount
-// like a spare's, with the same rules above: the next Mount binds it back, Promote and fork
-// freeze it, the destroy of a removed volume unmounts it in the trash worker (where its flush
-// and the zvol's last close wait for the pool off every caller's path), and Close unmounts it.
-// What changes for the user: when Unmount returns, what the container wrote may still be in
-// the page cache rather than on the pool, as it is while a volume is mounted; a host crash
-// then loses what a crash of a mounted volume loses, and XFS's log keeps it consistent.
+// Unmount of a volume with no early mount (one mounted before a restart, whose early mount
+// Close took, or one that was not a spare) has the same problem the other way round: unmounting
+// XFS flushes what the container wrote and writes the log, and under load that I/O queued
+// behind the writers (the load case: 0.34 s p99 under load against 57 ms idle on zfs 2.4; the
+// raw umount of a written zvol took up to 145 s in the guest, where Docker gives Unmount one
+// minute). So Unmount binds its XFS at WORKDIR/spares/u-NAME first (keepMounted). The kept mount
+// is an early mount like a spare's, with the same rules above: the next Mount binds it, Promote
+// and fork freeze it, the destroy of a removed volume unmounts it in the trash worker (where its
+// flush and the zvol's last close wait for the pool off every caller's path), and Close
+// unmounts it. What changes for the user: when Unmount returns, what the container wrote may
+// still be in the page cache rather than on the pool, as it is while a volume is mounted; a host
+// crash then loses what a crash of a mounted volume loses, and XFS's log keeps it consistent.
 
 func (s *Store) premountDir() string { return filepath.Join(s.cfg.WorkDir, "spares") }
 
@@ -93,45 +98,45 @@ func (s *Store) premountOf(ds string) string {
 	return pm[ds]
 }
 
-// mountEarly gives target the early mount at pm: a bind, then a detach of pm. ok is false when
-// the bind failed, and pm is then detached so that Mount mounts the device as usual.
-func (s *Store) mountEarly(pm, target string, log *logrus.Entry) bool {
+// bindEarly binds the early mount at pm to target, which is then the volume's second mount of
+// one XFS; false when that failed, and Mount mounts the device instead (the kernel gives it the
+// same XFS).
+func (s *Store) bindEarly(pm, target string, log *logrus.Entry) bool {
 	err := os.MkdirAll(target, 0o755)
 	if err == nil {
 		err = unix.Mount(pm, target, "", unix.MS_BIND, "")
 	}
 	if err != nil {
-		log.WithError(err).Warn("could not bind a spare's early mount; mounting its device instead")
-	} else {
-		s.cfg.Faults.Hit("mount:after-bind")
+		log.WithError(err).Warn("could not bind the volume's early mount; mounting its device instead")
+		return false
 	}
-	s.dropPremount(pm, log)
-	return err == nil
+	s.cfg.Faults.Hit("mount:after-bind")
+	return true
 }
 
-// keepMounted moves a block volume's XFS from Docker's mountpoint target to an early mount:
-// a bind, then the unmount of target, which writes nothing while the bind holds the XFS. It is
-// false, with target as it was, when either step fails: a busy target (a process still in it)
-// is then reported by the usual unmount.
+// keepMounted unmounts Docker's mountpoint target of a block volume while an early mount holds
+// its XFS, so the unmount writes nothing: the early mount is the one Mount bound from, or else a
+// new bind at WORKDIR/spares/u-NAME. It is false, with target as it was, when either step fails:
+// a busy target (a process still in it) is then reported by the usual unmount.
 func (s *Store) keepMounted(ds, target string, log *logrus.Entry) bool {
-	if pm := s.premountOf(ds); pm != "" {
-		// One early mount per dataset: a second would hold the XFS after the first went.
-		log.WithField("mountpoint", pm).Warn("the volume already has an early mount; unmounting it the usual way")
-		return false
+	pm, made := s.premountOf(ds), false
+	if pm == "" {
+		pm, made = filepath.Join(s.premountDir(), keptPrefix+path.Base(ds)), true
+		if err := os.MkdirAll(pm, 0o755); err != nil {
+			log.WithError(err).Warn("could not keep the volume's XFS mounted; unmounting it the usual way")
+			return false
+		}
+		if err := unix.Mount(target, pm, "", unix.MS_BIND, ""); err != nil {
+			_ = os.Remove(pm)
+			log.WithError(err).Warn("could not keep the volume's XFS mounted; unmounting it the usual way")
+			return false
+		}
+		s.cfg.Faults.Hit("unmount:after-bind")
 	}
-	pm := filepath.Join(s.premountDir(), keptPrefix+path.Base(ds))
-	if err := os.MkdirAll(pm, 0o755); err != nil {
-		log.WithError(err).Warn("could not keep the volume's XFS mounted; unmounting it the usual way")
-		return false
-	}
-	if err := unix.Mount(target, pm, "", unix.MS_BIND, ""); err != nil {
-		_ = os.Remove(pm)
-		log.WithError(err).Warn("could not keep the volume's XFS mounted; unmounting it the usual way")
-		return false
-	}
-	s.cfg.Faults.Hit("unmount:after-bind")
 	if err := unix.Unmount(target, 0); err != nil {
-		s.dropPremount(pm, log)
+		if made {
+			s.dropPremount(pm, log)
+		}
 		log.WithError(err).Debug("Docker's mountpoint did not unmount; unmounting it the usual way")
 		return false
 	}
@@ -165,34 +170,16 @@ func (s *Store) unmountPremount(ctx context.Context, ds string) error {
 	return nil
 }
 
-// loadPremounts detaches early mounts whose XFS is mounted elsewhere too (a crash between a
-// Mount's bind and its detach), and directories left without a mount (after a reboot).
+// loadPremounts removes the directories under WORKDIR/spares left without a mount (after a
+// reboot).
 func (s *Store) loadPremounts() error {
 	pm, err := s.premounts()
-	if err != nil {
-		return err
-	}
-	all, err := xfsutil.MountsUnder("/")
 	if err != nil {
 		return err
 	}
 	early := map[string]bool{}
 	for _, p := range pm {
 		early[p] = true
-	}
-	elsewhere := map[string]bool{}
-	for _, m := range all {
-		if !early[m.Mountpoint] && strings.HasPrefix(m.Source, "/dev/zd") {
-			if ds := zfsutil.ZvolName(m.Source); ds != "" && inside(s.cfg.Parent, ds) && m.FSType == "xfs" {
-				elsewhere[ds] = true
-			}
-		}
-	}
-	for ds, p := range pm {
-		if elsewhere[ds] {
-			s.log.WithFields(logrus.Fields{"dataset": ds, "mountpoint": p}).Info("detaching the early mount of a volume that is mounted for Docker")
-			s.dropPremount(p, s.log.WithField("dataset", ds))
-		}
 	}
 	entries, err := os.ReadDir(s.premountDir())
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -2,6 +2,8 @@ package zfsstore
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -237,9 +239,10 @@ func TestSparePicksStayFresh(t *testing.T) {
 }
 
 // TestSparesAreMountedAhead: the worker mounts each ready spare's XFS ahead of its claim; the
-// claiming volume's Mount binds that mount (the golden's data is there) and detaches the early
-// one; a crash between the bind and the detach leaves both, and Load detaches the early one;
-// Close unmounts the early mounts of the spares still ready.
+// claiming volume's Mount binds that mount (the golden's data is there) and leaves it, so that
+// Unmount only unmounts Docker's mountpoint and the next Mount binds it again; a volume without
+// an early mount (one that a stop's Close took) gets a kept one at Unmount; Close unmounts them
+// all.
 func TestSparesAreMountedAhead(t *testing.T) {
 	_, _, s, _ := withSpares(t)
 	ctx := context.Background()
@@ -254,50 +257,59 @@ func TestSparesAreMountedAhead(t *testing.T) {
 		t.Fatalf("the claimed spare %s has no early mount", ds)
 	}
 	target := filepath.Join(t.TempDir(), "m")
-	if err := s.Mount(ctx, v, target); err != nil {
-		t.Fatal(err)
-	}
-	if data, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(data) != "golden" {
-		t.Errorf("the early-mounted volume holds %q (%v); want the golden's file", data, err)
-	}
-	if m, _ := xfsutil.MountedAt(pm); m != nil || s.premountOf(ds) != "" {
-		t.Errorf("the early mount %s is still there after the Mount took it", pm)
-	}
-	if err := os.WriteFile(filepath.Join(target, "w"), []byte("session"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Unmount(ctx, v, target); err != nil {
-		t.Fatal(err)
-	}
-	if m, _ := xfsutil.MountedAt(target); m != nil {
-		t.Fatalf("Unmount left %s mounted", target)
+	for round := 1; round <= 2; round++ {
+		if err := s.Mount(ctx, v, target); err != nil {
+			t.Fatal(err)
+		}
+		if data, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(data) != "golden" {
+			t.Errorf("round %d: the early-mounted volume holds %q (%v); want the golden's file", round, data, err)
+		}
+		if got := s.premountOf(s.dsOf("early")); got != pm {
+			t.Errorf("round %d: after Mount the volume's early mount is %q, want %s kept beside Docker's", round, got, pm)
+		}
+		want := fmt.Sprintf("session %d", round)
+		if err := os.WriteFile(filepath.Join(target, "w"), []byte(want), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Unmount(ctx, v, target); err != nil {
+			t.Fatal(err)
+		}
+		if m, _ := xfsutil.MountedAt(target); m != nil {
+			t.Fatalf("round %d: Unmount left %s mounted", round, target)
+		}
+		// The early mount still holds the XFS, with what was written through Docker's mount.
+		if data, err := os.ReadFile(filepath.Join(pm, "w")); err != nil || string(data) != want {
+			t.Errorf("round %d: after Unmount the early mount %s holds %q (%v), want %q", round, pm, data, err, want)
+		}
+		if _, err := os.Stat(filepath.Join(s.premountDir(), keptPrefix+"early")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("round %d: Unmount made a kept mount (%v) where the volume had an early mount", round, err)
+		}
 	}
 
-	// A crash between a Mount's bind and its detach: the next Load detaches the early mount.
+	// A volume whose early mount is gone (Close unmounts them; Docker's mount stays): its
+	// Unmount binds a kept one, so unmounting Docker's mountpoint still writes nothing.
 	v2, err := s.Create(ctx, driver.Spec{Name: "early2", Kind: driver.KindBlock, Golden: "prj"})
 	if err != nil {
 		t.Fatal(err)
 	}
+	target2 := filepath.Join(t.TempDir(), "m2")
+	if err := s.Mount(ctx, v2, target2); err != nil {
+		t.Fatal(err)
+	}
 	pm2 := s.premountOf(s.dsOf("early2"))
 	if pm2 == "" {
-		t.Fatal("the second claimed spare has no early mount")
+		t.Fatal("the second claimed volume has no early mount")
 	}
-	target2 := filepath.Join(t.TempDir(), "m2")
-	if err := os.MkdirAll(target2, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	harness.Run(t, "mount", "--bind", pm2, target2)
-	if err := s.loadPremounts(); err != nil {
-		t.Fatal(err)
-	}
-	if m, _ := xfsutil.MountedAt(pm2); m != nil {
-		t.Errorf("Load left the early mount %s of a volume mounted at %s", pm2, target2)
-	}
-	if _, err := os.Stat(filepath.Join(target2, "f")); err != nil {
-		t.Errorf("the volume's own mount lost its data when the early mount was detached: %v", err)
-	}
+	harness.Run(t, "umount", pm2)
 	if err := s.Unmount(ctx, v2, target2); err != nil {
 		t.Fatal(err)
+	}
+	kept := s.premountOf(s.dsOf("early2"))
+	if filepath.Base(kept) != keptPrefix+"early2" {
+		t.Fatalf("after Unmount of a volume without an early mount, its early mount is %q; want %s", kept, keptPrefix+"early2")
+	}
+	if _, err := os.Stat(filepath.Join(kept, "f")); err != nil {
+		t.Errorf("the kept mount lost the volume's data: %v", err)
 	}
 	for _, v := range []driver.Volume{v, v2} {
 		if err := s.Remove(ctx, v); err != nil {

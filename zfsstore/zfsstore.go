@@ -25,7 +25,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -716,7 +715,7 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 	if pm := s.premountOf(ds); pm != "" && !s.isGrowing(v.Name) {
 		log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds})
 		t1 := time.Now()
-		if s.mountEarly(pm, target, log) {
+		if s.bindEarly(pm, target, log) {
 			log.WithFields(logrus.Fields{"find_took": t1.Sub(t0).Round(time.Microsecond).String(), "bind_took": time.Since(t1).Round(time.Microsecond).String()}).Debug("bound the early mount")
 			return nil
 		}
@@ -845,11 +844,12 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		z.DDTEntries = &n
 	}
 	if pm, err := s.premounts(); err == nil {
-		for _, p := range pm {
-			if strings.HasPrefix(path.Base(p), keptPrefix) {
-				z.KeptMounted++
-			} else {
+		for ds := range pm {
+			// A claimed spare keeps its early mount when it is renamed to its volume's name.
+			if inside(s.spareRoot(), ds) {
 				z.SparesMounted++
+			} else {
+				z.KeptMounted++
 			}
 		}
 	}

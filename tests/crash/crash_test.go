@@ -518,16 +518,12 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	if gotMounts := mountsUnder(t, e.p.MountRoot); !slices.Equal(gotMounts, wantMounts) {
 		t.Errorf("%s: mounts under the mount root %v, but the plugin's references say %v", phase, gotMounts, wantMounts)
 	}
-	// Under work/spares the worker mounts spares ahead of their claim (zfsstore/premount.go): each
-	// must be of a spare, or of a claimed volume not mounted yet, never of one mounted for Docker
-	// (its Mount, or the Load after a crash in it, detaches it); anything else is an import's.
-	forDocker := map[string]bool{}
-	for _, m := range wantMounts {
-		if me, err := xfsutil.MountedAt(m); err == nil && me != nil {
-			forDocker[zfsutil.ZvolName(me.Source)] = true
-		}
-	}
+	// Under work/spares the worker mounts spares ahead of their claim, and a volume keeps one
+	// such mount beside Docker's until it is destroyed (zfsstore/premount.go): each must be of a
+	// dataset of the parent, and no dataset may have two (the second would hold its XFS after
+	// the first went); anything else is an import's.
 	var imports []string
+	early := map[string]string{}
 	for _, m := range mountsUnder(t, filepath.Join(e.stateDir, "work")) {
 		if filepath.Dir(m) != filepath.Join(e.stateDir, "work", "spares") {
 			imports = append(imports, m)
@@ -537,9 +533,13 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 		if err != nil || me == nil {
 			continue // unmounted since the listing
 		}
-		if ds := zfsutil.ZvolName(me.Source); ds == "" || forDocker[ds] || !strings.HasPrefix(ds, e.parent+"/") {
-			t.Errorf("%s: the early mount %s is of %q, a volume mounted for Docker or no dataset of %s", phase, m, ds, e.parent)
+		ds := zfsutil.ZvolName(me.Source)
+		if ds == "" || !strings.HasPrefix(ds, e.parent+"/") {
+			t.Errorf("%s: the early mount %s is of %q, no dataset of %s", phase, m, ds, e.parent)
+		} else if other, dup := early[ds]; dup {
+			t.Errorf("%s: %s has two early mounts, %s and %s", phase, ds, other, m)
 		}
+		early[ds] = m
 	}
 	if len(imports) > 0 {
 		t.Errorf("%s: import mounts left in the work directory: %v", phase, imports)
