@@ -166,9 +166,12 @@ func (d *Driver) recover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("load volumes from the %s backend: %w", d.backend.Name(), err)
 	}
-	saved, err := d.refs.loadAll()
+	saved, unreadable, err := d.refs.loadAll()
 	if err != nil {
 		return fmt.Errorf("load mount references from %s: %w", d.refs.dir, err)
+	}
+	for name := range unreadable {
+		saved[name] = nil // dropped below, or stops the start, by whether the volume is mounted
 	}
 	for _, v := range vols {
 		st := &volState{Volume: v, ids: saved[v.Name]}
@@ -182,6 +185,16 @@ func (d *Driver) recover(ctx context.Context) error {
 			return err
 		}
 		log := d.log.WithFields(logrus.Fields{"volume": v.Name, "source": v.Source})
+		if rerr := unreadable[v.Name]; rerr != nil {
+			if mounted { // which containers hold it is lost; unmounting it could cut one off
+				return fmt.Errorf("%w; the volume is mounted at %s: stop the containers that use it, unmount it, delete that file and start again", rerr, target)
+			}
+			// What a host crash can leave of a file written without fsync (refs.go).
+			log.WithError(rerr).Warn("dropping unreadable mount references of a volume that is not mounted (host crash)")
+			if err := d.refs.save(v.Name, nil); err != nil {
+				return err
+			}
+		}
 		if len(st.ids) > 0 && mounted {
 			// Possibly what a crash inside Unmount left (staleRefs); Docker is asked again
 			// until it can tell (recheckRefs).

@@ -281,6 +281,51 @@ func TestRecoverReconcilesReferencesAndMounts(t *testing.T) {
 	}
 }
 
+// TestRecoverAfterAHostCrash: mount references are written without fsync (refs.go), so a host
+// crash can leave one empty or torn. Of a volume that is not mounted (the crash unmounted it) the
+// start drops it; of a volume still mounted it stops the start and says which file and what to do,
+// because which containers hold that volume is lost.
+func TestRecoverAfterAHostCrash(t *testing.T) {
+	f := newFake()
+	state := t.TempDir()
+	d := newTestDriver(t, f, state)
+	ctx := context.Background()
+	for _, n := range []string{"crashed", "live"} {
+		must(t, d.Create(ctx, n, nil))
+	}
+	_, err := d.Mount(ctx, "crashed", "c1")
+	must(t, err)
+	refs := filepath.Join(state, "mounts")
+	delete(f.mounts, d.mountpoint("crashed"))
+	must(t, os.WriteFile(filepath.Join(refs, "crashed.json"), nil, 0o600)) // empty: the data never reached the disk
+	must(t, os.WriteFile(filepath.Join(refs, "gone.json"), []byte(`["x`), 0o600))
+
+	d2 := newTestDriver(t, f, state) // the restart after the reboot
+	for _, in := range d2.List() {
+		if in.Mounts != 0 {
+			t.Errorf("after the crash %s is held by %d containers", in.Name, in.Mounts)
+		}
+	}
+	for _, n := range []string{"crashed", "gone"} {
+		if _, err := os.Stat(filepath.Join(refs, n+".json")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the unreadable references of %s were kept (%v)", n, err)
+		}
+	}
+
+	_, err = d2.Mount(ctx, "live", "c2")
+	must(t, err)
+	must(t, os.WriteFile(filepath.Join(refs, "live.json"), []byte("{"), 0o600))
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	_, err = New(ctx, Config{Backend: f, MountRoot: filepath.Join(state, "mnt"), StateDir: state, Log: logrus.NewEntry(l)})
+	if err == nil || !strings.Contains(err.Error(), filepath.Join(refs, "live.json")) || !strings.Contains(err.Error(), "is mounted at") {
+		t.Fatalf("a start with unreadable references of a mounted volume: %v; want it refused, naming the file", err)
+	}
+	if ok, _ := f.Mounted(d.mountpoint("live")); !ok {
+		t.Error("the refused start unmounted the volume")
+	}
+}
+
 // TestConcurrentOperations runs random operations on a few names from many goroutines (run it
 // with -race) and then checks the invariant: a volume is mounted exactly when callers hold it.
 func TestConcurrentOperations(t *testing.T) {

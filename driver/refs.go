@@ -8,8 +8,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-
-	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // refStore keeps each volume's mount caller IDs in <dir>/<volume>.json, so a plugin restart
@@ -18,8 +16,14 @@ import (
 // under a live container, or never unmount it.
 //
 // The default dir is under /run: a host reboot clears it together with the mounts it describes.
-// Files are written atomically (temporary file, fsync, rename), so a crash leaves the old or the new
-// set, never a torn one.
+// A file is replaced by a rename, so a process that dies leaves the old or the new set, never a
+// torn one. It is not fsynced: the references only have to outlive the process, which the page
+// cache does, because a host crash takes every mount with it and the mount table wins at start
+// (below). A reference written as its own durable file cost two commits of the filesystem's
+// journal on every Mount, 169 ms in the bench's load case against 11 ms idle, where the managed
+// plugin keeps this directory on the host's disk. After a host crash a file may come back empty
+// or torn: it describes a volume that is no longer mounted, so it is dropped with a warning; one
+// of a volume still mounted stops the start, as any unreadable file does.
 //
 // When the record and the mount table disagree at start (Driver.load), the mount table wins:
 // references of an unmounted volume are dropped, and a volume mounted with none is unmounted.
@@ -46,19 +50,20 @@ func (s refStore) save(name string, ids map[string]struct{}) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(s.path(name), data)
+	return replaceFile(s.path(name), data)
 }
 
-// loadAll returns every saved reference set by volume name.
-func (s refStore) loadAll() (map[string]map[string]struct{}, error) {
+// loadAll returns every saved reference set by volume name, and the files that could not be
+// read as one, by volume name.
+func (s refStore) loadAll() (map[string]map[string]struct{}, map[string]error, error) {
 	entries, err := os.ReadDir(s.dir)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return map[string]map[string]struct{}{}, nil
+			return map[string]map[string]struct{}{}, nil, nil
 		}
-		return nil, err
+		return nil, nil, err
 	}
-	out := map[string]map[string]struct{}{}
+	out, bad := map[string]map[string]struct{}{}, map[string]error{}
 	for _, e := range entries {
 		name, ok := strings.CutSuffix(e.Name(), ".json")
 		if !ok || ValidateName(name) != nil {
@@ -66,11 +71,12 @@ func (s refStore) loadAll() (map[string]map[string]struct{}, error) {
 		}
 		data, err := os.ReadFile(filepath.Join(s.dir, e.Name()))
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		var list []string
 		if err := json.Unmarshal(data, &list); err != nil {
-			return nil, fmt.Errorf("mount references %s: %w", e.Name(), err)
+			bad[name] = fmt.Errorf("mount references %s: %w", filepath.Join(s.dir, e.Name()), err)
+			continue
 		}
 		set := map[string]struct{}{}
 		for _, id := range list {
@@ -78,13 +84,12 @@ func (s refStore) loadAll() (map[string]map[string]struct{}, error) {
 		}
 		out[name] = set
 	}
-	return out, nil
+	return out, bad, nil
 }
 
-// WriteFileAtomic replaces path with data so that readers and crashes see either the old or the
-// new content, durably: the file and its directory are fsynced before it returns. Stores use it
-// for their local records.
-func WriteFileAtomic(path string, data []byte) error {
+// replaceFile replaces path with data by a rename, so that readers and a process that dies see
+// either the old or the new content; not durable against a host crash (see refStore).
+func replaceFile(path string, data []byte) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
@@ -99,15 +104,8 @@ func WriteFileAtomic(path string, data []byte) error {
 		f.Close()
 		return err
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
 	if err := f.Close(); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return xfsutil.SyncDir(dir)
+	return os.Rename(tmp, path)
 }

@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/xfsutil"
 )
 
 // ---- what the plugin's paths are made of, timed in each load phase -------------------------
@@ -41,7 +41,7 @@ func (p *plugin) primitiveProbes(dir string, zfsTarget string, reps int) map[str
 	timeIt("request that does no work (Capabilities)", func() error { return p.call("Capabilities", struct{}{}, nil) })
 	rec := filepath.Join(dir, "probe-records")
 	timeIt("record: write, fsync, rename, fsync dir", func() error {
-		return driver.WriteFileAtomic(filepath.Join(rec, "probe.json"), []byte(`{"name":"probe"}`))
+		return writeDurable(filepath.Join(rec, "probe.json"), []byte(`{"name":"probe"}`))
 	})
 	// The same few bytes, overwritten in place in a file whose block is already written: a
 	// datasync that changes no metadata, so the filesystem's journal is not committed.
@@ -119,4 +119,31 @@ func (p *plugin) traceLog(prefix string) {
 			p.t.Log(line)
 		}
 	}
+}
+
+// writeDurable writes a record as its own file, durably: a temporary file, its fsync, a rename
+// and the directory's fsync, the way the records were written before internal/recordfile.
+func writeDurable(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		return err
+	}
+	return xfsutil.SyncDir(dir)
 }
