@@ -584,8 +584,7 @@ func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) err
 
 // Mounted implements driver.Backend.
 func (s *Store) Mounted(target string) (bool, error) {
-	m, err := xfsutil.MountedAt(target)
-	return m != nil, err
+	return xfsutil.IsMountpoint(target)
 }
 
 // Usage implements driver.Backend. Written is what FIEMAP reports as not shared: the blocks the

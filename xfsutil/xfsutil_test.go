@@ -457,3 +457,36 @@ func TestMkfsFeatureSet(t *testing.T) {
 		}
 	}
 }
+
+// TestIsMountpoint: on the real kernel, IsMountpoint agrees with the mount table for a device's
+// mount, a bind of a directory of the same filesystem (which st_dev cannot tell), a directory that
+// is not mounted, and one that does not exist.
+func TestIsMountpoint(t *testing.T) {
+	orig, _ := images(t)
+	mp, err := mountLoop(t, orig, []string{"nouuid"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, bind := filepath.Join(mp, "src"), filepath.Join(mp, "bind")
+	for _, d := range []string{src, bind} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Mount(src, bind, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(bind, 0) })
+	for _, c := range []struct {
+		path string
+		want bool
+	}{{mp, true}, {bind, true}, {src, false}, {filepath.Join(mp, "missing"), false}} {
+		got, err := xfsutil.IsMountpoint(c.path)
+		if err != nil || got != c.want {
+			t.Errorf("IsMountpoint(%s) = %v, %v; want %v", c.path, got, err, c.want)
+		}
+		if m, _ := xfsutil.MountedAt(c.path); (m != nil) != c.want {
+			t.Errorf("the mount table disagrees about %s: %+v", c.path, m)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
@@ -66,16 +67,22 @@ func (s *Store) premount(ctx context.Context, ds, dev string) {
 	if err := xfsutil.Mount(ctx, dev, target, xfsutil.MountOptions(s.cfg.Discard)); err != nil {
 		_ = os.Remove(target)
 		s.log.WithError(err).WithField("dataset", ds).Warn("could not mount a spare ahead of its claim; its Mount mounts the device instead")
+		return
 	}
+	s.setHint(ds, target)
 }
 
-// premounts returns the early mounts by the dataset their device is now, and every mountpoint
-// under WORKDIR/spares with the devices of all other mounts, for Load's check.
+// premounts returns the early mounts by the dataset their device is now. It opens every early
+// mount's device to ask its name, so it also refreshes the hints premountOf starts from.
 func (s *Store) premounts() (map[string]string, error) {
 	mounts, err := xfsutil.MountsUnder(s.premountDir())
 	if err != nil {
 		return nil, err
 	}
+	return s.scanPremounts(mounts), nil
+}
+
+func (s *Store) scanPremounts(mounts []xfsutil.MountEntry) map[string]string {
 	out := map[string]string{}
 	for _, m := range mounts {
 		if m.Mountpoint == s.premountDir() {
@@ -85,17 +92,57 @@ func (s *Store) premounts() (map[string]string, error) {
 			out[ds] = m.Mountpoint
 		}
 	}
-	return out, nil
+	s.pmHints.Lock()
+	s.pmHints.m = maps.Clone(out)
+	s.pmHints.Unlock()
+	return out
 }
 
-// premountOf returns ds's early mount, or "".
+// premountOf returns ds's early mount, or "". Each volume keeps one until it is destroyed, so
+// there are about as many as volumes, and asking each device its name on every Mount and
+// Unmount would cost an open and an ioctl per volume on the host. So premountOf first checks
+// where the last scan (or the finisher's rename, renameHint) saw ds: that mountpoint must still
+// be in the mount table and its device must still be ds. Only a miss scans them all. The hint
+// is never the truth, only where to look first.
 func (s *Store) premountOf(ds string) string {
-	pm, err := s.premounts()
+	mounts, err := xfsutil.MountsUnder(s.premountDir())
 	if err != nil {
 		s.log.WithError(err).WithField("dataset", ds).Warn("cannot read the mount table for early mounts")
 		return ""
 	}
-	return pm[ds]
+	s.pmHints.Lock()
+	hint := s.pmHints.m[ds]
+	s.pmHints.Unlock()
+	if hint != "" {
+		for _, m := range mounts {
+			if m.Mountpoint == hint && zfsutil.ZvolName(m.Source) == ds {
+				return hint
+			}
+		}
+	}
+	return s.scanPremounts(mounts)[ds]
+}
+
+// setHint records where an early mount of ds was just made.
+func (s *Store) setHint(ds, pm string) {
+	s.pmHints.Lock()
+	defer s.pmHints.Unlock()
+	if s.pmHints.m == nil {
+		s.pmHints.m = map[string]string{}
+	}
+	s.pmHints.m[ds] = pm
+}
+
+// renameHint moves the hint of an early mount from a claimed spare's dataset to its volume's,
+// once the finisher has renamed it, so that the volume's next Mount or Unmount finds it without
+// a scan.
+func (s *Store) renameHint(from, to string) {
+	s.pmHints.Lock()
+	defer s.pmHints.Unlock()
+	if pm, ok := s.pmHints.m[from]; ok {
+		delete(s.pmHints.m, from)
+		s.pmHints.m[to] = pm
+	}
 }
 
 // bindEarly binds the early mount at pm to target, which is then the volume's second mount of
@@ -132,6 +179,7 @@ func (s *Store) keepMounted(ds, target string, log *logrus.Entry) bool {
 			return false
 		}
 		s.cfg.Faults.Hit("unmount:after-bind")
+		s.setHint(ds, pm)
 	}
 	if err := unix.Unmount(target, 0); err != nil {
 		if made {

@@ -234,6 +234,7 @@ func (s *Store) finishLocked(ctx context.Context, c *claim) error {
 	}
 	if err == nil {
 		held.rename(c.Dataset, dst)
+		s.renameHint(c.Dataset, dst)
 		s.cfg.Faults.Hit("claim:after-rename")
 	}
 	c.rm.Lock()

@@ -256,6 +256,28 @@ func TestSparesAreMountedAhead(t *testing.T) {
 	if pm == "" {
 		t.Fatalf("the claimed spare %s has no early mount", ds)
 	}
+	// premountOf starts from a hint of where the early mount was last seen; a wrong hint, here
+	// another dataset's early mount or a path with none, is checked and the scan finds the truth.
+	all, err := s.premounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	checked := false
+	for other, opm := range all {
+		if other != ds {
+			checked = true
+			for _, wrong := range []string{opm, filepath.Join(s.premountDir(), "nothing")} {
+				s.setHint(ds, wrong)
+				if got := s.premountOf(ds); got != pm {
+					t.Errorf("with the hint %s, premountOf(%s) = %q; want %s", wrong, ds, got, pm)
+				}
+			}
+			break
+		}
+	}
+	if !checked {
+		t.Errorf("no other early mount to give premountOf a wrong hint: %v", all)
+	}
 	target := filepath.Join(t.TempDir(), "m")
 	for round := 1; round <= 2; round++ {
 		if err := s.Mount(ctx, v, target); err != nil {

@@ -89,6 +89,11 @@ type Store struct {
 	zfs  *zfsutil.ZFS
 	log  *logrus.Entry
 	lock *proclock.Lock // the parent's, in the record directory; see lockParent
+	// pmHints maps a dataset to where premountOf last found its early mount (premount.go).
+	pmHints struct {
+		sync.Mutex
+		m map[string]string
+	}
 	// swap is read-locked by a Create from picking a generation until its clone exists, and
 	// write-locked while a promotion moves generation snapshots between lineages (two zfs
 	// promotes, O(1) each): a racing Create must never look for a snapshot that is moving.
@@ -800,8 +805,7 @@ func (s *Store) Close(ctx context.Context) error {
 
 // Mounted implements driver.Backend.
 func (s *Store) Mounted(target string) (bool, error) {
-	m, err := xfsutil.MountedAt(target)
-	return m != nil, err
+	return xfsutil.IsMountpoint(target)
 }
 
 // Usage implements driver.Backend.
