@@ -292,6 +292,7 @@ type MountEntry struct {
 	Mountpoint string
 	FSType     string
 	Options    string
+	Dev        uint64 // the filesystem's device number, as stat reports it in st_dev
 }
 
 // MountedAt returns the mount at target, if any. The kernel's mount table is the source of truth
@@ -306,7 +307,8 @@ func MountedAt(target string) (*MountEntry, error) {
 		return nil, nil
 	}
 	m := mounts[len(mounts)-1] // the topmost mount is the one a caller sees
-	return &MountEntry{Source: m.Source, Mountpoint: m.Mountpoint, FSType: m.FSType, Options: m.VFSOptions}, nil
+	e := entry(m)
+	return &e, nil
 }
 
 // IsMountpoint says whether target is a mountpoint (false when it does not exist). Where the
@@ -321,6 +323,11 @@ func IsMountpoint(target string) (bool, error) {
 	return ok, err
 }
 
+func entry(m *mountinfo.Info) MountEntry {
+	return MountEntry{Source: m.Source, Mountpoint: m.Mountpoint, FSType: m.FSType, Options: m.VFSOptions,
+		Dev: unix.Mkdev(uint32(m.Major), uint32(m.Minor))}
+}
+
 // MountsUnder returns every mount at or below root.
 func MountsUnder(root string) ([]MountEntry, error) {
 	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(root)))
@@ -329,7 +336,7 @@ func MountsUnder(root string) ([]MountEntry, error) {
 	}
 	out := make([]MountEntry, 0, len(mounts))
 	for _, m := range mounts {
-		out = append(out, MountEntry{Source: m.Source, Mountpoint: m.Mountpoint, FSType: m.FSType, Options: m.VFSOptions})
+		out = append(out, entry(m))
 	}
 	return out, nil
 }

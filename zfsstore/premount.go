@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"os"
 	"path"
 	"path/filepath"
@@ -83,54 +82,67 @@ func (s *Store) premounts() (map[string]string, error) {
 }
 
 func (s *Store) scanPremounts(mounts []xfsutil.MountEntry) map[string]string {
-	out := map[string]string{}
+	out, hints := map[string]string{}, map[string]earlyMount{}
 	for _, m := range mounts {
 		if m.Mountpoint == s.premountDir() {
 			continue
 		}
 		if ds := zfsutil.ZvolName(m.Source); ds != "" && inside(s.cfg.Parent, ds) {
 			out[ds] = m.Mountpoint
+			hints[ds] = earlyMount{path: m.Mountpoint, dev: m.Dev}
 		}
 	}
 	s.pmHints.Lock()
-	s.pmHints.m = maps.Clone(out)
+	s.pmHints.m = hints
 	s.pmHints.Unlock()
 	return out
 }
 
+// earlyMount is a hint of where a dataset's early mount is: its path, and the device number of
+// the zvol mounted there when it was seen.
+type earlyMount struct {
+	path string
+	dev  uint64
+}
+
 // premountOf returns ds's early mount, or "". Each volume keeps one until it is destroyed, so
-// there are about as many as volumes, and asking each device its name on every Mount and
-// Unmount would cost an open and an ioctl per volume on the host. So premountOf first checks
-// where the last scan (or the finisher's rename, renameHint) saw ds: that mountpoint must still
-// be in the mount table and its device must still be ds. Only a miss scans them all. The hint
-// is never the truth, only where to look first.
+// there are about as many as volumes, and a scan opens each one's device to ask its name (and
+// an open can wait on ZFS while a zvol is being renamed, as a claimed spare is right after its
+// Create). So premountOf first checks where the last scan, the worker's premount or the
+// finisher's rename (renameHint) saw ds, with one stat: the path must still be on the device
+// it was on then. A zvol keeps its device number across a rename, and the path names the spare
+// or the volume it was made for, so a match is ds's early mount. Only a miss reads the mount
+// table and scans. The hint is never the truth, only where to look first.
 func (s *Store) premountOf(ds string) string {
+	s.pmHints.Lock()
+	hint := s.pmHints.m[ds]
+	s.pmHints.Unlock()
+	if hint.path != "" {
+		var st unix.Stat_t
+		if unix.Stat(hint.path, &st) == nil && st.Dev == hint.dev {
+			return hint.path
+		}
+	}
 	mounts, err := xfsutil.MountsUnder(s.premountDir())
 	if err != nil {
 		s.log.WithError(err).WithField("dataset", ds).Warn("cannot read the mount table for early mounts")
 		return ""
-	}
-	s.pmHints.Lock()
-	hint := s.pmHints.m[ds]
-	s.pmHints.Unlock()
-	if hint != "" {
-		for _, m := range mounts {
-			if m.Mountpoint == hint && zfsutil.ZvolName(m.Source) == ds {
-				return hint
-			}
-		}
 	}
 	return s.scanPremounts(mounts)[ds]
 }
 
 // setHint records where an early mount of ds was just made.
 func (s *Store) setHint(ds, pm string) {
+	var st unix.Stat_t
+	if unix.Stat(pm, &st) != nil {
+		return // the next scan finds it
+	}
 	s.pmHints.Lock()
 	defer s.pmHints.Unlock()
 	if s.pmHints.m == nil {
-		s.pmHints.m = map[string]string{}
+		s.pmHints.m = map[string]earlyMount{}
 	}
-	s.pmHints.m[ds] = pm
+	s.pmHints.m[ds] = earlyMount{path: pm, dev: st.Dev}
 }
 
 // renameHint moves the hint of an early mount from a claimed spare's dataset to its volume's,
@@ -139,9 +151,9 @@ func (s *Store) setHint(ds, pm string) {
 func (s *Store) renameHint(from, to string) {
 	s.pmHints.Lock()
 	defer s.pmHints.Unlock()
-	if pm, ok := s.pmHints.m[from]; ok {
+	if h, ok := s.pmHints.m[from]; ok {
 		delete(s.pmHints.m, from)
-		s.pmHints.m[to] = pm
+		s.pmHints.m[to] = h
 	}
 }
 

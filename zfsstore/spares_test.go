@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/recordfile"
@@ -256,8 +257,13 @@ func TestSparesAreMountedAhead(t *testing.T) {
 	if pm == "" {
 		t.Fatalf("the claimed spare %s has no early mount", ds)
 	}
-	// premountOf starts from a hint of where the early mount was last seen; a wrong hint, here
-	// another dataset's early mount or a path with none, is checked and the scan finds the truth.
+	// premountOf starts from a hint of where the early mount was last seen, and of the device
+	// then mounted there. A stale one, a path now on another device (another dataset's early
+	// mount) or with nothing there, is checked and the scan finds the truth.
+	var st unix.Stat_t
+	if err := unix.Stat(pm, &st); err != nil {
+		t.Fatal(err)
+	}
 	all, err := s.premounts()
 	if err != nil {
 		t.Fatal(err)
@@ -267,16 +273,18 @@ func TestSparesAreMountedAhead(t *testing.T) {
 		if other != ds {
 			checked = true
 			for _, wrong := range []string{opm, filepath.Join(s.premountDir(), "nothing")} {
-				s.setHint(ds, wrong)
+				s.pmHints.Lock()
+				s.pmHints.m[ds] = earlyMount{path: wrong, dev: st.Dev}
+				s.pmHints.Unlock()
 				if got := s.premountOf(ds); got != pm {
-					t.Errorf("with the hint %s, premountOf(%s) = %q; want %s", wrong, ds, got, pm)
+					t.Errorf("with the stale hint %s, premountOf(%s) = %q; want %s", wrong, ds, got, pm)
 				}
 			}
 			break
 		}
 	}
 	if !checked {
-		t.Errorf("no other early mount to give premountOf a wrong hint: %v", all)
+		t.Errorf("no other early mount to give premountOf a stale hint: %v", all)
 	}
 	target := filepath.Join(t.TempDir(), "m")
 	for round := 1; round <= 2; round++ {

@@ -92,7 +92,7 @@ type Store struct {
 	// pmHints maps a dataset to where premountOf last found its early mount (premount.go).
 	pmHints struct {
 		sync.Mutex
-		m map[string]string
+		m map[string]earlyMount
 	}
 	// swap is read-locked by a Create from picking a generation until its clone exists, and
 	// write-locked while a promotion moves generation snapshots between lineages (two zfs
