@@ -166,6 +166,21 @@ args=(-test.v -test.count=1 "-test.timeout=$TEST_TIMEOUT")
 if [ ! -f /payload/tests/manifest ]; then
 	say "no /payload/tests/manifest: nothing to run"
 fi
+# dump_stuck writes the kernel stacks of the tasks in uninterruptible sleep to $1: a binary that
+# timed out on a hung pool leaves them, and the console's log level does not print the stacks of
+# the kernel's own hung-task reports.
+dump_stuck() {
+	local p state
+	for p in /proc/[0-9]*; do
+		state=$(sed 's/.*) //' "$p/stat" 2>/dev/null | cut -d' ' -f1) || continue
+		[ "$state" = D ] || continue
+		{
+			echo "== $(cat "$p/comm" 2>/dev/null) pid ${p#/proc/}"
+			cat "$p/stack" 2>/dev/null
+		} >>"$1"
+	done
+}
+
 while IFS=$'\t' read -r name reldir; do
 	[ -n "$name" ] || continue
 	bin="/payload/tests/$name"
@@ -179,6 +194,11 @@ while IFS=$'\t' read -r name reldir; do
 		sed -u "s|^|  $name: |" >/dev/console
 	rc=${PIPESTATUS[0]}
 	echo "$rc" >"$RES/$name.rc"
+	dump_stuck "$RES/$name.stuck"
+	if [ -s "$RES/$name.stuck" ]; then
+		say "$name: tasks stuck in the kernel after it ended:"
+		head -n 120 "$RES/$name.stuck" | sed 's|^|  |' >/dev/console
+	fi
 	sync
 	say "END $name rc=$rc ($(awk -v a="$t0" -v b="$(up)" 'BEGIN{printf "%.1f", b-a}') s)"
 done </payload/tests/manifest
