@@ -492,7 +492,8 @@ func (s *Store) premountReady(ctx context.Context) {
 	for _, sp := range todo {
 		s.premount(ctx, sp.ds, sp.dev)
 		// A Create may have claimed it meanwhile, and its Mount mounted the device without
-		// waiting for this one: then the early mount must not outlive it.
+		// waiting for this one: that Mount did not bind it, so it goes, and the volume's
+		// Unmount makes its own kept mount (premount.go, keepMounted).
 		if !s.isReady(sp.ds) {
 			if pm := s.premountOf(sp.ds); pm != "" {
 				s.dropPremount(pm, s.log.WithField("dataset", sp.ds))
