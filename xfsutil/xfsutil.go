@@ -315,12 +315,25 @@ func MountedAt(target string) (*MountEntry, error) {
 // kernel can answer (openat2 with RESOLVE_NO_XDEV, Linux 5.6 and later) it does so without
 // reading the mount table, which MountedAt parses whole: the driver asks on every Mount and
 // Unmount, and a host running many sessions has thousands of mounts.
+//
+// The kernel's answer needs a stat of target, and an XFS that has shut down (its device failed
+// a write, as a full thin zvol's does) answers every stat with EIO while it stays mounted: the
+// volume must then still read as mounted, so that its Unmount unmounts it. On any error but
+// ENOENT the mount table, which needs no stat, answers instead.
 func IsMountpoint(target string) (bool, error) {
-	ok, err := mountinfo.Mounted(filepath.Clean(target))
-	if errors.Is(err, fs.ErrNotExist) {
+	target = filepath.Clean(target)
+	ok, err := mountinfo.Mounted(target)
+	switch {
+	case err == nil:
+		return ok, nil
+	case errors.Is(err, fs.ErrNotExist):
 		return false, nil
 	}
-	return ok, err
+	m, merr := MountedAt(target)
+	if merr != nil {
+		return false, fmt.Errorf("is %s a mountpoint: %w (and the mount table: %v)", target, err, merr)
+	}
+	return m != nil, nil
 }
 
 func entry(m *mountinfo.Info) MountEntry {

@@ -489,4 +489,18 @@ func TestIsMountpoint(t *testing.T) {
 			t.Errorf("the mount table disagrees about %s: %+v", c.path, m)
 		}
 	}
+	// An XFS shut down (as one is when its thin zvol runs out of space) answers a stat of its
+	// root with EIO, and its mountpoints are still mountpoints, to be unmounted.
+	if out, err := harness.Output("xfs_io", "-x", "-c", "shutdown", mp); err != nil {
+		t.Fatalf("xfs_io shutdown: %v\n%s", err, out)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(mp, &st); !errors.Is(err, unix.EIO) {
+		t.Fatalf("stat of a shut-down XFS: %v; the case below needs EIO", err)
+	}
+	for _, p := range []string{mp, bind} {
+		if got, err := xfsutil.IsMountpoint(p); err != nil || !got {
+			t.Errorf("IsMountpoint(%s) on a shut-down XFS = %v, %v; want true", p, got, err)
+		}
+	}
 }
