@@ -114,14 +114,8 @@ type earlyMount struct {
 // or the volume it was made for, so a match is ds's early mount. Only a miss reads the mount
 // table and scans. The hint is never the truth, only where to look first.
 func (s *Store) premountOf(ds string) string {
-	s.pmHints.Lock()
-	hint := s.pmHints.m[ds]
-	s.pmHints.Unlock()
-	if hint.path != "" {
-		var st unix.Stat_t
-		if unix.Stat(hint.path, &st) == nil && st.Dev == hint.dev {
-			return hint.path
-		}
+	if pm := s.hinted(ds); pm != "" {
+		return pm
 	}
 	mounts, err := xfsutil.MountsUnder(s.premountDir())
 	if err != nil {
@@ -129,6 +123,21 @@ func (s *Store) premountOf(ds string) string {
 		return ""
 	}
 	return s.scanPremounts(mounts)[ds]
+}
+
+// hinted returns ds's early mount where its hint still holds, or "" (not known without a scan).
+func (s *Store) hinted(ds string) string {
+	s.pmHints.Lock()
+	hint := s.pmHints.m[ds]
+	s.pmHints.Unlock()
+	if hint.path == "" {
+		return ""
+	}
+	var st unix.Stat_t
+	if unix.Stat(hint.path, &st) != nil || st.Dev != hint.dev {
+		return ""
+	}
+	return hint.path
 }
 
 // setHint records where an early mount of ds was just made.

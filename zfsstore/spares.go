@@ -474,21 +474,38 @@ func (s *Store) stockSpares(ctx context.Context) error {
 
 // premountReady mounts ready spares that have no early mount (after a reboot, or one that
 // failed before).
+//
+// It runs on every pass of the worker, and every volume keeps its early mount, so it does not
+// scan them all (a scan opens each one's device): a ready spare whose hint holds has its early
+// mount, and only a spare without one costs a scan, once per pass.
 func (s *Store) premountReady(ctx context.Context) {
-	pm, err := s.premounts()
-	if err != nil {
-		return
-	}
 	s.spares.mu.Lock()
-	var todo []spare
+	var ready []spare
 	for _, list := range s.spares.ready {
 		for _, sp := range list {
-			if pm[sp.ds] == "" && sp.dev != "" {
-				todo = append(todo, sp)
+			if sp.dev != "" {
+				ready = append(ready, sp)
 			}
 		}
 	}
 	s.spares.mu.Unlock()
+	var todo []spare
+	var scanned map[string]string
+	for _, sp := range ready {
+		if s.hinted(sp.ds) != "" {
+			continue
+		}
+		if scanned == nil {
+			pm, err := s.premounts()
+			if err != nil {
+				return // a mount table not read is no reason to mount a spare twice
+			}
+			scanned = pm
+		}
+		if scanned[sp.ds] == "" {
+			todo = append(todo, sp)
+		}
+	}
 	for _, sp := range todo {
 		s.premount(ctx, sp.ds, sp.dev)
 		// A Create may have claimed it meanwhile, and its Mount mounted the device without
