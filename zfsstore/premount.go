@@ -7,6 +7,8 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -49,9 +51,10 @@ import (
 // XFS flushes what the container wrote and writes the log, and under load that I/O queued
 // behind the writers (the load case: 0.34 s p99 under load against 57 ms idle on zfs 2.4; the
 // raw umount of a written zvol took up to 145 s in the guest, where Docker gives Unmount one
-// minute). So Unmount binds its XFS at WORKDIR/spares/u-NAME first (keepMounted). The kept mount
-// is an early mount like a spare's, with the same rules above: the next Mount binds it, Promote
-// and fork freeze it, the destroy of a removed volume unmounts it in the trash worker (where its
+// minute). So Unmount binds its XFS at WORKDIR/spares/u-NAME.STAMP first (keepMounted; the
+// stamp keeps it apart from the kept mount of a removed volume of the same name, which waits in
+// the trash). The kept mount is an early mount like a spare's, with the same rules above: the
+// next Mount binds it, Promote and fork freeze it, the destroy of a removed volume unmounts it in the trash worker (where its
 // flush and the zvol's last close wait for the pool off every caller's path), and Close
 // unmounts it. What changes for the user: when Unmount returns, what the container wrote may
 // still be in the page cache rather than on the pool, as it is while a volume is mounted; a host
@@ -82,6 +85,9 @@ func (s *Store) premounts() (map[string]string, error) {
 }
 
 func (s *Store) scanPremounts(mounts []xfsutil.MountEntry) map[string]string {
+	s.pmHints.Lock()
+	renames := s.pmHints.renames
+	s.pmHints.Unlock()
 	out, hints := map[string]string{}, map[string]earlyMount{}
 	for _, m := range mounts {
 		if m.Mountpoint == s.premountDir() {
@@ -93,7 +99,11 @@ func (s *Store) scanPremounts(mounts []xfsutil.MountEntry) map[string]string {
 		}
 	}
 	s.pmHints.Lock()
-	s.pmHints.m = hints
+	if s.pmHints.renames == renames {
+		// A rename during the scan may have given a device its new name after the scan asked
+		// it: its hints would put the old name back on that device.
+		s.pmHints.m = hints
+	}
 	s.pmHints.Unlock()
 	return out
 }
@@ -109,10 +119,12 @@ type earlyMount struct {
 // there are about as many as volumes, and a scan opens each one's device to ask its name (and
 // an open can wait on ZFS while a zvol is being renamed, as a claimed spare is right after its
 // Create). So premountOf first checks where the last scan, the worker's premount or the
-// finisher's rename (renameHint) saw ds, with one stat: the path must still be on the device
-// it was on then. A zvol keeps its device number across a rename, and the path names the spare
-// or the volume it was made for, so a match is ds's early mount. Only a miss reads the mount
-// table and scans. The hint is never the truth, only where to look first.
+// renames (renameHint) saw ds, with one stat: the path must still be on the device it was on
+// then. A zvol keeps its device number across a rename, and every rename of a dataset that can
+// have an early mount moves its hint (the finisher's of a claimed spare, Remove's and
+// clearRemoval's into the trash), so a match is ds's early mount: a hint left on a removed
+// volume's name would bind its XFS into the next volume of that name. Only a miss reads the
+// mount table and scans. The hint is never the truth, only where to look first.
 func (s *Store) premountOf(ds string) string {
 	if pm := s.hinted(ds); pm != "" {
 		return pm
@@ -154,12 +166,14 @@ func (s *Store) setHint(ds, pm string) {
 	s.pmHints.m[ds] = earlyMount{path: pm, dev: st.Dev}
 }
 
-// renameHint moves the hint of an early mount from a claimed spare's dataset to its volume's,
-// once the finisher has renamed it, so that the volume's next Mount or Unmount finds it without
-// a scan.
+// renameHint moves the hint of an early mount from a dataset's old name to its new one, once a
+// rename has returned: the finisher's of a claimed spare (so the volume's next Mount or Unmount
+// finds it without a scan), and Remove's or clearRemoval's into the trash (so the old name,
+// which a new volume may take, points nowhere).
 func (s *Store) renameHint(from, to string) {
 	s.pmHints.Lock()
 	defer s.pmHints.Unlock()
+	s.pmHints.renames++
 	if h, ok := s.pmHints.m[from]; ok {
 		delete(s.pmHints.m, from)
 		s.pmHints.m[to] = h
@@ -184,12 +198,12 @@ func (s *Store) bindEarly(pm, target string, log *logrus.Entry) bool {
 
 // keepMounted unmounts Docker's mountpoint target of a block volume while an early mount holds
 // its XFS, so the unmount writes nothing: the early mount is the one Mount bound from, or else a
-// new bind at WORKDIR/spares/u-NAME. It is false, with target as it was, when either step fails:
+// new bind at WORKDIR/spares/u-NAME.STAMP. It is false, with target as it was, when either step fails:
 // a busy target (a process still in it) is then reported by the usual unmount.
 func (s *Store) keepMounted(ds, target string, log *logrus.Entry) bool {
 	pm, made := s.premountOf(ds), false
 	if pm == "" {
-		pm, made = filepath.Join(s.premountDir(), keptPrefix+path.Base(ds)), true
+		pm, made = filepath.Join(s.premountDir(), keptPrefix+path.Base(ds)+"."+strconv.FormatInt(time.Now().UnixNano(), 36)), true
 		if err := os.MkdirAll(pm, 0o755); err != nil {
 			log.WithError(err).Warn("could not keep the volume's XFS mounted; unmounting it the usual way")
 			return false

@@ -146,6 +146,9 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 	case dev != nil:
 		held.hold(dst, dev)
 	}
+	if dst != "" {
+		s.renameHint(ds, dst)
+	}
 	s.trash.mu.Lock()
 	delete(s.trash.records, ds)
 	delete(s.trash.pending, ds)

@@ -311,8 +311,8 @@ func TestSparesAreMountedAhead(t *testing.T) {
 		if data, err := os.ReadFile(filepath.Join(pm, "w")); err != nil || string(data) != want {
 			t.Errorf("round %d: after Unmount the early mount %s holds %q (%v), want %q", round, pm, data, err, want)
 		}
-		if _, err := os.Stat(filepath.Join(s.premountDir(), keptPrefix+"early")); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("round %d: Unmount made a kept mount (%v) where the volume had an early mount", round, err)
+		if kept := keptMounts(t, s); len(kept) > 0 {
+			t.Errorf("round %d: Unmount made a kept mount %v where the volume had an early mount", round, kept)
 		}
 	}
 
@@ -351,6 +351,111 @@ func TestSparesAreMountedAhead(t *testing.T) {
 	}
 	if left, err := xfsutil.MountsUnder(s.premountDir()); err != nil || len(left) != 0 {
 		t.Errorf("Close left early mounts %+v (%v)", left, err)
+	}
+}
+
+// keptMounts lists the kept mounts under WORKDIR/spares.
+func keptMounts(t *testing.T, s *Store) []string {
+	t.Helper()
+	ms, err := xfsutil.MountsUnder(s.premountDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range ms {
+		if strings.HasPrefix(filepath.Base(m.Mountpoint), keptPrefix) {
+			out = append(out, m.Mountpoint)
+		}
+	}
+	return out
+}
+
+// TestNameReusedWhileRemovedWaitsInTrash: a removed volume's kept mount stays in the trash until
+// its destroy, and a new volume of the same name must never be given it. The trash worker is
+// held off (the test holds trash.run, which each emptying takes, so no destroy and none of its
+// scans of the early mounts happens) while the volume is removed and a volume of the same name
+// is made, mounted, written, unmounted and mounted again: each mount must show its own data, and
+// the two kept mounts must be two. Then the worker destroys the first, and nothing is left.
+// With a record directory, Remove records the removal and the new volume's Create moves the old
+// dataset into the trash (clearRemoval); without one, Remove renames it there (trashVolume).
+func TestNameReusedWhileRemovedWaitsInTrash(t *testing.T) {
+	t.Run("recorded", func(t *testing.T) { nameReusedWhileRemoved(t, t.TempDir()) })
+	t.Run("renamed", func(t *testing.T) { nameReusedWhileRemoved(t, "") })
+}
+
+func nameReusedWhileRemoved(t *testing.T, records string) {
+	parent := harness.ZFSParent(t)
+	s := openSpares(t, parent, records, 0)
+	importTiny(t, s, "prj", "golden")
+	if _, err := s.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	target := filepath.Join(t.TempDir(), "m")
+	session := func(want string) (driver.Volume, string) {
+		t.Helper()
+		v, err := s.Create(ctx, driver.Spec{Name: "reused", Kind: driver.KindBlock, Golden: "prj"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Mount(ctx, v, target); err != nil {
+			t.Fatal(err)
+		}
+		if data, err := os.ReadFile(filepath.Join(target, "session")); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("a new volume %q mounted with a session file there already, %q (%v): it was given a removed volume's XFS", v.Name, data, err)
+		}
+		if err := os.WriteFile(filepath.Join(target, "session"), []byte(want), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Unmount(ctx, v, target); err != nil {
+			t.Fatal(err)
+		}
+		pm := s.premountOf(s.dsOf(v.Name))
+		if data, err := os.ReadFile(filepath.Join(pm, "session")); err != nil || string(data) != want {
+			t.Fatalf("after Unmount, the early mount %q of %s holds %q (%v); want %q", pm, v.Name, data, err, want)
+		}
+		return v, pm
+	}
+	v, first := session("first")
+	s.trash.run.Lock()
+	held := true
+	defer func() {
+		if held {
+			s.trash.run.Unlock()
+		}
+	}()
+	if err := s.Remove(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	v, second := session("second")
+	if second == first {
+		t.Errorf("the new volume's kept mount is the removed one's, %s", first)
+	}
+	if data, err := os.ReadFile(filepath.Join(first, "session")); err != nil || string(data) != "first" {
+		t.Errorf("the removed volume's kept mount %s now holds %q (%v); want its own %q", first, data, err, "first")
+	}
+	if err := s.Mount(ctx, v, target); err != nil {
+		t.Fatal(err)
+	}
+	if data, err := os.ReadFile(filepath.Join(target, "session")); err != nil || string(data) != "second" {
+		t.Errorf("mounted again, the new volume holds %q (%v); want %q", data, err, "second")
+	}
+	if err := s.Unmount(ctx, v, target); err != nil {
+		t.Fatal(err)
+	}
+	held = false
+	s.trash.run.Unlock()
+	s.kickTrash()
+	waitFor(t, "the trash to empty", func() bool { return s.trashPending() == 0 })
+	if data, err := os.ReadFile(filepath.Join(s.premountOf(s.dsOf(v.Name)), "session")); err != nil || string(data) != "second" {
+		t.Errorf("after the removed volume's destroy, the new volume's early mount holds %q (%v); want %q", data, err, "second")
+	}
+	if err := s.Remove(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the trash to empty", func() bool { return s.trashPending() == 0 })
+	if kept := keptMounts(t, s); len(kept) > 0 {
+		t.Errorf("after both volumes were destroyed, kept mounts are left: %v", kept)
 	}
 }
 

@@ -111,6 +111,7 @@ func (s *Store) trashVolume(ctx context.Context, ds, name string, dev *os.File) 
 	if err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, ds, dst) }); err != nil {
 		return err
 	}
+	s.renameHint(ds, dst)
 	s.trash.mu.Lock()
 	s.trash.pending[dst] = 0
 	s.trash.mu.Unlock()

@@ -89,10 +89,13 @@ type Store struct {
 	zfs  *zfsutil.ZFS
 	log  *logrus.Entry
 	lock *proclock.Lock // the parent's, in the record directory; see lockParent
-	// pmHints maps a dataset to where premountOf last found its early mount (premount.go).
+	// pmHints maps a dataset to where premountOf last found its early mount (premount.go);
+	// renames counts the renames renameHint has followed, so that a scan begun before one
+	// does not put back the name it took away.
 	pmHints struct {
 		sync.Mutex
-		m map[string]earlyMount
+		m       map[string]earlyMount
+		renames uint64
 	}
 	// swap is read-locked by a Create from picking a generation until its clone exists, and
 	// write-locked while a promotion moves generation snapshots between lineages (two zfs
