@@ -54,9 +54,9 @@ import (
 // minute). So Unmount binds its XFS at WORKDIR/spares/u-NAME.STAMP first (keepMounted; the
 // stamp keeps it apart from the kept mount of a removed volume of the same name, which waits in
 // the trash). The kept mount is an early mount like a spare's, with the same rules above: the
-// next Mount binds it, Promote and fork freeze it, the destroy of a removed volume unmounts it in the trash worker (where its
-// flush and the zvol's last close wait for the pool off every caller's path), and Close
-// unmounts it. What changes for the user: when Unmount returns, what the container wrote may
+// next Mount binds it, Promote and fork freeze it, the destroy of a removed volume unmounts it
+// in the trash worker (where its flush and the zvol's last close wait for the pool off every
+// caller's path), and Close unmounts it. What changes for the user: when Unmount returns, what the container wrote may
 // still be in the page cache rather than on the pool, as it is while a volume is mounted; a host
 // crash then loses what a crash of a mounted volume loses, and XFS's log keeps it consistent.
 
@@ -198,12 +198,13 @@ func (s *Store) bindEarly(pm, target string, log *logrus.Entry) bool {
 
 // keepMounted unmounts Docker's mountpoint target of a block volume while an early mount holds
 // its XFS, so the unmount writes nothing: the early mount is the one Mount bound from, or else a
-// new bind at WORKDIR/spares/u-NAME.STAMP. It is false, with target as it was, when either step fails:
-// a busy target (a process still in it) is then reported by the usual unmount.
+// new bind at WORKDIR/spares/u-NAME.STAMP. It is false, with target as it was, when either step
+// fails: a busy target (a process still in it) is then reported by the usual unmount.
 func (s *Store) keepMounted(ds, target string, log *logrus.Entry) bool {
 	pm, made := s.premountOf(ds), false
 	if pm == "" {
-		pm, made = filepath.Join(s.premountDir(), keptPrefix+path.Base(ds)+"."+strconv.FormatInt(time.Now().UnixNano(), 36)), true
+		stamp := strconv.FormatInt(time.Now().UnixNano(), 36)
+		pm, made = filepath.Join(s.premountDir(), keptPrefix+path.Base(ds)+"."+stamp), true
 		if err := os.MkdirAll(pm, 0o755); err != nil {
 			log.WithError(err).Warn("could not keep the volume's XFS mounted; unmounting it the usual way")
 			return false
