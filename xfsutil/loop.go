@@ -227,14 +227,21 @@ func setFD(fd, file int, info *unix.LoopInfo64) error {
 // loop device.
 type loopRelease struct{ dev, backing string }
 
-// loopUnder finds, from its device number alone (no mount table), the loop device of the
-// filesystem mounted at target; a target on any other device gives the zero value.
+// loopUnder finds, from its device number, the loop device of the filesystem mounted at target;
+// a target on any other device gives the zero value. The number comes from a stat, without the
+// mount table, except where the stat fails: an XFS that has shut down answers it with EIO, and is
+// still to be unmounted and its device waited for, so the mount table answers then.
 func loopUnder(target string) loopRelease {
+	var dev uint64
 	var st unix.Stat_t
-	if err := unix.Stat(target, &st); err != nil {
+	if err := unix.Stat(target, &st); err == nil {
+		dev = st.Dev
+	} else if m, _ := MountedAt(target); m != nil {
+		dev = m.Dev
+	} else {
 		return loopRelease{}
 	}
-	link, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev)))
+	link, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(dev), unix.Minor(dev)))
 	if err != nil || !strings.HasPrefix(filepath.Base(link), "loop") {
 		return loopRelease{}
 	}

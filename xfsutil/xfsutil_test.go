@@ -366,9 +366,29 @@ func TestLoopMountLeavesNoDevice(t *testing.T) {
 // umount(2) has returned, and until it does the image is in use and the filesystem holding it
 // cannot be unmounted. Unmount must return only once the device has let go (pitfall: the
 // flake this came from was the outer filesystem's umount failing with "target is busy").
+//
+// The same holds for an XFS that has shut down (as one does when its device fails a write), which
+// answers a stat of its root with EIO and so hides its device number from one.
 func TestUnmountWaitsForTheLoopDevice(t *testing.T) {
+	for _, shutDown := range []bool{false, true} {
+		t.Run(map[bool]string{false: "mounted", true: "shut down"}[shutDown], func(t *testing.T) {
+			unmountWaitsForTheLoopDevice(t, shutDown)
+		})
+	}
+}
+
+func unmountWaitsForTheLoopDevice(t *testing.T, shutDown bool) {
 	orig, mp, dev := loopMounted(t)
 	ctx := context.Background()
+	if shutDown {
+		if out, err := harness.Output("xfs_io", "-x", "-c", "shutdown", mp); err != nil {
+			t.Fatalf("xfs_io shutdown: %v\n%s", err, out)
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(mp, &st); !errors.Is(err, unix.EIO) {
+			t.Fatalf("stat of a shut-down XFS: %v; the case needs EIO", err)
+		}
+	}
 	holder, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -476,7 +496,11 @@ func TestIsMountpoint(t *testing.T) {
 	if err := unix.Mount(src, bind, "", unix.MS_BIND, ""); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = unix.Unmount(bind, 0) })
+	t.Cleanup(func() {
+		if err := unix.Unmount(bind, 0); err != nil {
+			t.Errorf("cleanup: unmount %s: %v", bind, err)
+		}
+	})
 	for _, c := range []struct {
 		path string
 		want bool
