@@ -315,6 +315,10 @@ func (bm *bencher) load(t *testing.T, n int) {
 		for call, ds := range p.serverTimes("ld-" + name + "-") {
 			e.Extra["inside the plugin, "+call+", "+name] = Summarize(ds)
 		}
+		for call, parts := range p.outsideTimes("ld-" + name + "-") {
+			e.Extra["outside the plugin, before the handler, "+call+", "+name] = Summarize(parts["before"])
+			e.Extra["outside the plugin, after the handler, "+call+", "+name] = Summarize(parts["after"])
+		}
 		p.traceLog("ld-" + name + "-")
 		if w != nil {
 			during := time.Since(start)

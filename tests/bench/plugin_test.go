@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,6 +30,26 @@ type plugin struct {
 	done                                   chan struct{}
 	hc                                     *http.Client
 	t                                      testing.TB
+
+	callsMu sync.Mutex
+	calls   []clientCall // every volume call's send and reply, for splitting its time (probes_test.go)
+}
+
+// clientCall is one volume call as the bench saw it: when its request went out and when its
+// reply was read.
+type clientCall struct {
+	call, volume  string // call as the plugin's log names it: create, mount, unmount, remove
+	sent, replied time.Time
+}
+
+// volumeCall is call for the volume calls, recording their times.
+func (p *plugin) volumeCall(method, name string, req, resp any) error {
+	sent := time.Now()
+	err := p.call(method, req, resp)
+	p.callsMu.Lock()
+	p.calls = append(p.calls, clientCall{call: strings.ToLower(method), volume: name, sent: sent, replied: time.Now()})
+	p.callsMu.Unlock()
+	return err
 }
 
 func startPlugin(t testing.TB, dir string, backendArgs ...string) *plugin {
@@ -174,21 +195,21 @@ func (p *plugin) call(method string, req, resp any) error {
 }
 
 func (p *plugin) create(name string, opts map[string]string) error {
-	return p.call("Create", map[string]any{"Name": name, "Opts": opts}, nil)
+	return p.volumeCall("Create", name, map[string]any{"Name": name, "Opts": opts}, nil)
 }
 
 func (p *plugin) mount(name, id string) (string, error) {
 	var r struct{ Mountpoint string }
-	err := p.call("Mount", map[string]string{"Name": name, "ID": id}, &r)
+	err := p.volumeCall("Mount", name, map[string]string{"Name": name, "ID": id}, &r)
 	return r.Mountpoint, err
 }
 
 func (p *plugin) unmount(name, id string) error {
-	return p.call("Unmount", map[string]string{"Name": name, "ID": id}, nil)
+	return p.volumeCall("Unmount", name, map[string]string{"Name": name, "ID": id}, nil)
 }
 
 func (p *plugin) remove(name string) error {
-	return p.call("Remove", map[string]string{"Name": name}, nil)
+	return p.volumeCall("Remove", name, map[string]string{"Name": name}, nil)
 }
 
 func (p *plugin) list() ([]string, error) {

@@ -104,6 +104,58 @@ func (p *plugin) serverTimes(prefix string) map[string][]time.Duration {
 
 var requestDone = regexp.MustCompile(`call=(\w+) .*took=([0-9.]+[a-zµ]+) .*volume=(\S+)`)
 
+// logTime is the timestamp of a plugin log line (plugin/serve.go's format).
+var logTime = regexp.MustCompile(`time="([^"]+)"`)
+
+// outsideTimes splits the time the bench saw of each call on the volumes whose names start with
+// prefix into what the plugin's handler took and what it did not: "before" runs from the
+// request's send to the handler's start (the plugin's log line time less its took), "after" from
+// the handler's end (the log line's time, just before the reply is written) to the reply read. A
+// call that waits for a CPU, or for the plugin's process to be scheduled, shows it here and not
+// in the plugin's own time. The log's times are to the millisecond, so each figure is within
+// about 2 ms. call -> "before"|"after" -> durations.
+func (p *plugin) outsideTimes(prefix string) map[string]map[string][]time.Duration {
+	type span struct{ start, end time.Time }
+	spans := map[string]span{} // call + " " + volume
+	f, err := os.Open(p.logPath)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.Contains(line, `msg="request done"`) {
+			continue
+		}
+		m, tm := requestDone.FindStringSubmatch(line), logTime.FindStringSubmatch(line)
+		if m == nil || tm == nil || !strings.HasPrefix(m[3], prefix) {
+			continue
+		}
+		end, err1 := time.Parse(time.RFC3339Nano, tm[1])
+		took, err2 := time.ParseDuration(m[2])
+		if err1 == nil && err2 == nil {
+			spans[m[1]+" "+m[3]] = span{end.Add(-took), end}
+		}
+	}
+	out := map[string]map[string][]time.Duration{}
+	p.callsMu.Lock()
+	defer p.callsMu.Unlock()
+	for _, c := range p.calls {
+		s, ok := spans[c.call+" "+c.volume]
+		if !ok || !strings.HasPrefix(c.volume, prefix) {
+			continue
+		}
+		if out[c.call] == nil {
+			out[c.call] = map[string][]time.Duration{}
+		}
+		out[c.call]["before"] = append(out[c.call]["before"], s.start.Sub(c.sent))
+		out[c.call]["after"] = append(out[c.call]["after"], c.replied.Sub(s.end))
+	}
+	return out
+}
+
 // traceLog prints the plugin's log lines about the volumes whose names start with prefix, and
 // the spare worker's, when ZGOLDEN_BENCH_TRACE=1: where a slow call spent its time.
 func (p *plugin) traceLog(prefix string) {
