@@ -78,12 +78,29 @@ func (p *plugin) primitiveProbes(dir string, zfsTarget string, reps int) map[str
 // serverTimes reads the plugin's log for its own time of each call on the volumes whose names
 // start with prefix: call -> durations. The plugin logs every request at debug level.
 func (p *plugin) serverTimes(prefix string) map[string][]time.Duration {
+	out := map[string][]time.Duration{}
+	for _, r := range p.requestsDone(prefix) {
+		out[r.call] = append(out[r.call], r.took)
+	}
+	return out
+}
+
+// doneLine is one "request done" line of the plugin's log.
+type doneLine struct {
+	call, volume string
+	took         time.Duration
+	end          time.Time // the line's time: the handler's end, just before the reply is written
+}
+
+// requestsDone reads the plugin's log for the "request done" lines of the volumes whose names
+// start with prefix.
+func (p *plugin) requestsDone(prefix string) []doneLine {
 	f, err := os.Open(p.logPath)
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
-	out := map[string][]time.Duration{}
+	var out []doneLine
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -95,9 +112,15 @@ func (p *plugin) serverTimes(prefix string) map[string][]time.Duration {
 		if m == nil || !strings.HasPrefix(m[3], prefix) {
 			continue
 		}
-		if d, err := time.ParseDuration(m[2]); err == nil {
-			out[m[1]] = append(out[m[1]], d)
+		took, err := time.ParseDuration(m[2])
+		if err != nil {
+			continue
 		}
+		r := doneLine{call: m[1], volume: m[3], took: took}
+		if tm := logTime.FindStringSubmatch(line); tm != nil {
+			r.end, _ = time.Parse(time.RFC3339Nano, tm[1])
+		}
+		out = append(out, r)
 	}
 	return out
 }
@@ -117,26 +140,9 @@ var logTime = regexp.MustCompile(`time="([^"]+)"`)
 func (p *plugin) outsideTimes(prefix string) map[string]map[string][]time.Duration {
 	type span struct{ start, end time.Time }
 	spans := map[string]span{} // call + " " + volume
-	f, err := os.Open(p.logPath)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.Contains(line, `msg="request done"`) {
-			continue
-		}
-		m, tm := requestDone.FindStringSubmatch(line), logTime.FindStringSubmatch(line)
-		if m == nil || tm == nil || !strings.HasPrefix(m[3], prefix) {
-			continue
-		}
-		end, err1 := time.Parse(time.RFC3339Nano, tm[1])
-		took, err2 := time.ParseDuration(m[2])
-		if err1 == nil && err2 == nil {
-			spans[m[1]+" "+m[3]] = span{end.Add(-took), end}
+	for _, r := range p.requestsDone(prefix) {
+		if !r.end.IsZero() {
+			spans[r.call+" "+r.volume] = span{r.end.Add(-r.took), r.end}
 		}
 	}
 	out := map[string]map[string][]time.Duration{}
