@@ -146,9 +146,6 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 	case dev != nil:
 		held.hold(dst, dev)
 	}
-	if dst != "" {
-		s.renameHint(ds, dst)
-	}
 	s.trash.mu.Lock()
 	delete(s.trash.records, ds)
 	delete(s.trash.pending, ds)
@@ -156,17 +153,23 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 		s.trash.pending[dst] = 0
 	}
 	s.trash.mu.Unlock()
-	s.kickTrash()
 	if err := s.dropRemovalRecord(ds); err != nil {
+		s.kickTrash()
 		return fmt.Errorf("delete the removal record of %s: %w", ds, err)
 	}
 	if dst != "" {
 		// The new volume's clone must not be made while the old device still has its name:
 		// it would get no device (zfsutil.WaitNameGone; seen in the stress suite on zfs 2.4).
-		if err := s.zfs.WaitNameGone(ctx, ds, 30*time.Second); err != nil {
+		// The hint moves once the device has its new name, as in trashVolume.
+		err := s.zfs.WaitNameGone(ctx, ds, 30*time.Second)
+		s.renameHint(ds, dst)
+		s.kickTrash()
+		if err != nil {
 			return fmt.Errorf("%w: volume %s was removed and %v; retry shortly", driver.ErrBusy, name, err)
 		}
+		return nil
 	}
+	s.kickTrash()
 	return nil
 }
 

@@ -111,14 +111,9 @@ func (s *Store) trashVolume(ctx context.Context, ds, name string, dev *os.File) 
 	if err := s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, ds, dst) }); err != nil {
 		return err
 	}
-	s.renameHint(ds, dst)
-	s.trash.mu.Lock()
-	s.trash.pending[dst] = 0
-	s.trash.mu.Unlock()
 	if dev != nil {
 		held.hold(dst, dev)
 	}
-	s.kickTrash()
 	if inside(s.volRoot(), ds) {
 		// A Create of the same name right after this must not clone while the old device still
 		// has the name: ZFS would give the new zvol no device (zfsutil.WaitNameGone). The stress
@@ -128,6 +123,17 @@ func (s *Store) trashVolume(ctx context.Context, ds, name string, dev *os.File) 
 			s.log.WithError(err).WithFields(logrus.Fields{"volume": name, "dataset": ds}).Warn("the removed volume's device kept its name; a Create of the same name may find no device")
 		}
 	}
+	// Only now, with the device answering to its new name (or after the wait gave up), does the
+	// hint move: a scan of the early mounts in between asked the device its name, which ZFS
+	// renames from a task queue after the rename returns, and may have put the hint back on
+	// the old name; moving it now discards such a scan (scanPremounts). On zfs 2.1 the stress
+	// suite saw the hint of a new volume of the name point at the removed one's XFS that way:
+	// the removed one's destroy stayed busy until the new one was destroyed.
+	s.renameHint(ds, dst)
+	s.trash.mu.Lock()
+	s.trash.pending[dst] = 0
+	s.trash.mu.Unlock()
+	s.kickTrash()
 	return nil
 }
 
