@@ -153,23 +153,24 @@ func (s *Store) clearRemoval(ctx context.Context, name string) error {
 		s.trash.pending[dst] = 0
 	}
 	s.trash.mu.Unlock()
-	if err := s.dropRemovalRecord(ds); err != nil {
-		s.kickTrash()
-		return fmt.Errorf("delete the removal record of %s: %w", ds, err)
-	}
+	defer s.kickTrash() // once the hint has moved (below), so the worker finds the kept mount
+	recErr := s.dropRemovalRecord(ds)
+	var waitErr error
 	if dst != "" {
 		// The new volume's clone must not be made while the old device still has its name:
 		// it would get no device (zfsutil.WaitNameGone; seen in the stress suite on zfs 2.4).
-		// The hint moves once the device has its new name, as in trashVolume.
-		err := s.zfs.WaitNameGone(ctx, ds, 30*time.Second)
+		// The hint moves once the device has its new name, as in trashVolume, and whether or
+		// not the record's delete failed: left on the old name, it would give the next volume
+		// of the name the removed one's XFS.
+		waitErr = s.zfs.WaitNameGone(ctx, ds, 30*time.Second)
 		s.renameHint(ds, dst)
-		s.kickTrash()
-		if err != nil {
-			return fmt.Errorf("%w: volume %s was removed and %v; retry shortly", driver.ErrBusy, name, err)
-		}
-		return nil
 	}
-	s.kickTrash()
+	if recErr != nil {
+		return fmt.Errorf("delete the removal record of %s: %w", ds, recErr)
+	}
+	if waitErr != nil {
+		return fmt.Errorf("%w: volume %s was removed and %v; retry shortly", driver.ErrBusy, name, waitErr)
+	}
 	return nil
 }
 
