@@ -149,8 +149,8 @@ func (p *plugin) outsideTimes(prefix string) map[string]map[string][]time.Durati
 	p.callsMu.Lock()
 	defer p.callsMu.Unlock()
 	for _, c := range p.calls {
-		s, ok := spans[c.call+" "+c.volume]
-		if !ok || !strings.HasPrefix(c.volume, prefix) {
+		s, ok := spans[c.call+" "+c.volume] // only the prefix's volumes have spans
+		if !ok {
 			continue
 		}
 		if out[c.call] == nil {
