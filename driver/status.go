@@ -15,6 +15,9 @@ type Status struct {
 	UsedBytes      uint64 `json:"used_bytes"`
 	// RemovedPending counts removed volumes whose space is not back yet.
 	RemovedPending int `json:"removed_pending"`
+	// KeptMounted counts volumes whose XFS the store keeps mounted until Remove, beside Docker's
+	// mount and after it, so that Unmount writes nothing.
+	KeptMounted int `json:"kept_mounted"`
 
 	// Exactly one of these is set, by the backend that reports.
 	*ZFSStatus
@@ -32,7 +35,6 @@ type ZFSStatus struct {
 	DDTEntries      *uint64        `json:"ddt_entries,omitempty"`
 	SparesReady     map[string]int `json:"spares_ready"`   // warm spares by project
 	SparesMounted   int            `json:"spares_mounted"` // spares mounted ahead of their claim (claims not yet renamed included)
-	KeptMounted     int            `json:"kept_mounted"`   // volumes whose XFS an early mount holds until Remove, beside Docker's mount and after it
 	ClaimsPending   int            `json:"claims_pending"` // claimed spares not yet renamed
 	DevicesHeld     int            `json:"devices_held"`   // zvols held open from Unmount to Remove
 	CleanupsPending int            `json:"cleanups_pending"`

@@ -163,6 +163,7 @@ func statusLines(st driver.Status) [][2]string {
 	addBytes("available_bytes", &st.AvailableBytes)
 	addBytes("used_bytes", &st.UsedBytes)
 	add("removed_pending", st.RemovedPending)
+	add("kept_mounted", st.KeptMounted)
 	if z := st.ZFSStatus; z != nil {
 		add("parent", z.Parent)
 		add("pool", z.Pool)
@@ -179,7 +180,6 @@ func statusLines(st driver.Status) [][2]string {
 		}
 		add("spares_ready", z.SparesReady)
 		add("spares_mounted", z.SparesMounted)
-		add("kept_mounted", z.KeptMounted)
 		add("claims_pending", z.ClaimsPending)
 		add("devices_held", z.DevicesHeld)
 		add("cleanups_pending", z.CleanupsPending)

@@ -83,7 +83,7 @@ var statusGauges = []struct {
 	{"zgolden_spare_claims_pending", "Claimed spares not yet renamed to their volume's name.",
 		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return float64(z.ClaimsPending), true })},
 	{"zgolden_volumes_kept_mounted", "Volumes whose XFS zgolden keeps mounted until Remove, beside Docker's mountpoint and after Docker unmounts it, so that Unmount writes nothing.",
-		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return float64(z.KeptMounted), true })},
+		func(s driver.Status) (float64, bool) { return float64(s.KeptMounted), true }},
 	{"zgolden_devices_held", "Zvol devices held open from Unmount until Remove.",
 		zfsGauge(func(z *driver.ZFSStatus) (float64, bool) { return float64(z.DevicesHeld), true })},
 	{"zgolden_cleanups_pending", "Timed-out Creates still being rolled back.",

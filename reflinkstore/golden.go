@@ -295,7 +295,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	if err != nil {
 		return fail(nil, mapErr(err))
 	}
-	if err := s.cloneConsistent(ctx, tmp, src, mountpoint); err != nil {
+	if err := s.cloneConsistent(ctx, tmp, src, img, mountpoint); err != nil {
 		return fail(tmp, err)
 	}
 	s.cfg.Faults.Hit("promote:after-copy") // the reflink is the snapshot and the copy at once
@@ -317,10 +317,19 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	return s.generation(projectName, n)
 }
 
-// cloneConsistent reflinks src into dst, frozen when the volume's XFS is mounted
-// (xfsutil.Frozen). Freezing flushes the XFS through its loop device into the image's page
-// cache, and FICLONE writes the image's dirty pages back before sharing its extents.
-func (s *Store) cloneConsistent(ctx context.Context, dst, src *os.File, mountpoint string) error {
+// cloneConsistent reflinks src, the image img, into dst, frozen when the volume's XFS is mounted
+// (xfsutil.Frozen): at mountpoint, Docker's, or else at its kept mount, where what the container
+// wrote before its Unmount may still be in the page cache (kept.go). Freezing flushes the XFS
+// through its loop device into the image's page cache, and FICLONE writes the image's dirty
+// pages back before sharing its extents.
+func (s *Store) cloneConsistent(ctx context.Context, dst, src *os.File, img, mountpoint string) error {
+	if mountpoint == "" {
+		kept, _, err := s.keptOf(img)
+		if err != nil {
+			return mapErr(err)
+		}
+		mountpoint = kept
+	}
 	return mapErr(xfsutil.Frozen(ctx, mountpoint, func() error { return xfsutil.Clone(dst, src) }))
 }
 

@@ -107,13 +107,47 @@ func assertNoLeaks(t *testing.T, dir string) {
 	}
 }
 
-// assertNoImageLoops fails the test if a loop device is attached to any image in the store (the
-// store file's own loop device, outside ROOT/store, is expected while the store is open).
+// assertNoImageLoops fails the test if a loop device is attached to any image in the store but
+// a volume's that is mounted only at its kept mount (kept.go: from the volume's first Mount to its
+// Remove). The store file's own loop device, outside ROOT/store, is expected while the store is
+// open.
 func assertNoImageLoops(t *testing.T, e *env) {
 	t.Helper()
-	if loops := loopsUnder(filepath.Join(e.root, "store")); len(loops) > 0 {
-		t.Fatalf("loop devices still attached to images: %+v", loops)
+	var left []xfsutil.Loop
+	for _, l := range loopsUnder(filepath.Join(e.root, "store")) {
+		mps, _ := xfsutil.LoopMountpoints(l.Device)
+		kept := len(mps) == 1 && strings.HasPrefix(filepath.Base(mps[0]), "kept-") && filepath.Dir(mps[0]) == e.workDir()
+		if !kept || l.Deleted || filepath.Dir(l.BackingFile) != filepath.Join(e.root, "store", "volumes") {
+			left = append(left, l)
+		}
 	}
+	if len(left) > 0 {
+		t.Fatalf("loop devices still attached to images: %+v", left)
+	}
+}
+
+// workDir is the store's work directory, where kept mounts live.
+func (e *env) workDir() string {
+	if e.cfg.WorkDir != "" {
+		return e.cfg.WorkDir
+	}
+	return filepath.Join(e.root, "work")
+}
+
+// keptMounts lists the kept mounts in the store's work directory (kept.go).
+func keptMounts(t *testing.T, e *env) []string {
+	t.Helper()
+	mounts, err := xfsutil.MountsUnder(e.workDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range mounts {
+		if strings.HasPrefix(filepath.Base(m.Mountpoint), "kept-") {
+			out = append(out, m.Mountpoint)
+		}
+	}
+	return out
 }
 
 // nativeFS makes a loop-backed filesystem in base and returns its mountpoint, to run the store on a

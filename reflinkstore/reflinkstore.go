@@ -490,12 +490,16 @@ func (s *Store) createStoreFile(ctx context.Context) error {
 	return xfsutil.SyncDir(s.cfg.Root)
 }
 
-// Close unmounts the store file when the store uses one and nothing in it is attached, and
+// Close unmounts the kept mounts (kept.go), and the store file when the store uses one and
+// nothing in it is attached, and
 // releases the root's lock. The plugin need not call it: a restarted store finds the file mounted
 // and carries on. Tests and uninstallers call it so that nothing stays mounted. The store must not
 // be used afterwards.
 func (s *Store) Close(ctx context.Context) error {
 	s.unlinking.Wait()
+	if err := s.closeKept(ctx); err != nil {
+		return err
+	}
 	if err := s.closeStoreFile(ctx); err != nil {
 		return err
 	}
@@ -647,10 +651,15 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 			r.HostAvailableBytes = &hfree
 		}
 	}
+	kept, err := s.keptMounts()
+	if err != nil {
+		return driver.Status{}, err
+	}
 	return driver.Status{
 		AvailableBytes: free, UsedBytes: total - free,
 		// Removed images whose unlink has not finished still hold their space (see Remove).
 		RemovedPending: int(s.unlinkCount.Load()),
+		KeptMounted:    len(kept),
 		ReflinkStatus:  r,
 	}, nil
 }

@@ -327,7 +327,10 @@ func TestRestart(t *testing.T) {
 	if m, _ := xfsutil.MountedAt(mp); m != nil {
 		t.Fatal("the last unmount after a restart left the volume mounted")
 	}
-	assertNoImageLoops(t, e) // autoclear detached the loop device
+	if kept := keptMounts(t, e); len(kept) != 1 {
+		t.Fatalf("after the last unmount the kept mounts are %v, want the volume's one", kept)
+	}
+	assertNoImageLoops(t, e) // the kept mount's alone
 
 	// A reboot: the kernel forgets every mount and loop device, the mount references stay.
 	e.mount(t, "kept", "c3")

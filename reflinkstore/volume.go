@@ -26,6 +26,9 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err := s.cleanWork(ctx); err != nil {
 		return nil, err
 	}
+	if err := s.cleanKept(ctx); err != nil {
+		return nil, err
+	}
 	if err := s.detachLeakedLoops(); err != nil {
 		return nil, err
 	}
@@ -410,7 +413,7 @@ func (s *Store) Fork(ctx context.Context, src driver.Volume, mountpoint string, 
 	if err != nil {
 		return driver.Volume{}, mapErr(err)
 	}
-	if err := s.cloneConsistent(ctx, tmp, in, mountpoint); err != nil {
+	if err := s.cloneConsistent(ctx, tmp, in, srcImg, mountpoint); err != nil {
 		s.discard(log, tmp)
 		return driver.Volume{}, err
 	}
@@ -487,7 +490,15 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	if err != nil {
 		return err
 	}
-	if err := s.releaseLoops(img); err != nil {
+	kept, l, err := s.keptOf(img)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return mapErr(err)
+	}
+	if kept != "" {
+		if err := checkOnlyKept(img, kept, l); err != nil {
+			return err
+		}
+	} else if err := s.releaseLoops(img); err != nil {
 		return err
 	}
 	// Unlinking frees every extent the volume wrote, so it takes longer the more it wrote (make
@@ -519,6 +530,19 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	go func() {
 		defer s.unlinking.Done()
 		defer s.unlinkCount.Add(-1)
+		if kept != "" {
+			// The kept mount's unmount flushes the volume's XFS into an image already unnamed;
+			// it is what Unmount left out (kept.go). One that fails leaves the XFS mounted on
+			// the unlinked image, which the next start unmounts (cleanKept): the image's space
+			// comes back then.
+			uctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			err := s.dropKept(uctx, kept)
+			cancel()
+			if err != nil {
+				s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "image": gone}).Error("could not unmount a removed volume's kept mount; the next start unmounts it")
+			}
+			s.cfg.Faults.Hit("trash:after-unmount")
+		}
 		if err := s.removeFile(gone); err != nil {
 			s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "image": gone}).Error("could not delete a removed volume's image; the next start deletes it")
 		}
@@ -526,7 +550,8 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	return nil
 }
 
-// Mount implements driver.Backend. xfsutil.Mount attaches the loop device with autoclear set, so
+// Mount implements driver.Backend. A volume that was mounted before has its XFS at its kept mount
+// (kept.go), and Mount binds that. Otherwise xfsutil.Mount attaches the loop device with autoclear set, so
 // the kernel detaches it when the filesystem is unmounted: no loop device outlives its mount.
 func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error {
 	img, err := s.volumeImage(v.Name)
@@ -537,6 +562,9 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 		return fmt.Errorf("image of volume %q: %w", v.Name, mapErr(err))
 	}
 	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "image": img, "mountpoint": target})
+	if bound, err := s.bindKept(img, target, log); bound || err != nil {
+		return mapErr(err)
+	}
 	// A loop device left attached to the image would be a second writer of its XFS (xfsutil.Mount
 	// does not refuse one as mount(8) did, "overlapping"); one that is mounted makes this busy.
 	if err := s.releaseLoops(img); err != nil {
@@ -568,15 +596,19 @@ func (s *Store) Mount(ctx context.Context, v driver.Volume, target string) error
 	return nil
 }
 
-// Unmount implements driver.Backend. It never detaches lazily: a busy filesystem is reported as
-// ErrBusy and stays mounted.
+// Unmount implements driver.Backend. The volume's XFS stays mounted at its kept mount until
+// Remove (kept.go); where that cannot be done, it is unmounted. It never detaches lazily: a busy
+// filesystem is reported as ErrBusy and stays mounted.
 func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) error {
-	if err := xfsutil.UnmountRetry(ctx, target, 10); err != nil {
-		return mapErr(err)
-	}
 	img, err := s.volumeImage(v.Name)
 	if err != nil {
 		return err
+	}
+	if s.keepMounted(img, target, s.log.WithFields(logrus.Fields{"volume": v.Name, "image": img, "mountpoint": target})) {
+		return nil
+	}
+	if err := xfsutil.UnmountRetry(ctx, target, 10); err != nil {
+		return mapErr(err)
 	}
 	// Autoclear has already detached the loop device; this catches one attached some other way.
 	return s.releaseLoops(img)

@@ -241,11 +241,33 @@ func loopUnder(target string) loopRelease {
 	} else {
 		return loopRelease{}
 	}
+	if name := loopName(dev); name != "" {
+		return loopHeld(name)
+	}
+	return loopRelease{}
+}
+
+// loopName is the loop device with device number dev, or "" when dev is no loop device.
+func loopName(dev uint64) string {
 	link, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(dev), unix.Minor(dev)))
 	if err != nil || !strings.HasPrefix(filepath.Base(link), "loop") {
-		return loopRelease{}
+		return ""
 	}
-	return loopHeld("/dev/" + filepath.Base(link))
+	return "/dev/" + filepath.Base(link)
+}
+
+// LoopAt describes the loop device that the filesystem holding path sits on, from one stat and
+// no mount table; a zero Loop when that filesystem is on no loop device.
+func LoopAt(path string) (Loop, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return Loop{}, err
+	}
+	name := loopName(st.Dev)
+	if name == "" {
+		return Loop{}, nil
+	}
+	return LoopOf(name)
 }
 
 // loopHeld records what the loop device dev backs now.

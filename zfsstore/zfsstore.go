@@ -850,13 +850,14 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
 		z.DDTEntries = &n
 	}
+	kept := 0
 	if pm, err := s.premounts(); err == nil {
 		for ds := range pm {
 			// A claimed spare keeps its early mount when it is renamed to its volume's name.
 			if inside(s.spareRoot(), ds) {
 				z.SparesMounted++
 			} else {
-				z.KeptMounted++
+				kept++
 			}
 		}
 	}
@@ -867,7 +868,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		z.TxgSyncLastSeconds, z.TxgSyncMax10Seconds = &l, &w
 	}
 	return driver.Status{
-		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"),
+		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"), KeptMounted: kept,
 		// Removed volumes not destroyed yet still hold their space (see trash.go).
 		RemovedPending: s.trashPending(),
 		ZFSStatus:      z,

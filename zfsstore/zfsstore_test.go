@@ -468,7 +468,7 @@ func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 		if m, err := xfsutil.MountedAt(mp); err != nil || m != nil {
 			t.Fatalf("round %d: after Unmount %s is still mounted (%v)", round, mp, err)
 		}
-		if st, err := s.Status(ctx); err != nil || st.ZFSStatus.KeptMounted != 1 {
+		if st, err := s.Status(ctx); err != nil || st.KeptMounted != 1 {
 			t.Fatalf("round %d: Status after Unmount: %+v, %v; want kept_mounted 1", round, st.ZFSStatus, err)
 		}
 	}
@@ -486,7 +486,7 @@ func TestUnmountHoldsTheDeviceUntilRemove(t *testing.T) {
 			t.Fatalf("after Remove the parent still holds %s: %v", name, inv)
 		}
 	}
-	if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 0 || st.ZFSStatus.KeptMounted != 0 {
+	if st, err := s.Status(ctx); err != nil || st.DevicesHeld != 0 || st.KeptMounted != 0 {
 		t.Fatalf("Status after Remove: %+v, %v; want devices_held 0 and kept_mounted 0", st.ZFSStatus, err)
 	}
 }

@@ -48,6 +48,7 @@ var Points = []string{
 	"remove:during-rename",
 	"remove:after-handover-record",
 	"trash:after-destroy",
+	"trash:after-unmount",
 	"promote:after-snapshot",
 	"promote:after-copy",
 	"fork:after-snapshot",
