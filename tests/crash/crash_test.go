@@ -257,8 +257,30 @@ func scenariosFor(point string) []scenario {
 			},
 			after: claimed,
 		}
+		// A volume a container used before: its Unmount kept its XFS mounted (zfsstore's
+		// premount.go, reflinkstore's kept.go), and this Mount binds that mount.
+		keptMount := scenario{
+			variant: "kept-mount",
+			prepare: func(t *testing.T, s *run) {
+				prepareVolume(t, s, s.vol, nil)
+				s.e.writeMarker(t, s.vol, "promoted-kept")
+			},
+			act: runIt,
+			retry: func(t *testing.T, s *run) error {
+				if out, err := runIt(s); err != nil || strings.TrimSpace(out) != "mounted" {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			},
+			after: func(t *testing.T, s *run) {
+				if got := strings.TrimSpace(s.e.readMarker(t, s.vol)); got != "promoted-kept" {
+					t.Errorf("after the retry the volume's marker reads %q, want promoted-kept", got)
+				}
+				exitedAndRemovable(t, s)
+			},
+		}
 		if point == "mount:after-bind" {
-			return []scenario{earlyMounted}
+			return []scenario{earlyMounted, keptMount}
 		}
 		return []scenario{{
 			variant: "docker-run",
@@ -491,7 +513,7 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	spares := e.settledSpares(t) // first: a claim still pending names its volume by the spare
 	vols := e.volumes(t)
 	gs := e.goldens(t)
-	got, want := e.inventory(t), e.expected(vols, gs)
+	got, want := e.inventory(t), e.expected(t, vols, gs)
 	want = append(want, e.forkSnapshots(t, got, vols)...)
 	// The spare worker makes and retires spares at any moment (a restock after the restart): a
 	// spare in the inventory is accounted for when the settled count before it or after it
@@ -522,9 +544,28 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 	// such mount beside Docker's until it is destroyed (zfsstore/premount.go): each must be of a
 	// dataset of the parent, and no dataset may have two (the second would hold its XFS after
 	// the first went); anything else is an import's.
+	// On the reflink store a volume's XFS is kept mounted at work/kept-INO from its Unmount
+	// to its Remove (reflinkstore/kept.go): each must be of a listed volume's image, once.
 	var imports []string
 	early := map[string]string{}
+	listed := map[string]bool{}
+	for _, v := range vols {
+		listed[filepath.Join(e.root, "store", "volumes", v.Name+".img")] = true
+	}
 	for _, m := range mountsUnder(t, filepath.Join(e.stateDir, "work")) {
+		if e.backend == "reflink" && filepath.Dir(m) == filepath.Join(e.stateDir, "work") && strings.HasPrefix(filepath.Base(m), "kept-") {
+			l, err := xfsutil.LoopAt(m)
+			switch {
+			case err != nil || l.BackingFile == "":
+				t.Errorf("%s: the kept mount %s is on no loop device (%v)", phase, m, err)
+			case l.Deleted || !listed[l.BackingFile]:
+				t.Errorf("%s: the kept mount %s is of %s, no listed volume's image", phase, m, l.BackingFile)
+			case early[l.BackingFile] != "":
+				t.Errorf("%s: %s has two kept mounts, %s and %s", phase, l.BackingFile, early[l.BackingFile], m)
+			}
+			early[l.BackingFile] = m
+			continue
+		}
 		if filepath.Dir(m) != filepath.Join(e.stateDir, "work", "spares") {
 			imports = append(imports, m)
 			continue

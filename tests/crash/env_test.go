@@ -298,7 +298,7 @@ func (e *env) inventory(t *testing.T) []string {
 
 // expected is what the inventory must hold given the plugin's volumes and goldens: anything
 // more has leaked, anything less is listed but missing.
-func (e *env) expected(vols []volume, gs []driver.Golden) []string {
+func (e *env) expected(t *testing.T, vols []volume, gs []driver.Golden) []string {
 	var out []string
 	if e.backend == "zfs" {
 		out = append(out, e.parent+"/vol", e.parent+"/golden")
@@ -317,10 +317,11 @@ func (e *env) expected(vols []volume, gs []driver.Golden) []string {
 		}
 	} else {
 		store := filepath.Join(e.root, "store")
+		kept := harness.ReflinkKept(t, store)
 		out = append(out, "volumes", "goldens")
 		for _, v := range vols {
 			out = append(out, "volumes/"+v.Name+".img")
-			if v.Mountpoint != "" {
+			if v.Mountpoint != "" || kept[filepath.Join(store, "volumes", v.Name+".img")] {
 				out = append(out, "loop:"+filepath.Join(store, "volumes", v.Name+".img"))
 			}
 		}

@@ -167,6 +167,35 @@ func ReflinkUnlinked(t testing.TB, store string) {
 	}
 }
 
+// ReflinkKept returns the images under the reflink store directory store whose loop device is
+// mounted only at kept mounts (reflinkstore's kept.go, WORKDIR/kept-INO): volumes Docker has
+// unmounted, whose XFS the store keeps mounted until their Remove. Their loop devices are
+// expected in an inventory. Read with losetup and findmnt, not xfsutil, as ReflinkInventory is.
+func ReflinkKept(t testing.TB, store string) map[string]bool {
+	t.Helper()
+	targets := map[string][]string{}
+	for _, l := range strings.Split(Run(t, "findmnt", "-rn", "-o", "SOURCE,TARGET"), "\n") {
+		if f := strings.Fields(l); len(f) == 2 {
+			targets[f[0]] = append(targets[f[0]], f[1])
+		}
+	}
+	out := map[string]bool{}
+	for _, l := range strings.Split(Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"), "\n") {
+		f := strings.Fields(l) // a deleted file has a third field, " (deleted)": never kept
+		if len(f) != 2 || !strings.HasPrefix(f[1], filepath.Join(store, "volumes")+"/") || len(targets[f[0]]) == 0 {
+			continue
+		}
+		kept := true
+		for _, tg := range targets[f[0]] {
+			kept = kept && strings.HasPrefix(filepath.Base(tg), "kept-")
+		}
+		if kept {
+			out[f[1]] = true
+		}
+	}
+	return out
+}
+
 // DefaultRecordDir is zgolden serve's default --record-dir, where the suites' plugins record
 // claims and removals.
 const DefaultRecordDir = "/var/lib/zgolden/zfs-records"

@@ -127,7 +127,7 @@ type vol struct {
 }
 
 // expected is what the inventory must hold given the listed volumes and goldens.
-func (b *backend) expected(vols []vol, gs []driver.Golden) []string {
+func (b *backend) expected(t *testing.T, vols []vol, gs []driver.Golden) []string {
 	var out []string
 	if b.kind == "zfs" {
 		out = append(out, b.parent+"/vol", b.parent+"/golden")
@@ -143,10 +143,11 @@ func (b *backend) expected(vols []vol, gs []driver.Golden) []string {
 		}
 	} else {
 		store := filepath.Join(b.root, "store")
+		kept := harness.ReflinkKept(t, store)
 		out = append(out, "volumes", "goldens")
 		for _, v := range vols {
 			out = append(out, "volumes/"+v.name+".img")
-			if v.mounts > 0 {
+			if v.mounts > 0 || kept[filepath.Join(store, "volumes", v.name+".img")] {
 				out = append(out, "loop:"+filepath.Join(store, "volumes", v.name+".img"))
 			}
 		}

@@ -367,7 +367,7 @@ func checkQuiescent(t *testing.T, phase string, c client, b *backend, mountRoot 
 	if err != nil {
 		t.Fatalf("Goldens: %v", err)
 	}
-	got, exp := b.inventory(t), b.expected(vols, gs)
+	got, exp := b.inventory(t), b.expected(t, vols, gs)
 	if l := minus(got, exp); len(l) > 0 {
 		t.Errorf("%s: the backend holds objects nothing lists (leaked): %v", phase, l)
 	}
