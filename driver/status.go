@@ -18,6 +18,10 @@ type Status struct {
 	// KeptMounted counts volumes whose XFS the store keeps mounted until Remove, beside Docker's
 	// mount and after it, so that Unmount writes nothing.
 	KeptMounted int `json:"kept_mounted"`
+	// Warm spares (--spares) ready, by project, and those mounted ahead of their claim (on ZFS,
+	// claims not yet renamed included).
+	SparesReady   map[string]int `json:"spares_ready"`
+	SparesMounted int            `json:"spares_mounted"`
 
 	// Exactly one of these is set, by the backend that reports.
 	*ZFSStatus
@@ -32,13 +36,11 @@ type ZFSStatus struct {
 	ZFSUserland string `json:"zfs_userland"`
 	ZFSProven   string `json:"zfs_proven"`
 	// DDTEntries is nil when the pool's dedup table could not be read.
-	DDTEntries      *uint64        `json:"ddt_entries,omitempty"`
-	SparesReady     map[string]int `json:"spares_ready"`   // warm spares by project
-	SparesMounted   int            `json:"spares_mounted"` // spares mounted ahead of their claim (claims not yet renamed included)
-	ClaimsPending   int            `json:"claims_pending"` // claimed spares not yet renamed
-	DevicesHeld     int            `json:"devices_held"`   // zvols held open from Unmount to Remove
-	CleanupsPending int            `json:"cleanups_pending"`
-	CloneSyncTasks  int            `json:"clone_sync_tasks"` // sync tasks a Create's clone costs: 1 or 2
+	DDTEntries      *uint64 `json:"ddt_entries,omitempty"`
+	ClaimsPending   int     `json:"claims_pending"` // claimed spares not yet renamed
+	DevicesHeld     int     `json:"devices_held"`   // zvols held open from Unmount to Remove
+	CleanupsPending int     `json:"cleanups_pending"`
+	CloneSyncTasks  int     `json:"clone_sync_tasks"` // sync tasks a Create's clone costs: 1 or 2
 	// How long the pool took to sync its last transaction group, and the longest of its last
 	// ten; nil when the kernel's txgs kstat cannot be read.
 	TxgSyncLastSeconds  *float64 `json:"txg_sync_last_seconds,omitempty"`

@@ -164,6 +164,8 @@ func statusLines(st driver.Status) [][2]string {
 	addBytes("used_bytes", &st.UsedBytes)
 	add("removed_pending", st.RemovedPending)
 	add("kept_mounted", st.KeptMounted)
+	add("spares_ready", st.SparesReady)
+	add("spares_mounted", st.SparesMounted)
 	if z := st.ZFSStatus; z != nil {
 		add("parent", z.Parent)
 		add("pool", z.Pool)
@@ -178,8 +180,6 @@ func statusLines(st driver.Status) [][2]string {
 			add("txg_sync_last_seconds", *z.TxgSyncLastSeconds)
 			add("txg_sync_max10_seconds", *z.TxgSyncMax10Seconds)
 		}
-		add("spares_ready", z.SparesReady)
-		add("spares_mounted", z.SparesMounted)
 		add("claims_pending", z.ClaimsPending)
 		add("devices_held", z.DevicesHeld)
 		add("cleanups_pending", z.CleanupsPending)

@@ -114,7 +114,7 @@ func parseServe(args []string) (serveConfig, error) {
 	fs.integer(&c.KeepGenerations, "keep-generations", "ZGOLDEN_KEEP_GENERATIONS", 1, "after a promotion, keep this many newest generations of the project; older ones are reclaimed once no volume uses them (0 disables automatic reclaim)")
 	fs.str(&c.LegacyGoldens, "legacy-goldens", "ZGOLDEN_LEGACY_GOLDENS", "", "directory pattern of file-based goldens, such as /srv/golden/{project}: a Create for a project with no golden imports its directory in the background")
 	fs.boolean(&c.LegacyRemove, "legacy-remove", "ZGOLDEN_LEGACY_REMOVE", false, "delete a legacy golden directory once its import is verified and complete")
-	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "ZFS: warm clones of each block project's newest generation to keep ready, so a Create on a busy pool runs no zfs command (0: none)")
+	fs.integer(&c.Spares, "spares", "ZGOLDEN_SPARES", 0, "warm clones of each block project's newest generation to keep ready, their XFS mounted, so a Create on a busy pool runs no zfs command (ZFS) or no reflink (reflink store) and its Mount is a bind (0: none)")
 	fs.str(&c.zfsProven, "zfs-proven", "ZGOLDEN_ZFS_PROVEN", "", "ZFS: module series (such as 2.3,2.4) the zfs userland may drive besides its own; the managed plugin sets those its bundled userland passed the suites on")
 	fs.str(&c.RecordDir, "record-dir", "ZGOLDEN_RECORD_DIR", "/var/lib/zgolden/zfs-records", "ZFS: where claims of spares and removals are recorded (RECORD_DIR/PARENT/records); must survive reboots, and is cheapest on ext4 or XFS")
 	fs.str(&reserve, "reserve", "ZGOLDEN_RESERVE", "0", "free space (50G, or 10% of the pool or store) that new volumes, imports and promotions leave alone; running volumes keep writing into it (0: none)")

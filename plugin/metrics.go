@@ -176,10 +176,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(statusDescs[g.name], prometheus.GaugeValue, v)
 		}
 	}
-	if st.ZFSStatus != nil {
-		for project, n := range st.SparesReady {
-			ch <- prometheus.MustNewConstMetric(descSpares, prometheus.GaugeValue, float64(n), project)
-		}
+	for project, n := range st.SparesReady {
+		ch <- prometheus.MustNewConstMetric(descSpares, prometheus.GaugeValue, float64(n), project)
 	}
 	mounted, gens := 0, map[[2]string]int{}
 	vols := c.d.List()

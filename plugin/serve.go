@@ -91,7 +91,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 	log.WithFields(logrus.Fields{"backend": "reflink", "root": c.Root, "reason": reason}).Info("backend chosen: reflink image store")
 	return reflinkstore.New(ctx, reflinkstore.Config{
 		Root: c.Root, StoreSize: c.StoreSize, Discard: c.Discard, DefaultSize: c.DefaultSize,
-		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Faults: faults, Log: log,
+		WorkDir: filepath.Join(c.StateDir, "work"), Adopt: c.Adopt, Spares: c.Spares, Faults: faults, Log: log,
 		Reserved: []string{c.MountRoot, c.StateDir, c.RecordDir},
 	})
 }

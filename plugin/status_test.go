@@ -14,7 +14,8 @@ import (
 func TestStatusKeys(t *testing.T) {
 	ddt, last, worst := uint64(0), 0.5, 2.0
 	zfs := driver.Status{Backend: "zfs", Volumes: 2, Mounted: 1, AvailableBytes: 3 << 30, RemovedPending: 1,
-		ZFSStatus: &driver.ZFSStatus{Pool: "tank", DDTEntries: &ddt, SparesReady: map[string]int{"p": 2}, ClaimsPending: 1,
+		SparesReady: map[string]int{"p": 2},
+		ZFSStatus: &driver.ZFSStatus{Pool: "tank", DDTEntries: &ddt, ClaimsPending: 1,
 			TxgSyncLastSeconds: &last, TxgSyncMax10Seconds: &worst}}
 	reflink := driver.Status{Backend: "reflink", ReflinkStatus: &driver.ReflinkStatus{StoreMode: "native", SizeBytes: 1 << 40}}
 	for _, c := range []struct {

@@ -257,6 +257,7 @@ func (s *Store) reserveGeneration(p *project) (int, error) {
 // image and renamed into place. A reflink copies no dependency, so the generation never pins the
 // volume and the volume can be removed at once (no clone chains, docs/design-facts.md, "Clone chains").
 func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projectName string) (driver.Generation, error) {
+	defer s.kickSpares() // a new newest generation, or one gone: the spares follow (spares.go)
 	img, err := s.volumeImage(v.Name)
 	if err != nil {
 		return driver.Generation{}, err
@@ -454,6 +455,7 @@ func (w *genWriter) Abort(ctx context.Context) {
 // Commit implements driver.GenerationWriter: unmount, compact, set the completion marker and
 // rename the image into place.
 func (w *genWriter) Commit(ctx context.Context, phase func(string)) (driver.Generation, error) {
+	defer w.s.kickSpares() // the project has a new newest generation (spares.go)
 	if err := w.unmount(ctx); err != nil {
 		return driver.Generation{}, err
 	}
@@ -484,6 +486,7 @@ func (s *Store) OwnDirs() map[string]string {
 
 // RemoveGeneration implements driver.Backend.
 func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int) error {
+	defer s.kickSpares() // a new newest generation, or one gone: the spares follow (spares.go)
 	s.gens.Lock()
 	defer s.gens.Unlock()
 	p, err := s.readProject(projectName, false)
@@ -515,6 +518,7 @@ func (s *Store) RemoveGeneration(ctx context.Context, projectName string, n int)
 
 // RemoveGolden implements driver.Backend.
 func (s *Store) RemoveGolden(ctx context.Context, projectName string) error {
+	defer s.kickSpares() // a new newest generation, or one gone: the spares follow (spares.go)
 	s.gens.Lock()
 	defer s.gens.Unlock()
 	p, err := s.readProject(projectName, false)

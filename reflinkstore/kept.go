@@ -192,15 +192,20 @@ func (s *Store) cleanKept(ctx context.Context) error {
 		return err
 	}
 	if len(kept) > 0 {
-		live := map[uint64]string{} // the volumes' images, by inode; a removed one is a temporary
-		entries, err := os.ReadDir(s.volumesDir())
-		if err != nil {
-			return err
-		}
-		for _, e := range entries {
-			var st unix.Stat_t
-			if p := filepath.Join(s.volumesDir(), e.Name()); strings.HasSuffix(e.Name(), imgExt) && !strings.HasPrefix(e.Name(), tmpPrefix) && unix.Stat(p, &st) == nil {
-				live[st.Ino] = p
+		live := map[uint64]string{}                                   // the volumes' images, by inode; a removed one is a temporary
+		for _, dir := range []string{s.volumesDir(), s.sparesDir()} { // spares.go: a spare's XFS is kept mounted too
+			entries, err := os.ReadDir(dir)
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			for _, e := range entries {
+				var st unix.Stat_t
+				if p := filepath.Join(dir, e.Name()); strings.HasSuffix(e.Name(), imgExt) && !strings.HasPrefix(e.Name(), tmpPrefix) && unix.Stat(p, &st) == nil {
+					live[st.Ino] = p
+				}
 			}
 		}
 		for mp, ino := range kept {

@@ -30,14 +30,15 @@ const (
 	attrGrow       = driver.MetaGrow
 	attrLastGen    = "lastgen" // on a project directory: the highest generation number handed out
 	attrForkOf     = driver.MetaForkOf
-	attrGUID       = "guid" // on a generation: its identity across hosts (transfer.go)
+	attrGUID       = "guid"    // on a generation: its identity across hosts (transfer.go)
+	attrSpareOf    = "spareof" // on a spare: the identity of the generation image it was cloned from (spares.go)
 
 	stateReady     = "ready"
 	stateImporting = "importing"
 	yes            = driver.MetaYes
 )
 
-var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen, attrForkOf, attrGUID}
+var knownAttrs = []string{attrKind, attrGolden, attrGeneration, attrColdStart, attrCreated, attrState, attrFrom, attrGrow, attrLastGen, attrForkOf, attrGUID, attrSpareOf}
 
 type meta map[string]string
 

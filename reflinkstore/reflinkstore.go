@@ -81,6 +81,9 @@ type Config struct {
 	// root that any earlier `zgolden serve`, on ZFS too, made inside the default root.
 	// checkForeign counts them as the store's own.
 	Reserved []string
+	// Spares is how many warm spares of each block project's newest generation to keep
+	// reflinked and mounted ahead of their Create (spares.go); 0 makes none.
+	Spares int
 	// Faults crashes the process at a named step, for crash tests; nil in production.
 	Faults *fault.Injector
 	Log    *logrus.Entry
@@ -107,6 +110,8 @@ type Store struct {
 	// Close waits for them.
 	unlinking   sync.WaitGroup
 	unlinkCount atomic.Int64
+
+	spares *spareSet // nil until Load starts the spare worker, and without spares
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -496,6 +501,7 @@ func (s *Store) createStoreFile(ctx context.Context) error {
 // and carries on. Tests and uninstallers call it so that nothing stays mounted. The store must not
 // be used afterwards.
 func (s *Store) Close(ctx context.Context) error {
+	s.stopSpares()
 	s.unlinking.Wait()
 	if err := s.closeKept(ctx); err != nil {
 		return err
@@ -655,11 +661,17 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 	if err != nil {
 		return driver.Status{}, err
 	}
+	ready, spares := s.sparesReady(), 0
+	for _, n := range ready {
+		spares += n
+	}
 	return driver.Status{
 		AvailableBytes: free, UsedBytes: total - free,
 		// Removed images whose unlink has not finished still hold their space (see Remove).
 		RemovedPending: int(s.unlinkCount.Load()),
-		KeptMounted:    len(kept),
+		KeptMounted:    len(kept) - spares,
+		SparesReady:    ready,
+		SparesMounted:  spares,
 		ReflinkStatus:  r,
 	}, nil
 }

@@ -121,6 +121,7 @@ func newGUID() string {
 
 // ReceiveGolden implements driver.Transferer.
 func (s *Store) ReceiveGolden(ctx context.Context, h driver.StreamHeader, r io.Reader) (driver.Generation, error) {
+	defer s.kickSpares() // the project may have a new newest generation (spares.go)
 	if err := driver.ValidateProject(h.Project); err != nil {
 		return driver.Generation{}, err
 	}

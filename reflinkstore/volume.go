@@ -35,6 +35,16 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if err := s.cleanTemps(); err != nil {
 		return nil, err
 	}
+	if exists(s.sparesDir()) {
+		if err := s.cleanTempsIn(s.sparesDir(), false); err != nil {
+			return nil, err
+		}
+	}
+	if s.spares == nil {
+		if err := s.startSpares(); err != nil {
+			return nil, err
+		}
+	}
 	entries, err := os.ReadDir(s.volumesDir())
 	if err != nil {
 		return nil, fmt.Errorf("list volumes in %s: %w", s.volumesDir(), err)
@@ -305,8 +315,13 @@ func (s *Store) Create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		}
 		if gen != nil {
 			m[attrGolden], m[attrGeneration] = spec.Golden, strconv.Itoa(gen.Number)
-			if err := s.createClone(spec, img, gen, m); err != nil {
+			log := s.log.WithFields(logrus.Fields{"volume": spec.Name, "image": img, "project": spec.Golden, "generation": gen.Number})
+			if claimed, err := s.claimSpare(spec, gen, img, log); err != nil {
 				return driver.Volume{}, err
+			} else if !claimed {
+				if err := s.createClone(spec, img, gen, m); err != nil {
+					return driver.Volume{}, err
+				}
 			}
 			v, _, err := s.readVolume(spec.Name)
 			return v, err

@@ -844,18 +844,18 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 	z := &driver.ZFSStatus{
 		Parent: s.cfg.Parent, Pool: pool,
 		ZFSModule: s.versions.Module, ZFSUserland: s.versions.Userland, ZFSProven: strings.Join(s.versions.Proven, ","),
-		DevicesHeld: held.count(s.cfg.Parent), SparesReady: s.sparesReady(), ClaimsPending: s.claimsPending(),
+		DevicesHeld: held.count(s.cfg.Parent), ClaimsPending: s.claimsPending(),
 		CleanupsPending: s.tomb.count(), CloneSyncTasks: s.cloneSyncTasks(),
 	}
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
 		z.DDTEntries = &n
 	}
-	kept := 0
+	kept, mounted := 0, 0
 	if pm, err := s.premounts(); err == nil {
 		for ds := range pm {
 			// A claimed spare keeps its early mount when it is renamed to its volume's name.
 			if inside(s.spareRoot(), ds) {
-				z.SparesMounted++
+				mounted++
 			} else {
 				kept++
 			}
@@ -868,7 +868,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		z.TxgSyncLastSeconds, z.TxgSyncMax10Seconds = &l, &w
 	}
 	return driver.Status{
-		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"), KeptMounted: kept,
+		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"), KeptMounted: kept, SparesReady: s.sparesReady(), SparesMounted: mounted,
 		// Removed volumes not destroyed yet still hold their space (see trash.go).
 		RemovedPending: s.trashPending(),
 		ZFSStatus:      z,

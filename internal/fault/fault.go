@@ -44,6 +44,8 @@ var Points = []string{
 	"mount:after-bind",
 	"unmount:after-bind",
 	"claim:after-rename",
+	"spare:after-clone",
+	"spare:after-mount",
 	"remove:after-record",
 	"remove:during-rename",
 	"remove:after-handover-record",

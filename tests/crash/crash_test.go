@@ -227,6 +227,18 @@ func scenariosFor(point string) []scenario {
 			},
 			after: claimed,
 		}}
+	case "spare":
+		// The Create claims the ready spare; the worker makes its replacement after it, and the
+		// crash falls in that making (reflinkstore/spares.go).
+		return []scenario{{
+			variant: "restock", spares: true,
+			act: untilSettled(create("golden="+baseProject), func(st status) bool { return st.SparesReady[baseProject] >= 1 }),
+			retry: func(t *testing.T, s *run) error {
+				_, err := s.e.dockerInspect(s.vol)
+				return err
+			},
+			after: claimed,
+		}}
 	case "trash":
 		// The Remove has returned; the worker destroys the dataset and deletes the record after.
 		return []scenario{removeScenario(untilSettled(rm, func(st status) bool { return st.RemovedPending == 0 }))}
@@ -558,6 +570,8 @@ func (e *env) check(t *testing.T, phase string, s *run, full bool) {
 			switch {
 			case err != nil || l.BackingFile == "":
 				t.Errorf("%s: the kept mount %s is on no loop device (%v)", phase, m, err)
+			case strings.HasPrefix(l.BackingFile, filepath.Join(e.root, "store", "spares")+"/") && !l.Deleted:
+				// a spare's, mounted ahead of its claim (reflinkstore/spares.go)
 			case l.Deleted || !listed[l.BackingFile]:
 				t.Errorf("%s: the kept mount %s is of %s, no listed volume's image", phase, m, l.BackingFile)
 			case early[l.BackingFile] != "":
@@ -823,8 +837,8 @@ func TestCrashAtEveryFaultPoint(t *testing.T) {
 				ph := &phases{last: time.Now()}
 				before := e.inventory(t)
 				if sc.spares {
-					if e.backend != "zfs" {
-						t.Logf("%s: spares are ZFS's; not run on the %s backend", point, e.backend)
+					if e.backend != "zfs" && sc.pause != "" {
+						t.Logf("%s: the claimed spare's rename in the background is ZFS's; not run on the %s backend", point, e.backend)
 						return
 					}
 					if sc.pause != "" {
