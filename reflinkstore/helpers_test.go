@@ -234,6 +234,9 @@ func newEnv(t *testing.T, base, root string, mut func(*reflinkstore.Config)) *en
 // closed first, like after kill -9.
 func (e *env) open(t *testing.T) {
 	t.Helper()
+	if e.store != nil {
+		reflinkstore.StopSpareWorker(e.store) // as after kill -9: its goroutines are gone
+	}
 	cfg := e.cfg
 	cfg.Log = testLog(t)
 	s, err := reflinkstore.New(testCtx(t), cfg)

@@ -126,8 +126,22 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 			continue
 		}
 		p := filepath.Join(s.sparesDir(), e.Name())
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			continue
+		}
+		if st.Nlink > 1 {
+			// A claim's rename that a crash left half-replayed (both names): the image is the
+			// volume's, so only the spare's name goes, and nothing is unmounted.
+			s.log.WithField("spare", p).Warn("a spare's image is also a volume's; deleting the spare's name")
+			if err := s.removeFile(p); err != nil {
+				s.log.WithError(err).WithField("spare", p).Warn("could not delete the spare's name")
+			}
+			continue
+		}
 		m, err := readMeta(p)
 		if err != nil {
+			s.retireSpare(spare{path: p}, "its attributes cannot be read: "+err.Error())
 			continue
 		}
 		sp := spare{path: p, project: m[attrGolden], gen: m.int(attrGeneration), genID: m[attrSpareOf]}
@@ -350,7 +364,10 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 		return false, nil
 	}
 	if err := unix.Renameat2(unix.AT_FDCWD, sp.path, unix.AT_FDCWD, img, unix.RENAME_NOREPLACE); err != nil {
-		go s.retireSpare(sp, "its claim's rename failed")
+		// Still a spare: back in the set for the next Create (its creation time is set anew then).
+		s.spares.Lock()
+		s.spares.ready[spec.Golden] = append(s.spares.ready[spec.Golden], sp)
+		s.spares.Unlock()
 		if errors.Is(err, unix.EEXIST) {
 			return false, fmt.Errorf("%w: %s is already there", driver.ErrExists, img)
 		}
