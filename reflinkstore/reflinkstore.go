@@ -669,7 +669,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		AvailableBytes: free, UsedBytes: total - free,
 		// Removed images whose unlink has not finished still hold their space (see Remove).
 		RemovedPending: int(s.unlinkCount.Load()),
-		KeptMounted:    len(kept) - spares,
+		KeptMounted:    max(len(kept)-spares, 0), // a spare's XFS is kept mounted too
 		SparesReady:    ready,
 		SparesMounted:  spares,
 		ReflinkStatus:  r,

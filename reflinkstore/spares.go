@@ -35,9 +35,9 @@ import (
 // time, since a deleted file's inode number is soon given to a new file): a claim takes only a
 // spare whose generation is the project's newest and whose source is that generation's image as
 // it is now, so a golden removed and imported again under the same name and number never hands
-// out the old one's content. The files and the mount table are the only records: a claim is the rename,
-// durable once the directory is synced before Create returns; a crash before that leaves the
-// spare a spare. A start adopts what STORE/spares holds, and the worker retires spares of older
+// out the old one's content. The files and the mount table are the only records: a claim is the
+// rename, durable once the directory is synced before Create returns; a crash before that leaves
+// the spare a spare. A start adopts what STORE/spares holds, and the worker retires spares of older
 // generations (after a promotion or an import) and of projects gone.
 const sparesDirName = "spares"
 
@@ -51,7 +51,9 @@ type spare struct {
 	genID   string
 }
 
-// spareSet is the spares the worker has made and mounted, by project; Create takes from it.
+// spareSet is the spares the worker has made and mounted, by project; Create takes from it. Its
+// lock guards ready alone and is never held across I/O or another lock; the worker's clone holds
+// Store.gens (read) as a Create's does.
 type spareSet struct {
 	sync.Mutex
 	ready map[string][]spare
