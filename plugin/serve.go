@@ -217,6 +217,13 @@ func serve(args []string) error {
 	pl.Close()
 	_ = admin.Shutdown(sctx)
 	_ = metricsSrv.Shutdown(sctx)
+	if r, ok := backend.(*reflinkstore.Store); ok {
+		// Stops the spare worker and unmounts the kept mounts; mounted volumes stay mounted for
+		// their containers, and the store file stays mounted.
+		if err := r.Stop(sctx); err != nil {
+			log.WithError(err).Warn("could not unmount every kept mount at the stop; the next start keeps or unmounts them")
+		}
+	}
 	if z, ok := backend.(*zfsstore.Store); ok {
 		// Stops the trash worker and closes the devices Unmount kept open; mounted volumes
 		// stay mounted for their containers.

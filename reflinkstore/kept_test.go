@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/zgolden/zgolden/reflinkstore"
 	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/xfsutil"
 )
@@ -160,5 +161,41 @@ func TestUnmountOfABusyMountpointKeepsNothing(t *testing.T) {
 	f.Close()
 	e.unmount(t, "v", "c")
 	e.remove(t, "v")
+	e.finish(t)
+}
+
+// TestStopUnmountsTheKeptMounts: a plugin's stop (Stop) lets a Remove that has just returned
+// finish its unmount and unlink, and unmounts the kept mounts of the volumes that stay, and the
+// spares', so that nothing Docker did not ask for stays mounted; the next start carries on.
+func TestStopUnmountsTheKeptMounts(t *testing.T) {
+	base := newBase(t)
+	e := newEnv(t, base, filepath.Join(base, "zg"), func(c *reflinkstore.Config) { c.Spares = 1 })
+	e.importTree(t, "prj")
+	waitSpares(t, e, "prj", 1)
+	for _, v := range []string{"gone", "stays"} {
+		e.create(t, v, nil)
+		writeFile(t, filepath.Join(e.mount(t, v, "c"), "f"), v)
+		e.unmount(t, v, "c")
+	}
+	e.remove(t, "gone")
+	if err := e.store.Stop(testCtx(t)); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if got := keptMounts(t, e); len(got) > 0 {
+		t.Fatalf("kept mounts after Stop: %v", got)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(e.root, "store", "volumes")); len(entries) != 1 || entries[0].Name() != "stays.img" {
+		t.Fatalf("volume images after Stop: %v, want stays.img only (the removal finished)", entries)
+	}
+	if loops := loopsUnder(filepath.Join(e.root, "store")); len(loops) > 0 {
+		t.Fatalf("loop devices still attached to images after Stop: %+v", loops)
+	}
+	e.open(t)
+	waitSpares(t, e, "prj", 1) // the start mounts the spare again
+	if got := readFile(t, filepath.Join(e.mount(t, "stays", "c"), "f")); got != "stays" {
+		t.Fatalf("after Stop and a start, stays reads %q", got)
+	}
+	e.unmount(t, "stays", "c")
+	e.remove(t, "stays")
 	e.finish(t)
 }

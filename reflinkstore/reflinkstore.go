@@ -495,15 +495,14 @@ func (s *Store) createStoreFile(ctx context.Context) error {
 	return xfsutil.SyncDir(s.cfg.Root)
 }
 
-// Close unmounts the kept mounts (kept.go), and the store file when the store uses one and
-// nothing in it is attached, and
+// Close does what Stop does and unmounts the store file when the store uses one and nothing in
+// it is attached, and
 // releases the root's lock. The plugin need not call it: a restarted store finds the file mounted
 // and carries on. Tests and uninstallers call it so that nothing stays mounted. The store must not
 // be used afterwards.
 func (s *Store) Close(ctx context.Context) error {
-	s.stopSpares()
 	s.unlinking.Wait()
-	if err := s.closeKept(ctx); err != nil {
+	if err := s.Stop(ctx); err != nil {
 		return err
 	}
 	if err := s.closeStoreFile(ctx); err != nil {
@@ -514,6 +513,24 @@ func (s *Store) Close(ctx context.Context) error {
 		s.lock = nil
 	}
 	return nil
+}
+
+// Stop is what a stopping plugin does: it stops the spare worker, lets the removals under way
+// finish (their kept mount's unmount and their unlink) until ctx ends, and unmounts the kept
+// mounts, as the ZFS store's Close does its early mounts: nothing stays mounted that Docker did
+// not ask for, and a volume Docker still has mounted keeps its XFS through Docker's mount. The
+// store file stays mounted, and the next start carries on. A kill -9 skips all this; the next
+// start's Load repairs what it left.
+func (s *Store) Stop(ctx context.Context) error {
+	s.stopSpares()
+	done := make(chan struct{})
+	go func() { s.unlinking.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.log.Warn("removals still under way at the stop; the next start finishes them")
+	}
+	return s.closeKept(ctx)
 }
 
 func (s *Store) closeStoreFile(ctx context.Context) error {

@@ -57,11 +57,7 @@ func startEnv(t *testing.T) *env {
 		e.root = filepath.Join(root, "root")
 		// The store file stays mounted when the plugin stops; unmount it after the plugin has
 		// stopped, which cleanups registered earlier do.
-		t.Cleanup(func() {
-			if out, err := harness.Output("umount", filepath.Join(e.root, "store")); err != nil && !strings.Contains(out, "not mounted") {
-				t.Errorf("cleanup: umount the store: %v\n%s", err, out)
-			}
-		})
+		t.Cleanup(func() { harness.UnmountReflinkStore(t, e.root) })
 		e.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", e.root, "--store-size", "8G", "--default-size", "1G")
 	}
 	e.stateDir = filepath.Dir(e.p.AdminSocket)

@@ -172,6 +172,10 @@ func ReflinkUnlinked(t testing.TB, store string) {
 // unmounted, whose XFS the store keeps mounted until their Remove. Their loop devices are
 // expected in an inventory. Read with losetup and findmnt, not xfsutil, as ReflinkInventory is.
 func ReflinkKept(t testing.TB, store string) map[string]bool {
+	return reflinkKept(t, store, "volumes")
+}
+
+func reflinkKept(t testing.TB, store string, dirs ...string) map[string]bool {
 	t.Helper()
 	targets := map[string][]string{}
 	for _, l := range strings.Split(Run(t, "findmnt", "-rn", "-o", "SOURCE,TARGET"), "\n") {
@@ -182,7 +186,11 @@ func ReflinkKept(t testing.TB, store string) map[string]bool {
 	out := map[string]bool{}
 	for _, l := range strings.Split(Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"), "\n") {
 		f := strings.Fields(l) // a deleted file has a third field, " (deleted)": never kept
-		if len(f) != 2 || !strings.HasPrefix(f[1], filepath.Join(store, "volumes")+"/") || len(targets[f[0]]) == 0 {
+		in := false
+		for _, d := range dirs {
+			in = in || len(f) == 2 && strings.HasPrefix(f[1], filepath.Join(store, d)+"/")
+		}
+		if !in || len(targets[f[0]]) == 0 {
 			continue
 		}
 		kept := true
@@ -194,6 +202,34 @@ func ReflinkKept(t testing.TB, store string) map[string]bool {
 		}
 	}
 	return out
+}
+
+// UnmountReflinkStore unmounts the reflink store file's filesystem at ROOT/store once the plugin
+// has stopped, for a test's cleanup, and reports a failure but "not mounted". A plugin killed
+// with SIGKILL leaves its kept mounts (reflinkstore's kept.go: volumes Docker unmounted, and
+// spares), which hold the store busy; they are unmounted first. A mount anywhere else of an
+// image in the store is left, and makes the store's unmount fail, as the leak it is.
+func UnmountReflinkStore(t testing.TB, root string) {
+	t.Helper()
+	store := filepath.Join(root, "store")
+	for img := range reflinkKept(t, store, "volumes", "spares") {
+		for _, l := range strings.Split(Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"), "\n") {
+			f := strings.Fields(l)
+			if len(f) != 2 || f[1] != img {
+				continue
+			}
+			for _, m := range strings.Split(Run(t, "findmnt", "-rn", "-o", "TARGET", "--source", f[0]), "\n") {
+				if m = strings.TrimSpace(m); m != "" {
+					if out, err := Output("umount", m); err != nil {
+						t.Errorf("cleanup: umount the kept mount %s: %v\n%s", m, err, out)
+					}
+				}
+			}
+		}
+	}
+	if out, err := Output("umount", store); err != nil && !strings.Contains(out, "not mounted") {
+		t.Errorf("cleanup: umount the store: %v\n%s", err, out)
+	}
 }
 
 // DefaultRecordDir is zgolden serve's default --record-dir, where the suites' plugins record

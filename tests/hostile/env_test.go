@@ -77,11 +77,7 @@ func startEnv(t *testing.T, o envOpts) *env {
 	e.backend, e.base, e.root = "reflink", base, filepath.Join(base, "root")
 	// The store file stays mounted when the plugin stops; unmount it after the plugin has
 	// stopped, which cleanups registered earlier do.
-	t.Cleanup(func() {
-		if out, err := harness.Output("umount", filepath.Join(e.root, "store")); err != nil && !strings.Contains(out, "not mounted") {
-			t.Errorf("cleanup: umount the store: %v\n%s", err, out)
-		}
-	})
+	t.Cleanup(func() { harness.UnmountReflinkStore(t, e.root) })
 	size := o.storeSize
 	if size == "" {
 		size = "8G"
