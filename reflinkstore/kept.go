@@ -30,8 +30,9 @@ import (
 // unlinked), so a kept mount can name only its own image: after a Remove a new volume of the same
 // name is a new file with a new number and never finds the removed one's XFS. Every lookup also
 // checks that the loop device under the kept mount backs the image (keptOf). The mount table is
-// the only record: a restart keeps the kept mounts of listed volumes and unmounts the rest (a
-// crash after a Remove's rename), and after a reboot there are none.
+// the only record: a stop unmounts them (Stop), a start after a kill -9 keeps those of listed
+// volumes and unmounts the rest (a crash after a Remove's rename), and after a reboot there are
+// none.
 //
 // The cost is durability at Unmount: what the container wrote may still be in the page cache when
 // Unmount returns, as it is while the volume is mounted; XFS's log keeps the volume consistent
