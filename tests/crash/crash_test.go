@@ -240,8 +240,17 @@ func scenariosFor(point string) []scenario {
 			after: claimed,
 		}}
 	case "trash":
-		// The Remove has returned; the worker destroys the dataset and deletes the record after.
-		return []scenario{removeScenario(untilSettled(rm, func(st status) bool { return st.RemovedPending == 0 }))}
+		// The Remove has returned; the worker destroys the dataset and deletes the record after
+		// (ZFS), or the kept mount is unmounted and the image unlinked after (reflink). A
+		// container uses the volume first, after the restart that armed the fault (which
+		// unmounted the kept mounts), so that the removed volume has its kept mount.
+		useThenRm := func(s *run) (string, error) {
+			if out, err := dockerRun(s, "-v", s.vol+":/data", harness.BusyboxImage(), "true"); err != nil {
+				return out, err
+			}
+			return rm(s)
+		}
+		return []scenario{removeScenario(untilSettled(useThenRm, func(st status) bool { return st.RemovedPending == 0 }))}
 	case "mount":
 		runIt := func(s *run) (string, error) {
 			return dockerRun(s, "-v", s.vol+":/data", harness.BusyboxImage(), "sh", "-c", "echo mounted > /data/m && cat /data/m")
@@ -270,14 +279,21 @@ func scenariosFor(point string) []scenario {
 			after: claimed,
 		}
 		// A volume a container used before: its Unmount kept its XFS mounted (zfsstore's
-		// premount.go, reflinkstore's kept.go), and this Mount binds that mount.
+		// premount.go, reflinkstore's kept.go), and the next Mount binds that mount. The
+		// restart that arms the fault unmounts the kept mounts (a stop does), so the act runs
+		// a container twice: the first run's Unmount keeps the XFS, the second's Mount binds it.
 		keptMount := scenario{
 			variant: "kept-mount",
 			prepare: func(t *testing.T, s *run) {
 				prepareVolume(t, s, s.vol, nil)
 				s.e.writeMarker(t, s.vol, "promoted-kept")
 			},
-			act: runIt,
+			act: func(s *run) (string, error) {
+				if out, err := runIt(s); err != nil {
+					return out, err
+				}
+				return runIt(s)
+			},
 			retry: func(t *testing.T, s *run) error {
 				if out, err := runIt(s); err != nil || strings.TrimSpace(out) != "mounted" {
 					return fmt.Errorf("%v: %s", err, out)
