@@ -172,10 +172,16 @@ func ReflinkUnlinked(t testing.TB, store string) {
 // unmounted, whose XFS the store keeps mounted until their Remove. Their loop devices are
 // expected in an inventory. Read with losetup and findmnt, not xfsutil, as ReflinkInventory is.
 func ReflinkKept(t testing.TB, store string) map[string]bool {
-	return reflinkKept(t, store, "volumes")
+	out := map[string]bool{}
+	for img := range reflinkKept(t, store, "volumes") {
+		out[img] = true
+	}
+	return out
 }
 
-func reflinkKept(t testing.TB, store string, dirs ...string) map[string]bool {
+// reflinkKept maps each image under the store's directories dirs whose loop device is mounted
+// only at kept mounts to those mounts.
+func reflinkKept(t testing.TB, store string, dirs ...string) map[string][]string {
 	t.Helper()
 	targets := map[string][]string{}
 	for _, l := range strings.Split(Run(t, "findmnt", "-rn", "-o", "SOURCE,TARGET"), "\n") {
@@ -183,7 +189,7 @@ func reflinkKept(t testing.TB, store string, dirs ...string) map[string]bool {
 			targets[f[0]] = append(targets[f[0]], f[1])
 		}
 	}
-	out := map[string]bool{}
+	out := map[string][]string{}
 	for _, l := range strings.Split(Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"), "\n") {
 		f := strings.Fields(l) // a deleted file has a third field, " (deleted)": never kept
 		in := false
@@ -198,7 +204,7 @@ func reflinkKept(t testing.TB, store string, dirs ...string) map[string]bool {
 			kept = kept && strings.HasPrefix(filepath.Base(tg), "kept-")
 		}
 		if kept {
-			out[f[1]] = true
+			out[f[1]] = targets[f[0]]
 		}
 	}
 	return out
@@ -212,18 +218,10 @@ func reflinkKept(t testing.TB, store string, dirs ...string) map[string]bool {
 func UnmountReflinkStore(t testing.TB, root string) {
 	t.Helper()
 	store := filepath.Join(root, "store")
-	for img := range reflinkKept(t, store, "volumes", "spares") {
-		for _, l := range strings.Split(Run(t, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"), "\n") {
-			f := strings.Fields(l)
-			if len(f) != 2 || f[1] != img {
-				continue
-			}
-			for _, m := range strings.Split(Run(t, "findmnt", "-rn", "-o", "TARGET", "--source", f[0]), "\n") {
-				if m = strings.TrimSpace(m); m != "" {
-					if out, err := Output("umount", m); err != nil {
-						t.Errorf("cleanup: umount the kept mount %s: %v\n%s", m, err, out)
-					}
-				}
+	for _, mounts := range reflinkKept(t, store, "volumes", "spares") {
+		for _, m := range mounts {
+			if out, err := Output("umount", m); err != nil {
+				t.Errorf("cleanup: umount the kept mount %s: %v\n%s", m, err, out)
 			}
 		}
 	}
