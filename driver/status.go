@@ -22,6 +22,9 @@ type Status struct {
 	// claims not yet renamed included).
 	SparesReady   map[string]int `json:"spares_ready"`
 	SparesMounted int            `json:"spares_mounted"`
+	// Claimed spares whose claim is only in the local record yet: on ZFS not yet renamed to
+	// their volume's name, on the reflink store renamed but not yet synced.
+	ClaimsPending int `json:"claims_pending"`
 
 	// Exactly one of these is set, by the backend that reports.
 	*ZFSStatus
@@ -37,8 +40,7 @@ type ZFSStatus struct {
 	ZFSProven   string `json:"zfs_proven"`
 	// DDTEntries is nil when the pool's dedup table could not be read.
 	DDTEntries      *uint64 `json:"ddt_entries,omitempty"`
-	ClaimsPending   int     `json:"claims_pending"` // claimed spares not yet renamed
-	DevicesHeld     int     `json:"devices_held"`   // zvols held open from Unmount to Remove
+	DevicesHeld     int     `json:"devices_held"` // zvols held open from Unmount to Remove
 	CleanupsPending int     `json:"cleanups_pending"`
 	CloneSyncTasks  int     `json:"clone_sync_tasks"` // sync tasks a Create's clone costs: 1 or 2
 	// How long the pool took to sync its last transaction group, and the longest of its last

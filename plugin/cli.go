@@ -166,6 +166,7 @@ func statusLines(st driver.Status) [][2]string {
 	add("kept_mounted", st.KeptMounted)
 	add("spares_ready", st.SparesReady)
 	add("spares_mounted", st.SparesMounted)
+	add("claims_pending", st.ClaimsPending)
 	if z := st.ZFSStatus; z != nil {
 		add("parent", z.Parent)
 		add("pool", z.Pool)
@@ -180,7 +181,6 @@ func statusLines(st driver.Status) [][2]string {
 			add("txg_sync_last_seconds", *z.TxgSyncLastSeconds)
 			add("txg_sync_max10_seconds", *z.TxgSyncMax10Seconds)
 		}
-		add("claims_pending", z.ClaimsPending)
 		add("devices_held", z.DevicesHeld)
 		add("cleanups_pending", z.CleanupsPending)
 	}

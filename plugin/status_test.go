@@ -14,8 +14,8 @@ import (
 func TestStatusKeys(t *testing.T) {
 	ddt, last, worst := uint64(0), 0.5, 2.0
 	zfs := driver.Status{Backend: "zfs", Volumes: 2, Mounted: 1, AvailableBytes: 3 << 30, RemovedPending: 1,
-		SparesReady: map[string]int{"p": 2},
-		ZFSStatus: &driver.ZFSStatus{Pool: "tank", DDTEntries: &ddt, ClaimsPending: 1,
+		SparesReady: map[string]int{"p": 2}, ClaimsPending: 1,
+		ZFSStatus: &driver.ZFSStatus{Pool: "tank", DDTEntries: &ddt,
 			TxgSyncLastSeconds: &last, TxgSyncMax10Seconds: &worst}}
 	reflink := driver.Status{Backend: "reflink", ReflinkStatus: &driver.ReflinkStatus{StoreMode: "native", SizeBytes: 1 << 40}}
 	for _, c := range []struct {
@@ -26,8 +26,8 @@ func TestStatusKeys(t *testing.T) {
 		{zfs, []string{"backend", "volumes", "available_bytes", "removed_pending", "pool", "ddt_entries", "spares_ready", "claims_pending", "txg_sync_max10_seconds"},
 			[]string{"store_mode", "size_bytes", "host_available_bytes", "imports"},
 			[]string{"available_bytes:  3.0 GiB", "ddt_entries:", "txg_sync_max10_seconds:  2", "spares_ready:", "map[p:2]"}},
-		{reflink, []string{"store_mode", "size_bytes", "removed_pending"},
-			[]string{"pool", "ddt_entries", "claims_pending", "host_available_bytes", "store_file"},
+		{reflink, []string{"store_mode", "size_bytes", "removed_pending", "claims_pending"},
+			[]string{"pool", "ddt_entries", "host_available_bytes", "store_file"},
 			[]string{"size_bytes:", "1.0 TiB", "store_mode:", "native"}},
 	} {
 		b, err := json.Marshal(c.st)

@@ -1,5 +1,17 @@
 package reflinkstore
 
-// StopSpareWorker stops s's spare worker without unmounting anything, as a kill -9 of the plugin
-// would: tests that open a second store on the same root use it on the first.
-func StopSpareWorker(s *Store) { s.stopSpares() }
+import "path/filepath"
+
+// StopSpareWorker stops s's spare worker and its record syncer without unmounting, syncing or
+// deleting anything, as a kill -9 of the plugin would: tests that open a second store on the
+// same root use it on the first.
+func StopSpareWorker(s *Store) {
+	s.stopSpares()
+	s.abandonRecords()
+}
+
+// FileID is fileID, for tests that write records as a crash would have left them.
+func FileID(path string) (string, error) { return fileID(path) }
+
+// RecordFile is the record file of the store at root.
+func RecordFile(root string) string { return filepath.Join(root, recordsName) }

@@ -112,6 +112,8 @@ type Store struct {
 	unlinkCount atomic.Int64
 
 	spares *spareSet // nil until Load starts the spare worker, and without spares
+
+	recs recordSet // claims and removals not yet synced (records.go)
 }
 
 var _ driver.Backend = (*Store)(nil)
@@ -358,7 +360,7 @@ func (s *Store) checkForeign() error {
 	var foreign []string
 	for _, e := range entries {
 		switch n := e.Name(); {
-		case n == storeDirName || n == storeFileName || n == workDirName || n == lockName || leftover(n) || reserved[n] && e.IsDir():
+		case n == storeDirName || n == storeFileName || n == workDirName || n == lockName || n == recordsName || leftover(n) || reserved[n] && e.IsDir():
 		default:
 			foreign = append(foreign, n)
 		}
@@ -505,6 +507,9 @@ func (s *Store) Close(ctx context.Context) error {
 	if err := s.Stop(ctx); err != nil {
 		return err
 	}
+	if err := s.closeRecords(); err != nil {
+		return err
+	}
 	if err := s.closeStoreFile(ctx); err != nil {
 		return err
 	}
@@ -530,6 +535,8 @@ func (s *Store) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 		s.log.Warn("removals still under way at the stop; the next start finishes them")
 	}
+	// What has settled is synced and its records deleted; the rest stay for the next start.
+	s.stopSyncer()
 	return s.closeKept(ctx)
 }
 
@@ -689,6 +696,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		KeptMounted:    max(len(kept)-spares, 0), // a spare's XFS is kept mounted too
 		SparesReady:    ready,
 		SparesMounted:  spares,
+		ClaimsPending:  s.claimsPending(),
 		ReflinkStatus:  r,
 	}, nil
 }

@@ -362,6 +362,11 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 	s.spares.Unlock()
 	defer s.kickSpares()
 
+	id, err = fileID(sp.path)
+	if err != nil {
+		s.retireSpare(sp, "it could not be read")
+		return false, nil
+	}
 	created := strconv.FormatInt(time.Now().Unix(), 10)
 	if err := setAttr(sp.path, attrCreated, created); err != nil {
 		s.retireSpare(sp, "its attributes could not be set")
@@ -378,10 +383,17 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 		log.WithError(err).Warn("could not claim a spare; cloning instead")
 		return false, nil
 	}
-	// The claim is durable once the volumes directory is synced: the rename moved the entry from
-	// STORE/spares in the same transaction.
-	if err := xfsutil.SyncDir(s.volumesDir()); err != nil {
-		return false, err
+	// The claim is durable once recorded (records.go); the directories' sync follows in the
+	// background. Without the record, the sync of the volumes directory makes it durable: the
+	// rename moved the entry from STORE/spares in the same transaction.
+	key := claimKey + id
+	if err := s.putRecord(key, claimRecord{Name: spec.Name, Created: created}); err != nil {
+		log.WithError(err).Warn("could not record the claim; syncing the volumes directory instead")
+		if err := xfsutil.SyncDir(s.volumesDir()); err != nil {
+			return false, err
+		}
+	} else {
+		s.settle(key, "claim:after-rename")
 	}
 	s.cfg.Faults.Hit("create:after-claim")
 	log.WithField("spare", sp.path).Debug("claimed a spare")

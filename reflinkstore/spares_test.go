@@ -82,6 +82,7 @@ func TestSparesAreClaimed(t *testing.T) {
 	vols := filepath.Join(e.root, "store", "volumes")
 
 	e.create(t, "v", map[string]string{"golden": "prj"})
+	waitNoRecords(t, e) // the claim's record goes once its rename is synced
 	if ino := inode(t, filepath.Join(vols, "v.img")); spares[ino] == "" {
 		t.Fatalf("v's image (inode %d) is none of the spares %v", ino, spares)
 	}

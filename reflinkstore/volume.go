@@ -23,6 +23,13 @@ import (
 // devices still attached to images but mounted nowhere, deletes temporary images (renaming a
 // generation whose completion marker was set), and then returns every complete volume.
 func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
+	if s.recs.done == nil {
+		// Once, before the directories are read: after a crash the records are the truth.
+		if err := s.recoverRecords(ctx); err != nil {
+			return nil, err
+		}
+		s.startSyncer()
+	}
 	if err := s.cleanWork(ctx); err != nil {
 		return nil, err
 	}
@@ -531,15 +538,30 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 		}
 		return mapErr(err)
 	}
+	id, err := fileID(img)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return mapErr(err)
+	}
 	if err := os.Rename(img, gone); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil
 		}
 		return mapErr(err)
 	}
-	if err := xfsutil.SyncDir(s.volumesDir()); err != nil {
-		return err
+	// The removal is durable once recorded (records.go); the directory's sync follows after the
+	// unlink, in the background.
+	key := removalKey + id
+	if err := s.putRecord(key, removalRecord{Name: v.Name}); err != nil {
+		s.log.WithError(err).WithField("volume", v.Name).Warn("could not record the removal; syncing the volumes directory instead")
+		key = ""
+		if err := xfsutil.SyncDir(s.volumesDir()); err != nil {
+			return err
+		}
 	}
+	s.cfg.Faults.Hit("remove:after-record")
 	s.unlinkCount.Add(1)
 	s.unlinking.Add(1)
 	go func() {
@@ -559,7 +581,12 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 			s.cfg.Faults.Hit("trash:after-unmount")
 		}
 		if err := s.removeFile(gone); err != nil {
+			// The record stays, and the next start deletes the image.
 			s.log.WithError(err).WithFields(logrus.Fields{"volume": v.Name, "image": gone}).Error("could not delete a removed volume's image; the next start deletes it")
+			return
+		}
+		if key != "" {
+			<-s.settle(key, "trash:after-destroy") // pending, in status, until its record is gone
 		}
 	}()
 	return nil

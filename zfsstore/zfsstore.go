@@ -844,7 +844,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 	z := &driver.ZFSStatus{
 		Parent: s.cfg.Parent, Pool: pool,
 		ZFSModule: s.versions.Module, ZFSUserland: s.versions.Userland, ZFSProven: strings.Join(s.versions.Proven, ","),
-		DevicesHeld: held.count(s.cfg.Parent), ClaimsPending: s.claimsPending(),
+		DevicesHeld:     held.count(s.cfg.Parent),
 		CleanupsPending: s.tomb.count(), CloneSyncTasks: s.cloneSyncTasks(),
 	}
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
@@ -868,7 +868,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		z.TxgSyncLastSeconds, z.TxgSyncMax10Seconds = &l, &w
 	}
 	return driver.Status{
-		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"), KeptMounted: kept, SparesReady: s.sparesReady(), SparesMounted: mounted,
+		AvailableBytes: row.Uint("available"), UsedBytes: row.Uint("used"), KeptMounted: kept, SparesReady: s.sparesReady(), SparesMounted: mounted, ClaimsPending: s.claimsPending(),
 		// Removed volumes not destroyed yet still hold their space (see trash.go).
 		RemovedPending: s.trashPending(),
 		ZFSStatus:      z,
