@@ -367,7 +367,8 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 		s.retireSpare(sp, "it could not be read")
 		return false, nil
 	}
-	created := strconv.FormatInt(time.Now().Unix(), 10)
+	t0 := time.Now()
+	created := strconv.FormatInt(t0.Unix(), 10)
 	if err := setAttr(sp.path, attrCreated, created); err != nil {
 		s.retireSpare(sp, "its attributes could not be set")
 		return false, nil
@@ -386,6 +387,7 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 	// The claim is durable once recorded (records.go); the directories' sync follows in the
 	// background. Without the record, the sync of the volumes directory makes it durable: the
 	// rename moved the entry from STORE/spares in the same transaction.
+	t1 := time.Now()
 	key := claimKey + id
 	if err := s.putRecord(key, claimRecord{Name: spec.Name, Created: created}); err != nil {
 		log.WithError(err).Warn("could not record the claim; syncing the volumes directory instead")
@@ -396,7 +398,8 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 		s.settle(key, "claim:after-rename")
 	}
 	s.cfg.Faults.Hit("create:after-claim")
-	log.WithField("spare", sp.path).Debug("claimed a spare")
+	log.WithFields(logrus.Fields{"spare": sp.path, "rename_took": t1.Sub(t0).Round(time.Microsecond).String(),
+		"record_took": time.Since(t1).Round(time.Microsecond).String()}).Debug("claimed a spare")
 	return true, nil
 }
 

@@ -545,6 +545,7 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 		}
 		return mapErr(err)
 	}
+	t0 := time.Now()
 	if err := os.Rename(img, gone); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil
@@ -553,6 +554,7 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 	}
 	// The removal is durable once recorded (records.go); the directory's sync follows after the
 	// unlink, in the background.
+	t1 := time.Now()
 	key := removalKey + id
 	if err := s.putRecord(key, removalRecord{Name: v.Name}); err != nil {
 		s.log.WithError(err).WithField("volume", v.Name).Warn("could not record the removal; syncing the volumes directory instead")
@@ -562,6 +564,8 @@ func (s *Store) Remove(ctx context.Context, v driver.Volume) error {
 		}
 	}
 	s.cfg.Faults.Hit("remove:after-record")
+	s.log.WithFields(logrus.Fields{"volume": v.Name, "image": gone, "rename_took": t1.Sub(t0).Round(time.Microsecond).String(),
+		"record_took": time.Since(t1).Round(time.Microsecond).String()}).Debug("removal recorded; the image is deleted in the background")
 	s.unlinkCount.Add(1)
 	s.unlinking.Add(1)
 	go func() {
