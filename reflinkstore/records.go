@@ -42,6 +42,10 @@ import (
 //     rename has its rename in the kernel's cache, which the next start reads.
 //   - Without a record, the directories are the truth, as before records existed.
 //
+// internal/recordfile wants no two writes of one key to race. Each key here is written once, by
+// the Create that took the spare out of the set or by the Remove that holds the volume's lock,
+// and deleted once, by the syncer after that write has settled, or by the start before any.
+//
 // If the record cannot be written (the root's filesystem is full, say), the claim or Remove syncs
 // the directory instead, as before: slower, never less durable.
 const (

@@ -5,6 +5,7 @@
 // Layout under the configured root:
 //
 //	ROOT/.zgolden-reflink                marker: this root is zgolden's, and which mode it uses
+//	ROOT/.zgolden-reflink.records        claims and removals not yet synced (records.go)
 //	ROOT/store.img                       only when ROOT cannot reflink: a sparse XFS (reflink=1)
 //	                                     file, loop-mounted at ROOT/store
 //	ROOT/store/volumes/NAME.img          one volume
@@ -13,7 +14,8 @@
 //	ROOT/work/import-PROJECT-N           where an import mounts its new generation while copying
 //
 // The durable state is the image files and their user.zgolden.* extended attributes, the
-// counterpart of the ZFS backend's user properties; there is no state file. Every image is made
+// counterpart of the ZFS backend's user properties; the record file only carries a claim or a
+// removal from its reply to the sync of its directory (records.go). Every image is made
 // under a temporary name, given its attributes and renamed into place, so a crash leaves either a
 // complete image or a temporary one that Load deletes (or, for a complete generation, renames).
 //
