@@ -67,8 +67,9 @@ type removalRecord struct {
 // renames (and, for a removal, unlink) have happened and wait for a directory sync before they
 // are deleted.
 type recordSet struct {
+	file recordfile.Lazy
+
 	mu      sync.Mutex
-	rf      *recordfile.File
 	pending []settled
 	claims  int  // claim records written and not yet deleted, for status
 	running bool // the syncer takes what settles
@@ -90,33 +91,29 @@ type settled struct {
 func (s *Store) recordPath() string { return filepath.Join(s.cfg.Root, recordsName) }
 
 func (s *Store) recordFile() (*recordfile.File, error) {
-	s.recs.mu.Lock()
-	defer s.recs.mu.Unlock()
-	if s.recs.killed {
-		return nil, errors.New("the store was stopped as by kill -9")
-	}
-	if s.recs.rf == nil {
+	return s.recs.file.File(func() (*recordfile.File, error) {
+		s.recs.mu.Lock()
+		killed := s.recs.killed
+		s.recs.mu.Unlock()
+		if killed {
+			return nil, errors.New("the store was stopped as by kill -9")
+		}
 		rf, err := recordfile.Open(s.recordPath())
 		if err != nil {
 			return nil, fmt.Errorf("open the record file %s: %w", s.recordPath(), err)
 		}
-		s.recs.rf = rf
-	}
-	return s.recs.rf, nil
+		return rf, nil
+	})
 }
 
 // putRecord writes key. An error means the record may not be durable: the caller syncs the
 // directory itself instead.
 func (s *Store) putRecord(key string, rec any) error {
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
 	rf, err := s.recordFile()
 	if err != nil {
 		return err
 	}
-	if err := rf.Put(key, data); err != nil {
+	if err := rf.PutJSON(key, rec); err != nil {
 		return err
 	}
 	if strings.HasPrefix(key, claimKey) {
@@ -399,23 +396,11 @@ func (s *Store) abandonRecords() {
 	s.recs.killed = true
 	s.recs.mu.Unlock()
 	s.stopSyncer()
-	s.recs.mu.Lock()
-	defer s.recs.mu.Unlock()
-	if s.recs.rf != nil {
-		s.recs.rf.Close()
-		s.recs.rf = nil
-	}
+	s.recs.file.Close()
 }
 
 // closeRecords stops the syncer and closes the record file.
 func (s *Store) closeRecords() error {
 	s.stopSyncer()
-	s.recs.mu.Lock()
-	defer s.recs.mu.Unlock()
-	if s.recs.rf == nil {
-		return nil
-	}
-	err := s.recs.rf.Close()
-	s.recs.rf = nil
-	return err
+	return s.recs.file.Close()
 }

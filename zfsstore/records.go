@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/proclock"
@@ -32,12 +31,6 @@ const (
 	claimKey   = "claim/"
 	removalKey = "removal/"
 )
-
-// recordSet opens the record file once, at first use, and keeps it open.
-type recordSet struct {
-	mu sync.Mutex
-	rf *recordfile.File
-}
 
 // RecordFile is where a parent's records are kept under recordDir, for tests and tools that look
 // at a running store's records (recordfile.ReadKeys).
@@ -71,9 +64,7 @@ func (s *Store) lockParent() error {
 }
 
 func (s *Store) recordFile() (*recordfile.File, error) {
-	s.recs.mu.Lock()
-	defer s.recs.mu.Unlock()
-	if s.recs.rf == nil {
+	return s.recs.File(func() (*recordfile.File, error) {
 		rf, err := recordfile.Open(RecordFile(s.cfg.RecordDir, s.cfg.Parent))
 		if err != nil {
 			return nil, fmt.Errorf("open the record file (--record-dir %s): %w", s.cfg.RecordDir, err)
@@ -83,32 +74,18 @@ func (s *Store) recordFile() (*recordfile.File, error) {
 			rf.Close()
 			return nil, err
 		}
-		s.recs.rf = rf
-	}
-	return s.recs.rf, nil
+		return rf, nil
+	})
 }
 
-func (s *Store) closeRecords() error {
-	s.recs.mu.Lock()
-	defer s.recs.mu.Unlock()
-	if s.recs.rf == nil {
-		return nil
-	}
-	err := s.recs.rf.Close()
-	s.recs.rf = nil
-	return err
-}
+func (s *Store) closeRecords() error { return s.recs.Close() }
 
 func (s *Store) putRecord(key string, rec any) error {
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
 	rf, err := s.recordFile()
 	if err != nil {
 		return err
 	}
-	return rf.Put(key, data)
+	return rf.PutJSON(key, rec)
 }
 
 func (s *Store) dropRecord(key string) error {

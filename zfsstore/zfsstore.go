@@ -37,6 +37,7 @@ import (
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/internal/proclock"
+	"github.com/zgolden/zgolden/internal/recordfile"
 	"github.com/zgolden/zgolden/xfsutil"
 	"github.com/zgolden/zgolden/zfsutil"
 )
@@ -132,7 +133,7 @@ type Store struct {
 	spares spareSet
 
 	// recs is the record file of claims and removals (see records.go).
-	recs recordSet
+	recs recordfile.Lazy
 }
 
 var _ driver.Backend = (*Store)(nil)
