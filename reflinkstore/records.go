@@ -1,18 +1,19 @@
 package reflinkstore
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/internal/recordfile"
 	"github.com/zgolden/zgolden/xfsutil"
 )
@@ -246,7 +247,7 @@ func (s *Store) syncStoreDirs() error {
 // image a removal names is renamed to a removed name wherever it is (its volume's name, or still a
 // spare if the claim that gave it the name was lost too), and the temporaries' cleanup deletes
 // it; the spare a claim names is given its volume's name again.
-func (s *Store) recoverRecords(ctx context.Context) error {
+func (s *Store) recoverRecords() error {
 	rf, err := s.recordFile()
 	if err != nil {
 		return err
@@ -254,6 +255,11 @@ func (s *Store) recoverRecords(ctx context.Context) error {
 	keys := rf.Keys()
 	if len(keys) == 0 {
 		return nil
+	}
+	for _, key := range keys {
+		if !strings.HasPrefix(key, claimKey) && !strings.HasPrefix(key, removalKey) {
+			return invalidRecord(rf, key, errors.New("it is neither a claim nor a removal"))
+		}
 	}
 	spares, err := s.sparesByID()
 	if err != nil {
@@ -268,6 +274,9 @@ func (s *Store) recoverRecords(ctx context.Context) error {
 		if err := readRecord(rf, key, &rec); err != nil {
 			return err
 		}
+		if err := driver.ValidateName(rec.Name); err != nil {
+			return invalidRecord(rf, key, err)
+		}
 		if err := s.redoRemoval(id, rec, spares); err != nil {
 			return err
 		}
@@ -281,6 +290,12 @@ func (s *Store) recoverRecords(ctx context.Context) error {
 		var rec claimRecord
 		if err := readRecord(rf, key, &rec); err != nil {
 			return err
+		}
+		if err := driver.ValidateName(rec.Name); err != nil {
+			return invalidRecord(rf, key, err)
+		}
+		if _, err := strconv.ParseInt(rec.Created, 10, 64); err != nil {
+			return invalidRecord(rf, key, fmt.Errorf("creation time: %w", err))
 		}
 		if err := s.redoClaim(id, rec, spares); err != nil {
 			return err
@@ -300,9 +315,14 @@ func (s *Store) recoverRecords(ctx context.Context) error {
 func readRecord(rf *recordfile.File, key string, into any) error {
 	data, _ := rf.Get(key)
 	if err := json.Unmarshal(data, into); err != nil {
-		return fmt.Errorf("record %s in %s: %w", key, rf.Path(), err)
+		return invalidRecord(rf, key, err)
 	}
 	return nil
+}
+
+// invalidRecord stops the start: a record this code did not write may be one it cannot carry out.
+func invalidRecord(rf *recordfile.File, key string, why error) error {
+	return fmt.Errorf("record %q in %s is invalid (%v); stop zgolden and check the volume it names: the file only matters after a host crash, for claims and removals that had answered Docker, and can be moved away once that is checked", key, rf.Path(), why)
 }
 
 // sparesByID maps the file ID of each spare image in STORE/spares to its path.

@@ -139,8 +139,10 @@ func TestRecordsAreTheTruthAfterACrash(t *testing.T) {
 	if keys := recordKeys(t, e); len(keys) > 0 {
 		t.Errorf("records left after the start: %v", keys)
 	}
-	if entries := e.storeEntries(t, "volumes"); slices.ContainsFunc(entries, func(n string) bool { return strings.HasPrefix(n, ".tmp-") }) {
-		t.Errorf("temporary images left after the start: %v", entries)
+	for _, dir := range []string{"volumes", "spares"} {
+		if entries := e.storeEntries(t, dir); slices.ContainsFunc(entries, func(n string) bool { return strings.HasPrefix(n, ".tmp-") }) {
+			t.Errorf("temporary images left in %s after the start: %v", dir, entries)
+		}
 	}
 	// The claimed spare is a whole volume: it mounts, and a new a starts empty.
 	e.mount(t, "b", "c")
@@ -155,5 +157,55 @@ func TestRecordsAreTheTruthAfterACrash(t *testing.T) {
 		e.remove(t, v)
 	}
 	waitNoRecords(t, e)
+	e.finish(t)
+}
+
+// TestInvalidRecordsStopTheStart: a record the store cannot have written stops the start with an
+// error naming it and its file, rather than be carried out or dropped.
+func TestInvalidRecordsStopTheStart(t *testing.T) {
+	base := newBase(t)
+	e := newEnv(t, base, filepath.Join(base, "zg"), nil)
+	reflinkstore.StopSpareWorker(e.store)
+	put := func(key, val string, del bool) {
+		t.Helper()
+		rf, err := recordfile.Open(reflinkstore.RecordFile(e.root))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rf.Close()
+		if del {
+			err = rf.Delete(key)
+		} else {
+			err = rf.Put(key, []byte(val))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, c := range map[string]struct{ key, val, want string }{
+		"not JSON":             {"claim/1.2.3", `{"name":`, "unexpected end"},
+		"a bad name":           {"removal/1.2.3", `{"name":"../x"}`, "invalid"},
+		"a bad time":           {"claim/1.2.3", `{"name":"v","created":"soon"}`, "creation time"},
+		"an unknown kind":      {"other/1.2.3", `{}`, "neither a claim nor a removal"},
+		"a claim with no name": {"claim/1.2.3", `{"created":"1"}`, "invalid"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			put(c.key, c.val, false)
+			defer put(c.key, "", true)
+			cfg := e.cfg
+			cfg.Log = testLog(t)
+			s, err := reflinkstore.New(testCtx(t), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.stale = append(e.stale, s)
+			_, err = s.Load(testCtx(t))
+			reflinkstore.StopSpareWorker(s)
+			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), c.key) || !strings.Contains(err.Error(), reflinkstore.RecordFile(e.root)) {
+				t.Fatalf("Load with the record %s = %s: %v; want an error naming the record, its file, and %q", c.key, c.val, err, c.want)
+			}
+		})
+	}
+	e.open(t)
 	e.finish(t)
 }

@@ -362,7 +362,7 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 	s.spares.Unlock()
 	defer s.kickSpares()
 
-	id, err = fileID(sp.path)
+	spareID, err := fileID(sp.path)
 	if err != nil {
 		s.retireSpare(sp, "it could not be read")
 		return false, nil
@@ -388,7 +388,7 @@ func (s *Store) claimSpare(spec driver.Spec, g *driver.Generation, img string, l
 	// background. Without the record, the sync of the volumes directory makes it durable: the
 	// rename moved the entry from STORE/spares in the same transaction.
 	t1 := time.Now()
-	key := claimKey + id
+	key := claimKey + spareID
 	if err := s.putRecord(key, claimRecord{Name: spec.Name, Created: created}); err != nil {
 		log.WithError(err).Warn("could not record the claim; syncing the volumes directory instead")
 		if err := xfsutil.SyncDir(s.volumesDir()); err != nil {

@@ -25,7 +25,7 @@ import (
 func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 	if s.recs.done == nil {
 		// Once, before the directories are read: after a crash the records are the truth.
-		if err := s.recoverRecords(ctx); err != nil {
+		if err := s.recoverRecords(); err != nil {
 			return nil, err
 		}
 		s.startSyncer()
