@@ -72,7 +72,6 @@ type recordSet struct {
 
 	mu      sync.Mutex
 	pending []settled
-	claims  int  // claim records written and not yet deleted, for status
 	running bool // the syncer takes what settles
 	killed  bool // abandoned as by kill -9 (tests): nothing more is written
 
@@ -114,15 +113,7 @@ func (s *Store) putRecord(key string, rec any) error {
 	if err != nil {
 		return err
 	}
-	if err := rf.PutJSON(key, rec); err != nil {
-		return err
-	}
-	if strings.HasPrefix(key, claimKey) {
-		s.recs.mu.Lock()
-		s.recs.claims++
-		s.recs.mu.Unlock()
-	}
-	return nil
+	return rf.PutJSON(key, rec)
 }
 
 // settle queues key for deletion after the next directory sync and wakes the syncer. The channel
@@ -144,11 +135,19 @@ func (s *Store) settle(key, point string) <-chan struct{} {
 	return handled
 }
 
-// claimsPending counts the claims whose rename is not yet known to be on disk.
+// claimsPending counts the claims whose rename is not yet known to be on disk: their records.
 func (s *Store) claimsPending() int {
-	s.recs.mu.Lock()
-	defer s.recs.mu.Unlock()
-	return s.recs.claims
+	rf, err := s.recordFile()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, k := range rf.Keys() {
+		if strings.HasPrefix(k, claimKey) {
+			n++
+		}
+	}
+	return n
 }
 
 // startSyncer starts the goroutine that makes settled records' renames durable and deletes them.
@@ -219,12 +218,6 @@ func (s *Store) syncSettled() {
 	for _, b := range batch {
 		if err := rf.Delete(b.key); err != nil {
 			s.log.WithError(err).WithField("record", b.key).Warn("could not delete a settled record; the next start does")
-			continue
-		}
-		if strings.HasPrefix(b.key, claimKey) {
-			s.recs.mu.Lock()
-			s.recs.claims--
-			s.recs.mu.Unlock()
 		}
 	}
 }
