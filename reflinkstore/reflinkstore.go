@@ -499,13 +499,12 @@ func (s *Store) createStoreFile(ctx context.Context) error {
 	return xfsutil.SyncDir(s.cfg.Root)
 }
 
-// Close does what Stop does and unmounts the store file when the store uses one and nothing in
-// it is attached, and
+// Close does what Stop does (its wait for the removals under way is bounded by ctx, as Stop's
+// is), unmounts the store file when the store uses one and nothing in it is attached, and
 // releases the root's lock. The plugin need not call it: a restarted store finds the file mounted
 // and carries on. Tests and uninstallers call it so that nothing stays mounted. The store must not
 // be used afterwards.
 func (s *Store) Close(ctx context.Context) error {
-	s.unlinking.Wait()
 	if err := s.Stop(ctx); err != nil {
 		return err
 	}

@@ -38,7 +38,8 @@ import (
 //	ZGOLDEN_BENCH_CASES=...         subset of create,remove,wa,concurrency,scale,workspace,load,transfer
 //	ZGOLDEN_BENCH_LOAD_WRITERS=4    session volumes writing during the load case
 //	ZGOLDEN_BENCH_LOAD_REPS=5       samples per method and phase in the load case (guest: 3)
-//	ZGOLDEN_BENCH_SPARES=N          run the plugin with --spares N (ZFS warm spares)
+//	ZGOLDEN_BENCH_SPARES=N          run the plugin with --spares N (warm spares; default 0, the
+//	                                Create that clones, not the plugin's default)
 //	ZGOLDEN_BENCH_SCALE=500         volumes in the scale case
 //	ZGOLDEN_BENCH_REMOVE=0,100M,1G  bytes written into a volume before its Remove is timed
 //	ZGOLDEN_BENCH_DIR=DIR           work directory (default /var/tmp/zgolden-bench-ID)

@@ -730,7 +730,7 @@ func (e *env) withSpares(t *testing.T) {
 	}
 }
 
-// withoutSpares restarts the plugin without --spares, and waits for its worker to retire the
+// withoutSpares restarts the plugin with the suite's --spares 0, and waits for its worker to retire the
 // spares, so the backend holds what it held before the scenario.
 func (e *env) withoutSpares(t *testing.T) {
 	t.Helper()

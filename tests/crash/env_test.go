@@ -45,9 +45,12 @@ func startEnv(t *testing.T) *env {
 	t.Helper()
 	harness.Docker(t)
 	e := &env{id: harness.ID(), bin: harness.Binary(t)}
+	// Without spares, whatever the default: most scenarios crash a Create inside its clone or
+	// reflink, which a Create that claims a spare never reaches. The spare variants turn them
+	// on for their own scenario (withSpares: a later --spares wins).
 	if os.Getenv("ZGOLDEN_TEST_ZPOOL") != "" {
 		e.backend, e.parent = "zfs", harness.ZFSParent(t)
-		e.p = harness.StartPlugin(t, pluginName, "--backend", "zfs", "--parent", e.parent, "--default-size", "1G")
+		e.p = harness.StartPlugin(t, pluginName, "--backend", "zfs", "--parent", e.parent, "--default-size", "1G", "--spares", "0")
 	} else {
 		e.backend = "reflink"
 		root, err := filepath.EvalSymlinks(t.TempDir())
@@ -58,7 +61,7 @@ func startEnv(t *testing.T) *env {
 		// The store file stays mounted when the plugin stops; unmount it after the plugin has
 		// stopped, which cleanups registered earlier do.
 		t.Cleanup(func() { harness.UnmountReflinkStore(t, e.root) })
-		e.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", e.root, "--store-size", "8G", "--default-size", "1G")
+		e.p = harness.StartPlugin(t, pluginName, "--backend", "reflink", "--root", e.root, "--store-size", "8G", "--default-size", "1G", "--spares", "0")
 	}
 	e.stateDir = filepath.Dir(e.p.AdminSocket)
 	return e

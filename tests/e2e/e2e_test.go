@@ -46,7 +46,8 @@ func startBackendEnv(t *testing.T, env []string, extra ...string) *backend {
 		b.p = harness.StartPluginEnv(t, pluginName, env, b.args...)
 		b.leaks = func(t *testing.T) []string {
 			var out []string
-			for _, ds := range harness.ZFSInventory(t, parent) {
+			// Spares are the worker's, there while their golden is (harness.WithoutSpares).
+			for _, ds := range harness.WithoutSpares(harness.ZFSInventory(t, parent), parent) {
 				if ds != parent+"/vol" && ds != parent+"/golden" {
 					out = append(out, ds)
 				}

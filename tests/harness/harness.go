@@ -239,8 +239,9 @@ const DefaultRecordDir = "/var/lib/zgolden/zfs-records"
 // A removed volume waits until the plugin's worker destroys it: in PARENT/trash (zfsstore's
 // trash.go), or in place with a removal record under the record directory (removal.go; the
 // record directories are recordDirs, DefaultRecordDir when none are given). So the inventory
-// first waits, up to a minute, for the trash to empty and the removal records to go: what is still
-// there after that is listed, as the leak it then is. The trash and spare containers are not.
+// first waits, up to a minute, for the trash to empty and the removal and claim records to go:
+// what is still there after that is listed, as the leak it then is. The trash and spare
+// containers are not; the spares are (WithoutSpares).
 func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 	t.Helper()
 	if len(recordDirs) == 0 {
@@ -250,13 +251,15 @@ func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
 		// The records first, then the listing: a record is deleted only after its destroy, so
 		// none before the listing means the listing shows no recorded removal's dataset.
+		// A claim record goes once its spare is renamed to PARENT/vol/NAME (zfsstore's
+		// spares.go), so none left means every claimed volume is under its own name.
 		pending := false
 		for _, dir := range recordDirs {
 			// zfsstore.RecordFile's path; zfsstore's own tests use this package, so it cannot
 			// be imported here.
 			keys, _ := recordfile.ReadKeys(filepath.Join(dir, strings.ReplaceAll(parent, "/", "%"), "records"))
 			for _, k := range keys {
-				pending = pending || strings.HasPrefix(k, "removal/")
+				pending = pending || strings.HasPrefix(k, "removal/") || strings.HasPrefix(k, "claim/")
 			}
 		}
 		out := Run(t, "zfs", "list", "-H", "-r", "-t", "all", "-o", "name", "-s", "name", parent)
@@ -271,6 +274,37 @@ func ZFSInventory(t testing.TB, parent string, recordDirs ...string) []string {
 			return names
 		}
 	}
+}
+
+// WithoutSpares returns inv, an inventory (ZFSInventory of parent, or ReflinkInventory of the
+// store directory), without the warm spares (--spares) and their loop devices. The spare worker
+// makes and retires spares on its own, after an import, a promotion or a Create that claimed one,
+// so a suite that compares inventories across its own requests compares the rest, and checks the
+// spares apart (SparesGone). where is the parent dataset or the store directory.
+func WithoutSpares(inv []string, where string) []string {
+	return slices.DeleteFunc(slices.Clone(inv), func(e string) bool { return isSpare(e, where) })
+}
+
+func isSpare(e, where string) bool {
+	if !strings.HasPrefix(where, "/") { // a ZFS parent: PARENT/spare/ID
+		return strings.HasPrefix(e, where+"/spare/")
+	}
+	return strings.HasPrefix(e, "spares/") || strings.HasPrefix(e, "loop:"+where+"/spares/")
+}
+
+// SparesGone waits, up to two minutes, until inventory (of parent or store directory where)
+// lists no spare, for a suite that removed every golden: the worker retires the spares of a
+// project that is gone, and one still there after the wait is a leak.
+func SparesGone(t testing.TB, where string, inventory func() []string) {
+	t.Helper()
+	var left []string
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		left = slices.DeleteFunc(inventory(), func(e string) bool { return !isSpare(e, where) })
+		if len(left) == 0 {
+			return
+		}
+	}
+	t.Errorf("every golden is removed, and after two minutes spares are left: %v", left)
 }
 
 // ReflinkInventory lists what the reflink store in directory store holds: its files and

@@ -200,14 +200,17 @@ func (e *env) stillServing(t *testing.T, after string) {
 
 // --- what the backend holds, and what lies outside it ----------------------------------------
 
-// inventory lists everything the backend holds: datasets and snapshots under the parent, or the
-// store's files and directories and the loop devices attached to them.
+// inventory lists everything the backend holds but its warm spares: datasets and snapshots under
+// the parent, or the store's files and directories and the loop devices attached to them. The
+// spare worker makes and retires spares on its own (harness.WithoutSpares); a hostile request
+// that reached one would change what the Creates of the suite get, which they check.
 func (e *env) inventory(t *testing.T) []string {
 	t.Helper()
 	if e.backend == "zfs" {
-		return harness.ZFSInventory(t, e.parent)
+		return harness.WithoutSpares(harness.ZFSInventory(t, e.parent), e.parent)
 	}
-	return harness.ReflinkInventory(t, filepath.Join(e.root, "store"))
+	store := filepath.Join(e.root, "store")
+	return harness.WithoutSpares(harness.ReflinkInventory(t, store), store)
 }
 
 // plantCanaries puts things next to the parent dataset or store root that zgolden must never

@@ -211,12 +211,19 @@ func TestHostileVolumeRequests(t *testing.T) {
 			t.Errorf("Create %q (an ordinary name that matches an internal one): %v", name, err)
 			continue
 		}
-		want := e.parent + "/vol/" + name
+		want := []string{e.parent + "/vol/" + name}
 		if e.backend == "reflink" {
-			want = "volumes/" + name + ".img"
+			want = []string{"volumes/" + name + ".img"}
 		}
-		if added := minus(e.inventory(t), before); !slices.Equal(added, []string{want}) {
-			t.Errorf("Create %q added %v; want only %s", name, added, want)
+		added := minus(e.inventory(t), before)
+		if e.backend == "reflink" && len(added) == 2 {
+			// A claimed spare's XFS stays mounted at its kept mount (reflinkstore/spares.go):
+			// its loop device is the volume's own.
+			want = append(want, "loop:"+filepath.Join(e.root, "store", want[0]))
+			slices.Sort(want)
+		}
+		if !slices.Equal(added, want) {
+			t.Errorf("Create %q added %v; want only %v", name, added, want)
 		}
 		if gs := e.goldens(t); len(gs) != 1 || gs[0].Project != base || len(gs[0].Generations) != 1 {
 			t.Errorf("Create %q changed the goldens: %+v", name, gs)

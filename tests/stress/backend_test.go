@@ -110,14 +110,30 @@ func (b *backend) pluginArgs() []string {
 	return []string{"--backend", "reflink", "--root", b.root, "--store-size", "8G", "--default-size", "1G"}
 }
 
-// inventory lists every object the backend holds: datasets and snapshots under the parent, or
-// image files and directories in the store plus the loop devices attached to them.
+// inventory lists every object the backend holds but its warm spares: datasets and snapshots
+// under the parent, or image files and directories in the store plus the loop devices attached to
+// them. The spare worker makes and retires spares on its own (harness.WithoutSpares); finish
+// checks that none is left once every golden is gone.
 func (b *backend) inventory(t *testing.T) []string {
+	t.Helper()
+	return harness.WithoutSpares(b.inventoryAll(t), b.where())
+}
+
+// inventoryAll is inventory with the spares.
+func (b *backend) inventoryAll(t *testing.T) []string {
 	t.Helper()
 	if b.kind == "zfs" {
 		return harness.ZFSInventory(t, b.parent)
 	}
 	return harness.ReflinkInventory(t, filepath.Join(b.root, "store"), "volumes", "goldens")
+}
+
+// where is the parent dataset or the store directory, as harness.WithoutSpares takes it.
+func (b *backend) where() string {
+	if b.kind == "zfs" {
+		return b.parent
+	}
+	return filepath.Join(b.root, "store")
 }
 
 // vol is one volume as a client reports it.

@@ -441,6 +441,7 @@ func finish(t *testing.T, c client, b *backend, mountRoot string, workers []*wor
 	if after := b.inventory(t); !slices.Equal(after, baseline) {
 		t.Errorf("after removing everything the backend holds %v; it held %v before the workload", after, baseline)
 	}
+	harness.SparesGone(t, b.where(), func() []string { return b.inventoryAll(t) })
 	if ms, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(mountRoot)); len(ms) > 0 {
 		t.Errorf("still mounted after removing everything: %d mounts under %s", len(ms), mountRoot)
 	}
