@@ -10,6 +10,10 @@ func StopSpareWorker(s *Store) {
 	s.abandonRecords()
 }
 
+// StopSpares stops s's spare worker alone, leaving its spares as they are until a new store
+// opens on the root.
+func StopSpares(s *Store) { s.stopSpares() }
+
 // FileID is fileID, for tests that write records as a crash would have left them.
 func FileID(path string) (string, error) { return fileID(path) }
 

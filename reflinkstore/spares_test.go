@@ -133,14 +133,21 @@ func TestSparesAreClaimed(t *testing.T) {
 	}
 
 	// A golden removed and made again under the same name and number: its spares of the old
-	// generation 1 must not be claimed for the new one (which is v, with its file).
+	// generation 1 must not be claimed for the new one (which is v, with its file). The worker
+	// is stopped first, so the old spares are still ready when x is created, as they are between
+	// a golden rm and the worker's next pass; without that they would be retired before the
+	// claim, and the check of the generation's identity never reached.
 	e.importTree(t, "q")
-	waitSpares(t, e, "q", 2)
+	oldQ := waitSpares(t, e, "q", 2)
+	reflinkstore.StopSpares(e.store)
 	if err := e.d.RemoveGolden(testCtx(t), "q", false); err != nil {
 		t.Fatal(err)
 	}
 	if g, err := e.d.Promote(testCtx(t), "v", "q"); err != nil || g.Number != 1 {
 		t.Fatalf("Promote(v, q) = %+v, %v; want generation 1", g, err)
+	}
+	if st, err := e.store.Status(testCtx(t)); err != nil || st.SparesReady["q"] != 2 {
+		t.Fatalf("with the worker stopped, the removed q's spares are not ready for the claim to refuse: %+v, %v", st, err)
 	}
 	e.create(t, "x", map[string]string{"golden": "q"})
 	xmp := e.mount(t, "x", "c")
@@ -148,6 +155,15 @@ func TestSparesAreClaimed(t *testing.T) {
 		t.Fatalf("x, of the new generation 1 of q, lacks v's file (a spare of the removed q?): %v", err)
 	}
 	e.unmount(t, "x", "c")
+	for _, name := range oldQ {
+		if _, err := os.Stat(filepath.Join(e.root, "store", "spares", name)); err != nil {
+			t.Fatalf("the removed q's spare %s was taken: %v", name, err)
+		}
+	}
+	e.open(t) // a restart, whose worker retires the old spares and makes the new q's
+	if w := waitSpares(t, e, "q", 2); len(intersect(w, oldQ)) != 0 {
+		t.Fatalf("after a restart the removed q's spares %v are still ready", intersect(w, oldQ))
+	}
 	for _, v := range []string{"v", "w", "x"} {
 		e.remove(t, v)
 	}
