@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -142,6 +143,34 @@ func (b *backend) importGolden(t *testing.T, project string) {
 	}
 }
 
+// waitSpares waits, up to three minutes, until zgolden status shows n spares ready for project.
+func (b *backend) waitSpares(t *testing.T, project string, n int) {
+	t.Helper()
+	var last string
+	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		out, err := b.p.Admin(t, "status", "--json")
+		var st struct {
+			SparesReady map[string]int `json:"spares_ready"`
+		}
+		if err == nil && json.Unmarshal([]byte(out), &st) == nil && st.SparesReady[project] == n {
+			return
+		}
+		last = fmt.Sprintf("%v: %s", err, out)
+	}
+	t.Fatalf("%s never had %d spares ready: %s", project, n, last)
+}
+
+// claimed reports whether the plugin's log says volume's Create claimed a spare.
+func claimed(logs, volume string) bool {
+	field := regexp.MustCompile(` volume=` + regexp.QuoteMeta(volume) + `( |$)`)
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, `msg="claimed a spare"`) && field.MatchString(l) {
+			return true
+		}
+	}
+	return false
+}
+
 type inspect struct {
 	Name       string
 	Driver     string
@@ -164,8 +193,16 @@ func (b *backend) inspect(t *testing.T, name string) inspect {
 func TestGoldenClonesThroughDocker(t *testing.T) {
 	b := startBackend(t)
 	b.importGolden(t, "prj_x")
+	// The plugin runs with its defaults, so the golden gets its warm spares (--spares 2), and
+	// both Creates claim one: this suite tests what an install runs.
+	b.waitSpares(t, "prj_x", 2)
 	b.volume(t, "zg-a", "golden=prj_x")
 	b.volume(t, "zg-b", "golden=prj_x")
+	for _, v := range []string{"zg-a", "zg-b"} {
+		if !claimed(b.p.Logs(), b.n(v)) {
+			t.Errorf("docker volume create %s did not claim a spare; the plugin's log:\n%s", v, b.p.Logs())
+		}
+	}
 
 	b.container(t, "zg-ca", "-v", "zg-a:/data", harness.BusyboxImage(), "sleep", "600")
 	b.container(t, "zg-cb", "-v", "zg-b:/data", harness.BusyboxImage(), "sleep", "600")
