@@ -730,8 +730,8 @@ func (e *env) withSpares(t *testing.T) {
 	}
 }
 
-// withoutSpares restarts the plugin with the suite's --spares 0, and waits for its worker to retire the
-// spares, so the backend holds what it held before the scenario.
+// withoutSpares restarts the plugin with the suite's --spares 0, and waits for its worker to
+// retire the spares, so the backend holds what it held before the scenario.
 func (e *env) withoutSpares(t *testing.T) {
 	t.Helper()
 	e.p.Extra()
