@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/driver/drivertest"
 	"github.com/zgolden/zgolden/tests/harness"
 )
@@ -149,9 +150,7 @@ func (b *backend) waitSpares(t *testing.T, project string, n int) {
 	var last string
 	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		out, err := b.p.Admin(t, "status", "--json")
-		var st struct {
-			SparesReady map[string]int `json:"spares_ready"`
-		}
+		var st driver.Status
 		if err == nil && json.Unmarshal([]byte(out), &st) == nil && st.SparesReady[project] == n {
 			return
 		}
