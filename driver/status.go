@@ -43,6 +43,10 @@ type ZFSStatus struct {
 	DevicesHeld     int     `json:"devices_held"` // zvols held open from Unmount to Remove
 	CleanupsPending int     `json:"cleanups_pending"`
 	CloneSyncTasks  int     `json:"clone_sync_tasks"` // sync tasks a Create's clone costs: 1 or 2
+	// Spares the worker is making now, and the Creates waiting for one of them rather than
+	// cloning (zfsstore/spares.go).
+	SparesMaking   int `json:"spares_making"`
+	CreatesWaiting int `json:"creates_waiting"`
 	// How long the pool took to sync its last transaction group, and the longest of its last
 	// ten; nil when the kernel's txgs kstat cannot be read.
 	TxgSyncLastSeconds  *float64 `json:"txg_sync_last_seconds,omitempty"`

@@ -181,6 +181,8 @@ func statusLines(st driver.Status) [][2]string {
 			add("txg_sync_last_seconds", *z.TxgSyncLastSeconds)
 			add("txg_sync_max10_seconds", *z.TxgSyncMax10Seconds)
 		}
+		add("spares_making", z.SparesMaking)
+		add("creates_waiting", z.CreatesWaiting)
 		add("devices_held", z.DevicesHeld)
 		add("cleanups_pending", z.CleanupsPending)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -26,6 +27,15 @@ import (
 // creation time and renames the spare to PARENT/vol/NAME in the background; a mounted zvol can be
 // renamed, its device keeps its number.
 //
+// On a busy pool every sync task waits a transaction group or two, and sync tasks that wait
+// together share them: ten clones issued at once take about as long as one. So the worker makes
+// a project's missing spares side by side (up to spareParallel at a time), and finishes claims
+// beside them, rather than one after another. And a Create that finds no spare ready, while the
+// worker is making one of its generation that no other Create waits for, waits for that one
+// (bounded by its deadline) instead of starting a clone of its own: that clone started earlier,
+// so it is ready no later, and the pool has one clone less to do. A Create that finds every spare
+// being made already awaited clones, as its own clone then shares the transaction groups.
+//
 // The truth, and when each part of it wins:
 //   - A spare is a dataset under PARENT/spare with zgolden:state=ready and its project and
 //     generation in zgolden:golden and zgolden:generation. Without state=ready it is a clone the
@@ -38,18 +48,22 @@ import (
 //   - A Create returns only after its record is durable. A host crash before that means the
 //     Create never returned (a torn record is no record), and the spare is still a spare.
 //
-// Locks: spares.mu guards the maps only and is never held across a zfs command or I/O. A claim's
-// mu is held by the finisher for its rename and by Promote of that volume, so it never sees the
-// volume under a name that is changing; a Remove takes it only when no rename is under way, and
-// otherwise records the removal beside the rename (removal.go, removeDuring), because the rename
-// can last transaction groups on a busy pool and Docker gives a Remove a minute. Mount and Usage
-// do not take it (Mount uses the device, which a rename does not change). make is held by the worker for a whole pass and
-// by RemoveGeneration and RemoveGolden from retiring the spares until the destroy is done, so no
+// Locks: spares.mu guards the maps and the spares being made, and is never held across a zfs
+// command or I/O (the worker hands a spare to a waiting Create under it, on a channel that cannot
+// block). A claim's mu is held by the finisher for its rename and by Promote of that volume, so it
+// never sees the volume under a name that is changing; a Remove takes it only when no rename is
+// under way, and otherwise records the removal beside the rename (removal.go, removeDuring),
+// because the rename can last transaction groups on a busy pool and Docker gives a Remove a
+// minute. Mount and Usage do not take it (Mount uses the device, which a rename does not change).
+// make is held by the worker for a whole pass and by RemoveGeneration and RemoveGolden from
+// retiring the spares until the destroy is done, so no
 // spare of a generation being destroyed is made behind their back.
 type spareSet struct {
 	mu     sync.Mutex
 	ready  map[string][]spare // project -> spares not claimed
 	claims map[string]*claim  // volume name -> its claim, until the rename is done
+	making []*making          // spares the worker is making now
+	lastID int64              // the last spare's name, as a number (spareName)
 	wake   chan struct{}
 	make   sync.Mutex
 	start  sync.Once // the worker starts at the end of the first Load
@@ -77,6 +91,20 @@ type spare struct {
 	gen int
 	dev string // its /dev/zdN, when known
 }
+
+// making is a spare the worker is making. waiter is nil until a Create waits for it (awaitSpare);
+// the worker then hands the spare over on it instead of putting it with the ready ones, or closes
+// it if the spare could not be made. Both fields are guarded by spares.mu, and the worker sends
+// under it, so a waiter that gives up under spares.mu knows for sure whether it was handed one.
+type making struct {
+	project string
+	gen     int
+	waiter  chan spare
+}
+
+// spareParallel bounds the spares made at once: they share transaction groups, but each is a zfs
+// process, a device for udev and an XFS mount.
+const spareParallel = 4
 
 // claimRecord is the durable claim, the record claim/NAME (records.go).
 type claimRecord struct {
@@ -162,7 +190,7 @@ func (s *Store) putSpare(project string, sp spare) {
 
 // claimSpare gives volume spec.Name a ready spare of gen, if there is one: the Create's whole cost
 // is the record's write and fsyncs. ok is false when there was none (or the record could not be
-// written), and the caller clones as usual.
+// written), and the caller waits for one being made (awaitable) or clones.
 func (s *Store) claimSpare(spec driver.Spec, gen *driver.Generation, size uint64, log *logrus.Entry) (driver.Volume, bool) {
 	if s.cfg.Spares <= 0 || s.cfg.RecordDir == "" {
 		return driver.Volume{}, false
@@ -172,13 +200,19 @@ func (s *Store) claimSpare(spec driver.Spec, gen *driver.Generation, size uint64
 		s.kickSpares()
 		return driver.Volume{}, false
 	}
+	return s.claimWith(spec, *sp, size, log)
+}
+
+// claimWith records sp as volume spec.Name's. When the record cannot be written, sp goes back to
+// the ready spares and ok is false.
+func (s *Store) claimWith(spec driver.Spec, sp spare, size uint64, log *logrus.Entry) (driver.Volume, bool) {
 	now := time.Now().UTC()
-	rec := claimRecord{Name: spec.Name, Dataset: sp.ds, Golden: spec.Golden, Generation: gen.Number, Created: now.Unix(), Size: size}
+	rec := claimRecord{Name: spec.Name, Dataset: sp.ds, Golden: spec.Golden, Generation: sp.gen, Created: now.Unix(), Size: size}
 	err := s.writeRecord(rec)
 	recordTook := time.Since(now)
 	if err != nil {
 		log.WithError(err).Warn("could not record a spare's claim; cloning instead")
-		s.putSpare(spec.Golden, *sp)
+		s.putSpare(spec.Golden, sp)
 		return driver.Volume{}, false
 	}
 	c := &claim{claimRecord: rec, dev: sp.dev}
@@ -189,6 +223,61 @@ func (s *Store) claimSpare(spec driver.Spec, gen *driver.Generation, size uint64
 	s.kickSpares()
 	log.WithFields(logrus.Fields{"spare": sp.ds, "record_took": recordTook.Round(time.Microsecond).String()}).Debug("claimed a spare")
 	return c.volume(), true
+}
+
+// awaitable returns a spare of project's generation gen that the worker is making and no Create
+// waits for yet, marking it as awaited; nil when there is none.
+func (s *Store) awaitable(project string, gen int) *making {
+	if s.cfg.Spares <= 0 || s.cfg.RecordDir == "" {
+		return nil
+	}
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	for _, m := range s.spares.making {
+		if m.project == project && m.gen == gen && m.waiter == nil {
+			m.waiter = make(chan spare, 1)
+			return m
+		}
+	}
+	return nil
+}
+
+// awaitSpare waits for m (from awaitable) and claims it for spec.Name. ok is false, with a nil
+// error, when the worker could not make it (or its claim could not be recorded): the caller then
+// clones. A ctx done first is an error, and m, once made, goes to the ready spares.
+func (s *Store) awaitSpare(ctx context.Context, m *making, spec driver.Spec, size uint64, log *logrus.Entry) (v driver.Volume, ok bool, err error) {
+	// Creates waiting for a spare are Creates waiting on the pool: the trash worker yields.
+	s.cloning.Add(1)
+	defer s.cloning.Add(-1)
+	start := time.Now()
+	ch := m.waiter // set by awaitable for this Create; only its timeout below clears it
+	var sp spare
+	var made bool
+	select {
+	case sp, made = <-ch:
+	case <-ctx.Done():
+		s.spares.mu.Lock()
+		select {
+		case sp, made = <-ch: // handed over just now
+		default:
+			m.waiter = nil // the worker puts it with the ready spares
+		}
+		s.spares.mu.Unlock()
+		if !made {
+			return driver.Volume{}, false, fmt.Errorf("waited %s for a spare of %s generation %d being made: %w",
+				time.Since(start).Round(time.Millisecond), spec.Golden, m.gen, ctx.Err())
+		}
+	}
+	if !made {
+		log.Info("the spare this Create waited for could not be made; cloning instead")
+		return driver.Volume{}, false, nil
+	}
+	log.WithFields(logrus.Fields{"spare": sp.ds, "waited": time.Since(start).Round(time.Millisecond).String()}).Debug("waited for a spare being made")
+	// Handed over, not yet recorded: a crash here leaves a ready spare, and a Create that never
+	// returned.
+	s.cfg.Faults.Hit("create:after-wait")
+	v, ok = s.claimWith(spec, sp, size, log)
+	return v, ok, nil
 }
 
 func (c *claim) volume() driver.Volume {
@@ -366,13 +455,17 @@ func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
 	pickTick := time.NewTicker(pickMaxAge / 2)
 	defer pickTick.Stop()
 	for {
-		s.finishAll(ctx)
+		// Claims are finished beside the stocking, not before it: a Create needs the spares now,
+		// the renames only tidy up, and both kinds of sync task share the transaction groups.
+		var finishing sync.WaitGroup
+		finishing.Go(func() { s.finishAll(ctx) })
 		// With Spares 0 the pass only retires spares an earlier run made.
 		if s.cfg.Spares > 0 || s.sparesTotal() > 0 {
 			if err := s.stockSpares(ctx); err != nil && ctx.Err() == nil {
 				s.log.WithError(err).Warn("could not make spare volumes; retrying")
 			}
 		}
+		finishing.Wait()
 		for waiting := true; waiting; {
 			select {
 			case <-ctx.Done():
@@ -407,11 +500,26 @@ func (s *Store) finishAll(ctx context.Context) {
 		claims = append(claims, c)
 	}
 	s.spares.mu.Unlock()
-	for _, c := range claims {
+	parallel(len(claims), func(i int) {
+		c := claims[i]
 		if err := s.finishClaim(ctx, c.Name); err != nil && ctx.Err() == nil {
 			s.log.WithError(err).WithFields(logrus.Fields{"volume": c.Name, "dataset": c.Dataset}).Warn("could not rename a claimed spare yet; retrying")
 		}
+	})
+}
+
+// parallel runs fn(0) ... fn(n-1), spareParallel at a time, and returns when all have.
+func parallel(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	slots := make(chan struct{}, spareParallel)
+	for i := range n {
+		slots <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			fn(i)
+		})
 	}
+	wg.Wait()
 }
 
 // stockSpares makes each block project's spares of its newest generation, and retires spares of
@@ -461,15 +569,29 @@ func (s *Store) stockSpares(ctx context.Context) error {
 		names = append(names, name)
 	}
 	sort.Strings(names)
-	for _, name := range names {
-		for s.spareCount(name) < s.cfg.Spares {
-			if err := s.makeSpare(ctx, name, newest[name]); err != nil {
-				return fmt.Errorf("spare of %s generation %d: %w", name, newest[name].Number, err)
+	// Rounds until every project is stocked: Creates may claim spares while a round runs.
+	for ctx.Err() == nil {
+		var todo []string
+		for _, name := range names {
+			for i := s.spareCount(name); i < s.cfg.Spares; i++ {
+				todo = append(todo, name)
 			}
+		}
+		if len(todo) == 0 {
+			break
+		}
+		errs := make([]error, len(todo))
+		parallel(len(todo), func(i int) {
+			if err := s.makeSpare(ctx, todo[i], newest[todo[i]]); err != nil {
+				errs[i] = fmt.Errorf("spare of %s generation %d: %w", todo[i], newest[todo[i]].Number, err)
+			}
+		})
+		if err := errors.Join(errs...); err != nil {
+			return err
 		}
 	}
 	s.premountReady(ctx)
-	return nil
+	return ctx.Err()
 }
 
 // premountReady mounts ready spares that have no early mount (after a reboot, or one that
@@ -547,8 +669,38 @@ func (s *Store) spareCount(project string) int {
 	return len(s.spares.ready[project])
 }
 
+// spareName returns a new spare's dataset: the time, as a number unique in this process, since
+// spares are made side by side.
+func (s *Store) spareName() string {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	s.spares.lastID = max(time.Now().UnixNano(), s.spares.lastID+1)
+	return s.spareRoot() + "/" + strconv.FormatInt(s.spares.lastID, 36)
+}
+
+// makeSpare makes one spare of generation g and puts it with the ready ones, or hands it to the
+// Create that waits for it (awaitSpare).
 func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generation) error {
-	ds := s.spareRoot() + "/" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	ds := s.spareName()
+	m := &making{project: project, gen: g.Number}
+	var made *spare
+	s.spares.mu.Lock()
+	s.spares.making = append(s.spares.making, m)
+	s.spares.mu.Unlock()
+	defer func() {
+		s.spares.mu.Lock()
+		defer s.spares.mu.Unlock()
+		s.spares.making = slices.DeleteFunc(s.spares.making, func(x *making) bool { return x == m })
+		switch {
+		case m.waiter != nil && made != nil:
+			m.waiter <- *made
+		case m.waiter != nil:
+			close(m.waiter)
+		case made != nil:
+			s.spares.ready[project] = append(s.spares.ready[project], *made)
+		}
+	}()
+	s.cfg.Faults.Pause(ctx, "spare:making")
 	props := zfsutil.Props{
 		propKind: string(driver.KindBlock), propGolden: project, propGeneration: strconv.Itoa(g.Number),
 		propState: "ready", propCreated: strconv.FormatInt(time.Now().Unix(), 10),
@@ -568,7 +720,7 @@ func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generat
 		return err
 	}
 	s.premount(ctx, ds, dev)
-	s.putSpare(project, spare{ds: ds, gen: g.Number, dev: dev})
+	made = &spare{ds: ds, gen: g.Number, dev: dev}
 	log.Debug("made a spare volume")
 	return nil
 }
@@ -681,4 +833,20 @@ func (s *Store) claimsPending() int {
 	s.spares.mu.Lock()
 	defer s.spares.mu.Unlock()
 	return len(s.spares.claims)
+}
+
+// awaited counts the spares being made of project ("" for every project), and how many of them
+// a Create waits for.
+func (s *Store) awaited(project string) (making, waited int) {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	for _, m := range s.spares.making {
+		if project == "" || m.project == project {
+			making++
+			if m.waiter != nil {
+				waited++
+			}
+		}
+	}
+	return making, waited
 }

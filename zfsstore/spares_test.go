@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zgolden/zgolden/driver"
+	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/internal/recordfile"
 	"github.com/zgolden/zgolden/tests/harness"
 	"github.com/zgolden/zgolden/xfsutil"
@@ -474,4 +475,80 @@ func recordKeys(t *testing.T, s *Store, kind string) []string {
 		}
 	}
 	return out
+}
+
+// TestCreateWaitsForASpareBeingMade: a Create that finds no spare ready, while the worker makes
+// one of its generation (held in spare:making, as a busy pool holds its clone), waits for that
+// spare and claims it rather than cloning. One whose deadline comes first fails, saying it
+// waited, and leaves nothing: the spare goes to the ready ones. One whose spare cannot be made
+// (the worker stops) clones after all.
+func TestCreateWaitsForASpareBeingMade(t *testing.T) {
+	t.Setenv(fault.PauseEnvVar, "spare:making=6s")
+	parent, records := harness.ZFSParent(t), t.TempDir()
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30,
+		Log: logrus.NewEntry(l), Spares: 1, RecordDir: records, Faults: fault.FromEnv()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	importTiny(t, s, "prj", "golden")
+	ctx := context.Background()
+	if _, err := s.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a spare", func() bool { return s.sparesReady()["prj"] == 1 })
+	create := func(ctx context.Context, name string) (driver.Volume, error) {
+		return s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: "prj"})
+	}
+	isSpare := func(v driver.Volume) bool { return strings.HasPrefix(v.Source, parent+"/spare/") }
+	beingMade := func() bool { n, _ := s.awaited("prj"); return n == 1 }
+
+	a, err := create(ctx, "a")
+	if err != nil || !isSpare(a) {
+		t.Fatalf("a did not claim the ready spare: %+v, %v", a, err)
+	}
+	waitFor(t, "the next spare to be in the making", beingMade)
+	b, err := create(ctx, "b")
+	if err != nil || !isSpare(b) || b.Source == a.Source {
+		t.Fatalf("b, with a spare in the making, did not wait for it: %+v, %v", b, err)
+	}
+
+	waitFor(t, "the next spare to be in the making", beingMade)
+	short, cancel := context.WithTimeout(ctx, rollbackReserve+time.Second)
+	defer cancel()
+	_, err = create(short, "late")
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "for a spare of prj") {
+		t.Fatalf("a Create out of time while it waited: %v", err)
+	}
+	if ok, _ := s.zfs.Exists(ctx, parent+"/vol/late"); ok {
+		t.Fatal("the Create that ran out of time left its dataset")
+	}
+	waitFor(t, "the spare it gave up on to be ready", func() bool { return s.sparesReady()["prj"] == 1 })
+	c, err := create(ctx, "c")
+	if err != nil || !isSpare(c) {
+		t.Fatalf("c did not claim the spare the late Create left: %+v, %v", c, err)
+	}
+
+	waitFor(t, "the next spare to be in the making", beingMade)
+	type result struct {
+		v   driver.Volume
+		err error
+	}
+	got := make(chan result, 1)
+	go func() { v, err := create(ctx, "d"); got <- result{v, err} }()
+	waitFor(t, "d to wait for it", func() bool { _, w := s.awaited("prj"); return w == 1 })
+	if err := s.stopWorker(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d := <-got
+	if d.err != nil || d.v.Source != parent+"/vol/d" {
+		t.Fatalf("d, whose spare was never made, did not clone: %+v, %v", d.v, d.err)
+	}
+	for _, v := range []driver.Volume{a, b, c, d.v} {
+		if err := s.Remove(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

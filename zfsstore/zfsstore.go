@@ -511,6 +511,19 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if v, ok := s.claimSpare(spec, gen, genSize, log); ok {
 			return v, nil
 		}
+		if m := s.awaitable(spec.Golden, gen.Number); m != nil {
+			unlock() // a promotion must not wait behind this wait (see swap)
+			v, ok, err := s.awaitSpare(ctx, m, spec, genSize, log)
+			if ok || err != nil {
+				return v, err
+			}
+			// No spare after all: clone. gen may have been replaced or reclaimed meanwhile; a
+			// clone of a generation that is gone reads the golden again (pickCached).
+			s.swap.RLock()
+			var once sync.Once
+			unlock = func() { once.Do(s.swap.RUnlock) }
+			pickCached = true
+		}
 	}
 	s.cloning.Add(1)
 	defer s.cloning.Add(-1)
@@ -848,6 +861,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		DevicesHeld:     held.count(s.cfg.Parent),
 		CleanupsPending: s.tomb.count(), CloneSyncTasks: s.cloneSyncTasks(),
 	}
+	z.SparesMaking, z.CreatesWaiting = s.awaited("")
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
 		z.DDTEntries = &n
 	}

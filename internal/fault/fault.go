@@ -21,11 +21,12 @@ const EnvVar = "ZGOLDEN_FAULT"
 
 // PauseEnvVar holds the process at one pause point for a while, POINT=DURATION, so that a test
 // can reach a step that only a slow pool makes likely: a Remove while a claimed spare's rename is
-// under way (zfsstore/removal.go). It works with or without a fault point.
+// under way (claim:renaming, zfsstore/removal.go), or a Create while every spare is still being
+// made (spare:making, zfsstore/spares.go). It works with or without a fault point.
 const PauseEnvVar = "ZGOLDEN_FAULT_PAUSE"
 
 // Pauses lists every pause point.
-var Pauses = []string{"claim:renaming"}
+var Pauses = []string{"claim:renaming", "spare:making"}
 
 // Points lists every fault point, for tests that try them all. Keep it in step with the Hit calls.
 var Points = []string{
@@ -41,6 +42,7 @@ var Points = []string{
 	"create:after-device",
 	"create:after-format",
 	"create:after-claim",
+	"create:after-wait",
 	"mount:after-bind",
 	"unmount:after-bind",
 	"claim:after-rename",

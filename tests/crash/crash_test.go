@@ -201,8 +201,30 @@ func scenariosFor(point string) []scenario {
 			t.Errorf("docker volume rm after the containers exited: %v: %s", err, out)
 		}
 	}
+	// waitedSpare: the Create finds no spare ready, because the one prepared was claimed, and
+	// waits for the one the worker makes (held in spare:making, as a busy pool holds its clone).
+	waitedSpare := scenario{
+		variant: "spare-being-made", spares: true, pause: "spare:making=15s",
+		prepare: func(t *testing.T, s *run) { prepareVolume(t, s, s.vol+"pre", map[string]string{"golden": baseProject}) },
+		act: func(s *run) (string, error) {
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+				if st, err := s.e.status(); err == nil && st.SparesMaking > 0 && st.SparesReady[baseProject] == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					return "", fmt.Errorf("no spare of %s was being made, with none ready, within a minute of the start", baseProject)
+				}
+			}
+			return dockerCreate(s, "golden="+baseProject)
+		},
+		retry: retryCreate("golden=" + baseProject),
+		after: claimed,
+	}
 	switch op {
 	case "create":
+		if point == "create:after-wait" {
+			return []scenario{waitedSpare}
+		}
 		scs := []scenario{
 			{variant: "clone", act: create("golden=" + baseProject), retry: retryCreate("golden=" + baseProject),
 				after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) }},
@@ -854,7 +876,7 @@ func TestCrashAtEveryFaultPoint(t *testing.T) {
 				before := e.inventory(t)
 				if sc.spares {
 					if e.backend != "zfs" && sc.pause != "" {
-						t.Logf("%s: the claimed spare's rename in the background is ZFS's; not run on the %s backend", point, e.backend)
+						t.Logf("%s: its pause point (%s) is the ZFS store's; not run on the %s backend", point, sc.pause, e.backend)
 						return
 					}
 					if sc.pause != "" {

@@ -243,6 +243,7 @@ type status struct {
 	SparesMounted  int            `json:"spares_mounted"`
 	ClaimsPending  int            `json:"claims_pending"`
 	RemovedPending int            `json:"removed_pending"`
+	SparesMaking   int            `json:"spares_making"`
 }
 
 func (e *env) status() (status, error) {
