@@ -106,6 +106,9 @@ type making struct {
 // process, a device for udev and an XFS mount.
 const spareParallel = 4
 
+// fillFor bounds how long one pass of the worker starts new spares (fillSpares).
+const fillFor = time.Minute
+
 // claimRecord is the durable claim, the record claim/NAME (records.go).
 type claimRecord struct {
 	Name       string `json:"name"`
@@ -569,29 +572,56 @@ func (s *Store) stockSpares(ctx context.Context) error {
 		names = append(names, name)
 	}
 	sort.Strings(names)
-	// Rounds until every project is stocked: Creates may claim spares while a round runs.
-	for ctx.Err() == nil {
-		var todo []string
-		for _, name := range names {
-			for i := s.spareCount(name); i < s.cfg.Spares; i++ {
-				todo = append(todo, name)
-			}
-		}
-		if len(todo) == 0 {
-			break
-		}
-		errs := make([]error, len(todo))
-		parallel(len(todo), func(i int) {
-			if err := s.makeSpare(ctx, todo[i], newest[todo[i]]); err != nil {
-				errs[i] = fmt.Errorf("spare of %s generation %d: %w", todo[i], newest[todo[i]].Number, err)
-			}
-		})
-		if err := errors.Join(errs...); err != nil {
-			return err
-		}
+	if err := s.fillSpares(ctx, names, newest); err != nil {
+		return err
 	}
 	s.premountReady(ctx)
 	return ctx.Err()
+}
+
+// fillSpares makes spares until each project in names has Spares of generation newest[project],
+// ready or being made. It starts one as soon as a claim or a hand-over leaves a project short
+// (kickSpares wakes it), up to spareParallel at a time, and returns once none is being made. A
+// spare that fails stops further starts; the others are waited for, and the errors returned.
+//
+// It starts spares for fillFor at most: the pass holds spares.make, which RemoveGeneration and
+// RemoveGolden wait for, and reads the newest generations only at its start, so Creates that keep
+// coming must not keep one pass going.
+func (s *Store) fillSpares(ctx context.Context, names []string, newest map[string]*driver.Generation) error {
+	done := make(chan error, spareParallel)
+	running := 0
+	var errs []error
+	until := time.Now().Add(fillFor)
+	for {
+		for _, name := range names {
+			for len(errs) == 0 && ctx.Err() == nil && time.Now().Before(until) && running < spareParallel && s.spareCount(name)+s.makingOf(name) < s.cfg.Spares {
+				g := newest[name]
+				m := s.startMaking(name, g.Number)
+				running++
+				go func() {
+					if err := s.makeSpare(ctx, m, g); err != nil {
+						done <- fmt.Errorf("spare of %s generation %d: %w", name, g.Number, err)
+						return
+					}
+					done <- nil
+				}()
+			}
+		}
+		if running == 0 {
+			if len(errs) == 0 && !time.Now().Before(until) {
+				s.kickSpares() // the next pass goes on where this one stopped
+			}
+			return errors.Join(errs...)
+		}
+		select {
+		case err := <-done:
+			running--
+			if err != nil {
+				errs = append(errs, err)
+			}
+		case <-s.spares.wake: // a claim: look again
+		}
+	}
 }
 
 // premountReady mounts ready spares that have no early mount (after a reboot, or one that
@@ -678,15 +708,27 @@ func (s *Store) spareName() string {
 	return s.spareRoot() + "/" + strconv.FormatInt(s.spares.lastID, 36)
 }
 
-// makeSpare makes one spare of generation g and puts it with the ready ones, or hands it to the
-// Create that waits for it (awaitSpare).
-func (s *Store) makeSpare(ctx context.Context, project string, g *driver.Generation) error {
-	ds := s.spareName()
-	m := &making{project: project, gen: g.Number}
-	var made *spare
+// startMaking registers a spare of project's generation gen as being made, before its goroutine
+// starts, so that the next look of fillSpares counts it.
+func (s *Store) startMaking(project string, gen int) *making {
+	m := &making{project: project, gen: gen}
 	s.spares.mu.Lock()
 	s.spares.making = append(s.spares.making, m)
 	s.spares.mu.Unlock()
+	return m
+}
+
+func (s *Store) makingOf(project string) int {
+	n, _ := s.awaited(project)
+	return n
+}
+
+// makeSpare makes the spare m (from startMaking), of generation g, and puts it with the ready
+// ones, or hands it to the Create that waits for it (awaitSpare).
+func (s *Store) makeSpare(ctx context.Context, m *making, g *driver.Generation) error {
+	project := m.project
+	ds := s.spareName()
+	var made *spare
 	defer func() {
 		s.spares.mu.Lock()
 		defer s.spares.mu.Unlock()

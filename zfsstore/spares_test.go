@@ -477,9 +477,10 @@ func recordKeys(t *testing.T, s *Store, kind string) []string {
 	return out
 }
 
-// TestCreateWaitsForASpareBeingMade: a Create that finds no spare ready, while the worker makes
-// one of its generation (held in spare:making, as a busy pool holds its clone), waits for that
-// spare and claims it rather than cloning. One whose deadline comes first fails, saying it
+// TestCreateWaitsForASpareBeingMade: the worker makes spares side by side, and starts a
+// replacement as soon as one is claimed. A Create that finds no spare ready, while the worker
+// makes one of its generation (held in spare:making, as a busy pool holds its clone), waits for
+// that spare and claims it rather than cloning. One whose deadline comes first fails, saying it
 // waited, and leaves nothing: the spare goes to the ready ones. One whose spare cannot be made
 // (the worker stops) clones after all.
 func TestCreateWaitsForASpareBeingMade(t *testing.T) {
@@ -488,7 +489,7 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 	l := logrus.New()
 	l.SetLevel(logrus.WarnLevel)
 	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30,
-		Log: logrus.NewEntry(l), Spares: 1, RecordDir: records, Faults: fault.FromEnv()})
+		Log: logrus.NewEntry(l), Spares: 2, RecordDir: records, Faults: fault.FromEnv()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -498,24 +499,35 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 	if _, err := s.Load(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "a spare", func() bool { return s.sparesReady()["prj"] == 1 })
+	making := func(n int) func() bool { return func() bool { m, _ := s.awaited("prj"); return m == n } }
+	stocked := func() bool { m, _ := s.awaited("prj"); return m == 0 && s.sparesReady()["prj"] == 2 }
+	waitFor(t, "two spares in the making at once", making(2))
+	waitFor(t, "two spares ready", stocked)
+	var vols []driver.Volume
 	create := func(ctx context.Context, name string) (driver.Volume, error) {
-		return s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: "prj"})
+		v, err := s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: "prj"})
+		if err == nil {
+			vols = append(vols, v)
+		}
+		return v, err
 	}
-	isSpare := func(v driver.Volume) bool { return strings.HasPrefix(v.Source, parent+"/spare/") }
-	beingMade := func() bool { n, _ := s.awaited("prj"); return n == 1 }
+	claim := func(name, why string) driver.Volume {
+		t.Helper()
+		v, err := create(ctx, name)
+		if err != nil || !strings.HasPrefix(v.Source, parent+"/spare/") {
+			t.Fatalf("%s %s: %+v, %v", name, why, v, err)
+		}
+		return v
+	}
+	claim("a", "did not claim a ready spare")
+	claim("b", "did not claim a ready spare")
+	waitFor(t, "both replacements in the making at once", making(2))
+	claim("c", "with spares in the making, did not wait for one")
+	waitFor(t, "two spares ready", stocked)
 
-	a, err := create(ctx, "a")
-	if err != nil || !isSpare(a) {
-		t.Fatalf("a did not claim the ready spare: %+v, %v", a, err)
-	}
-	waitFor(t, "the next spare to be in the making", beingMade)
-	b, err := create(ctx, "b")
-	if err != nil || !isSpare(b) || b.Source == a.Source {
-		t.Fatalf("b, with a spare in the making, did not wait for it: %+v, %v", b, err)
-	}
-
-	waitFor(t, "the next spare to be in the making", beingMade)
+	claim("e", "did not claim a ready spare")
+	claim("f", "did not claim a ready spare")
+	waitFor(t, "both replacements in the making at once", making(2))
 	short, cancel := context.WithTimeout(ctx, rollbackReserve+time.Second)
 	defer cancel()
 	_, err = create(short, "late")
@@ -525,20 +537,21 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 	if ok, _ := s.zfs.Exists(ctx, parent+"/vol/late"); ok {
 		t.Fatal("the Create that ran out of time left its dataset")
 	}
-	waitFor(t, "the spare it gave up on to be ready", func() bool { return s.sparesReady()["prj"] == 1 })
-	c, err := create(ctx, "c")
-	if err != nil || !isSpare(c) {
-		t.Fatalf("c did not claim the spare the late Create left: %+v, %v", c, err)
-	}
+	waitFor(t, "the spare the late Create gave up on, and the next, to be ready", stocked)
 
-	waitFor(t, "the next spare to be in the making", beingMade)
+	claim("g", "did not claim a ready spare")
+	claim("h", "did not claim a ready spare")
+	waitFor(t, "both replacements in the making at once", making(2))
 	type result struct {
 		v   driver.Volume
 		err error
 	}
 	got := make(chan result, 1)
-	go func() { v, err := create(ctx, "d"); got <- result{v, err} }()
-	waitFor(t, "d to wait for it", func() bool { _, w := s.awaited("prj"); return w == 1 })
+	go func() {
+		v, err := s.Create(ctx, driver.Spec{Name: "d", Kind: driver.KindBlock, Golden: "prj"})
+		got <- result{v, err}
+	}()
+	waitFor(t, "d to wait for a spare", func() bool { _, w := s.awaited("prj"); return w == 1 })
 	if err := s.stopWorker(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -546,7 +559,7 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 	if d.err != nil || d.v.Source != parent+"/vol/d" {
 		t.Fatalf("d, whose spare was never made, did not clone: %+v, %v", d.v, d.err)
 	}
-	for _, v := range []driver.Volume{a, b, c, d.v} {
+	for _, v := range append(vols, d.v) {
 		if err := s.Remove(ctx, v); err != nil {
 			t.Fatal(err)
 		}
