@@ -9,10 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/zgolden/zgolden/driver"
-	"github.com/zgolden/zgolden/internal/fault"
 	"github.com/zgolden/zgolden/tests/harness"
 )
 
@@ -105,21 +102,8 @@ func TestRemoveIsRecorded(t *testing.T) {
 // recording the spare and where it is going; a Create of the same name waits until the rename
 // is handed over and then gets a new volume; the old one is destroyed and no record is left.
 func TestRemoveDuringRename(t *testing.T) {
-	t.Setenv(fault.PauseEnvVar, "claim:renaming=20s")
-	parent, records := harness.ZFSParent(t), t.TempDir()
-	l := logrus.New()
-	l.SetLevel(logrus.WarnLevel)
-	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30,
-		Log: logrus.NewEntry(l), Spares: 1, RecordDir: records, Faults: fault.FromEnv()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close(context.Background()) })
-	importTiny(t, s, "prj", "golden")
+	parent, records, s := pausedSpares(t, "claim:renaming=20s", 1)
 	ctx := context.Background()
-	if _, err := s.Load(ctx); err != nil {
-		t.Fatal(err)
-	}
 	waitFor(t, "a spare", func() bool { return s.sparesReady()["prj"] == 1 })
 	v, err := s.Create(ctx, driver.Spec{Name: "v", Kind: driver.KindBlock, Golden: "prj"})
 	if err != nil {

@@ -275,7 +275,7 @@ func (s *Store) awaitSpare(ctx context.Context, m *making, spec driver.Spec, siz
 		log.Info("the spare this Create waited for could not be made; cloning instead")
 		return driver.Volume{}, false, nil
 	}
-	log.WithFields(logrus.Fields{"spare": sp.ds, "waited": time.Since(start).Round(time.Millisecond).String()}).Debug("waited for a spare being made")
+	log.WithFields(logrus.Fields{"spare": sp.ds, "waited": time.Since(start).Round(time.Millisecond).String()}).Info("waited for a spare being made")
 	// Handed over, not yet recorded: a crash here leaves a ready spare, and a Create that never
 	// returned.
 	s.cfg.Faults.Hit("create:after-wait")

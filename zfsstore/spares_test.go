@@ -38,6 +38,27 @@ func openSpares(t *testing.T, parent, records string, spares int) *Store {
 	return s
 }
 
+// pausedSpares opens and loads a store with spares spares of golden prj and the pause point
+// pause (fault.PauseEnvVar), for steps that a slow pool makes likely.
+func pausedSpares(t *testing.T, pause string, spares int) (parent, records string, s *Store) {
+	t.Helper()
+	t.Setenv(fault.PauseEnvVar, pause)
+	parent, records = harness.ZFSParent(t), t.TempDir()
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30,
+		Log: logrus.NewEntry(l), Spares: spares, RecordDir: records, Faults: fault.FromEnv()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	importTiny(t, s, "prj", "golden")
+	if _, err := s.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return parent, records, s
+}
+
 func importTiny(t *testing.T, s *Store, project, content string) driver.Generation {
 	t.Helper()
 	src := t.TempDir()
@@ -484,21 +505,8 @@ func recordKeys(t *testing.T, s *Store, kind string) []string {
 // waited, and leaves nothing: the spare goes to the ready ones. One whose spare cannot be made
 // (the worker stops) clones after all.
 func TestCreateWaitsForASpareBeingMade(t *testing.T) {
-	t.Setenv(fault.PauseEnvVar, "spare:making=6s")
-	parent, records := harness.ZFSParent(t), t.TempDir()
-	l := logrus.New()
-	l.SetLevel(logrus.WarnLevel)
-	s, err := New(context.Background(), Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30,
-		Log: logrus.NewEntry(l), Spares: 2, RecordDir: records, Faults: fault.FromEnv()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close(context.Background()) })
-	importTiny(t, s, "prj", "golden")
+	parent, _, s := pausedSpares(t, "spare:making=6s", 2)
 	ctx := context.Background()
-	if _, err := s.Load(ctx); err != nil {
-		t.Fatal(err)
-	}
 	making := func(n int) func() bool { return func() bool { m, _ := s.awaited("prj"); return m == n } }
 	stocked := func() bool { m, _ := s.awaited("prj"); return m == 0 && s.sparesReady()["prj"] == 2 }
 	waitFor(t, "two spares in the making at once", making(2))
@@ -530,7 +538,7 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 	waitFor(t, "both replacements in the making at once", making(2))
 	short, cancel := context.WithTimeout(ctx, rollbackReserve+time.Second)
 	defer cancel()
-	_, err = create(short, "late")
+	_, err := create(short, "late")
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "for a spare of prj") {
 		t.Fatalf("a Create out of time while it waited: %v", err)
 	}

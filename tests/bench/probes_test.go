@@ -162,6 +162,50 @@ func (p *plugin) outsideTimes(prefix string) map[string]map[string][]time.Durati
 	return out
 }
 
+// createdFrom reads the plugin's log for how each Create of a volume whose name starts with
+// prefix was served: "waited" for a spare being made (ZFS), "spare" for a ready spare claimed
+// (ZFS: its source is under PARENT/spare), and "other" for the rest: a clone, or on the reflink
+// store any Create, whose source does not say.
+func (p *plugin) createdFrom(prefix string) map[string]int {
+	data, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return nil
+	}
+	waited := map[string]bool{}
+	source := map[string]string{}
+	for _, line := range strings.Split(string(data), "\n") {
+		v := logVolume.FindStringSubmatch(line)
+		if v == nil || !strings.HasPrefix(v[1], prefix) {
+			continue
+		}
+		switch {
+		case strings.Contains(line, `msg="waited for a spare being made"`):
+			waited[v[1]] = true
+		case strings.Contains(line, `msg="volume created"`):
+			if src := logSource.FindStringSubmatch(line); src != nil {
+				source[v[1]] = src[1]
+			}
+		}
+	}
+	out := map[string]int{}
+	for vol, src := range source {
+		switch {
+		case waited[vol]:
+			out["waited"]++
+		case strings.Contains(src, "/spare/"):
+			out["spare"]++
+		default:
+			out["other"]++
+		}
+	}
+	return out
+}
+
+var (
+	logVolume = regexp.MustCompile(` volume=(\S+)`)
+	logSource = regexp.MustCompile(` source=(\S+)`)
+)
+
 // traceLog prints the plugin's log lines about the volumes whose names start with prefix, and
 // the spare worker's, when ZGOLDEN_BENCH_TRACE=1: where a slow call spent its time.
 func (p *plugin) traceLog(prefix string) {
