@@ -31,10 +31,11 @@ import (
 // together share them: ten clones issued at once take about as long as one. So the worker makes
 // a project's missing spares side by side (up to spareParallel at a time), and finishes claims
 // beside them, rather than one after another. And a Create that finds no spare ready, while the
-// worker is making one of its generation that no other Create waits for, waits for that one
-// (bounded by its deadline) instead of starting a clone of its own: that clone started earlier,
-// so it is ready no later, and the pool has one clone less to do. A Create that finds every spare
-// being made already awaited clones, as its own clone then shares the transaction groups.
+// worker is making one of its generation that no other Create waits for (or a claim has queued
+// one), waits for that one (bounded by its deadline) instead of starting a clone of its own: that
+// clone started earlier, so it is ready no later, and the pool has one clone less to do. A Create
+// that finds every spare being made already awaited clones, as its own clone then shares the
+// transaction groups.
 //
 // The truth, and when each part of it wins:
 //   - A spare is a dataset under PARENT/spare with zgolden:state=ready and its project and
@@ -62,7 +63,8 @@ type spareSet struct {
 	mu     sync.Mutex
 	ready  map[string][]spare // project -> spares not claimed
 	claims map[string]*claim  // volume name -> its claim, until the rename is done
-	making []*making          // spares the worker is making now
+	making []*making          // spares queued by a claim or being made by the worker
+	open   bool               // the worker runs: a claim may queue its replacement
 	lastID int64              // the last spare's name, as a number (spareName)
 	wake   chan struct{}
 	make   sync.Mutex
@@ -96,10 +98,15 @@ type spare struct {
 // the worker then hands the spare over on it instead of putting it with the ready ones, or closes
 // it if the spare could not be made. Both fields are guarded by spares.mu, and the worker sends
 // under it, so a waiter that gives up under spares.mu knows for sure whether it was handed one.
+//
+// A claim queues its replacement at once (queueReplacement), unstarted, for the worker to start at
+// its next look: the worker first lists the projects, which under load takes seconds, and a Create
+// that comes meanwhile must find a spare to wait for.
 type making struct {
 	project string
 	gen     int
 	waiter  chan spare
+	started bool
 }
 
 // spareParallel bounds the spares made at once: they share transaction groups, but each is a zfs
@@ -223,6 +230,7 @@ func (s *Store) claimWith(spec driver.Spec, sp spare, size uint64, log *logrus.E
 	s.spares.claims[spec.Name] = c
 	s.spares.mu.Unlock()
 	s.cfg.Faults.Hit("create:after-claim")
+	s.queueReplacement(spec.Golden, sp.gen)
 	s.kickSpares()
 	log.WithFields(logrus.Fields{"spare": sp.ds, "record_took": recordTook.Round(time.Microsecond).String()}).Debug("claimed a spare")
 	return c.volume(), true
@@ -457,18 +465,37 @@ func (s *Store) spareWorker(ctx context.Context, done chan<- struct{}) {
 	defer tick.Stop()
 	pickTick := time.NewTicker(pickMaxAge / 2)
 	defer pickTick.Stop()
+	s.spares.mu.Lock()
+	s.spares.open = true
+	s.spares.mu.Unlock()
+	// Claims are finished beside the stocking, not before it, and a pass does not wait for them:
+	// a Create needs the spares now, the renames (two sync tasks each) only tidy up, and both
+	// kinds of sync task share the transaction groups.
+	var finishing sync.WaitGroup
+	finishIdle := make(chan struct{}, 1)
+	finishIdle <- struct{}{}
+	defer func() {
+		finishing.Wait()
+		s.spares.mu.Lock()
+		s.spares.open = false // no claim queues a replacement after this
+		s.spares.mu.Unlock()
+		s.dropQueued(func(*making) bool { return true }) // their Creates clone
+	}()
 	for {
-		// Claims are finished beside the stocking, not before it: a Create needs the spares now,
-		// the renames only tidy up, and both kinds of sync task share the transaction groups.
-		var finishing sync.WaitGroup
-		finishing.Go(func() { s.finishAll(ctx) })
+		select {
+		case <-finishIdle:
+			finishing.Go(func() {
+				s.finishAll(ctx)
+				finishIdle <- struct{}{}
+			})
+		default: // still renaming; the next pass starts it again
+		}
 		// With Spares 0 the pass only retires spares an earlier run made.
 		if s.cfg.Spares > 0 || s.sparesTotal() > 0 {
 			if err := s.stockSpares(ctx); err != nil && ctx.Err() == nil {
 				s.log.WithError(err).Warn("could not make spare volumes; retrying")
 			}
 		}
-		finishing.Wait()
 		for waiting := true; waiting; {
 			select {
 			case <-ctx.Done():
@@ -591,24 +618,40 @@ func (s *Store) fillSpares(ctx context.Context, names []string, newest map[strin
 	done := make(chan error, spareParallel)
 	running := 0
 	var errs []error
+	woken := false // a claim came meanwhile: the next pass finishes it (finishAll)
 	until := time.Now().Add(fillFor)
+	// Replacements queued for a generation that is no longer the newest, or a project gone, are
+	// not made: their waiting Creates clone.
+	s.dropQueued(func(m *making) bool { g := newest[m.project]; return g == nil || g.Number != m.gen })
+	launch := func(m *making) {
+		g := newest[m.project]
+		running++
+		go func() {
+			if err := s.makeSpare(ctx, m, g); err != nil {
+				done <- fmt.Errorf("spare of %s generation %d: %w", m.project, g.Number, err)
+				return
+			}
+			done <- nil
+		}()
+	}
 	for {
+		starting := len(errs) == 0 && ctx.Err() == nil && time.Now().Before(until)
+		for starting && running < spareParallel {
+			m := s.startQueued(newest)
+			if m == nil {
+				break
+			}
+			launch(m)
+		}
 		for _, name := range names {
-			for len(errs) == 0 && ctx.Err() == nil && time.Now().Before(until) && running < spareParallel && s.spareCount(name)+s.makingOf(name) < s.cfg.Spares {
-				g := newest[name]
-				m := s.startMaking(name, g.Number)
-				running++
-				go func() {
-					if err := s.makeSpare(ctx, m, g); err != nil {
-						done <- fmt.Errorf("spare of %s generation %d: %w", name, g.Number, err)
-						return
-					}
-					done <- nil
-				}()
+			for starting && running < spareParallel && s.spareCount(name)+s.makingOf(name) < s.cfg.Spares {
+				launch(s.startMaking(name, newest[name].Number))
 			}
 		}
 		if running == 0 {
-			if len(errs) == 0 && !time.Now().Before(until) {
+			if len(errs) > 0 {
+				s.dropQueued(func(*making) bool { return true }) // their Creates clone
+			} else if woken || !time.Now().Before(until) {
 				s.kickSpares() // the next pass goes on where this one stopped
 			}
 			return errors.Join(errs...)
@@ -620,6 +663,7 @@ func (s *Store) fillSpares(ctx context.Context, names []string, newest map[strin
 				errs = append(errs, err)
 			}
 		case <-s.spares.wake: // a claim: look again
+			woken = true
 		}
 	}
 }
@@ -708,10 +752,57 @@ func (s *Store) spareName() string {
 	return s.spareRoot() + "/" + strconv.FormatInt(s.spares.lastID, 36)
 }
 
+// queueReplacement queues a spare of project's generation gen for the worker to make, when the
+// project has fewer than Spares ready or queued or being made, so that a Create that comes
+// before the worker starts it can wait for it.
+func (s *Store) queueReplacement(project string, gen int) {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	n := len(s.spares.ready[project])
+	for _, m := range s.spares.making {
+		if m.project == project {
+			n++
+		}
+	}
+	if s.spares.open && n < s.cfg.Spares {
+		s.spares.making = append(s.spares.making, &making{project: project, gen: gen})
+	}
+}
+
+// startQueued marks a queued spare of a generation in newest started, and returns it; nil when
+// none is queued.
+func (s *Store) startQueued(newest map[string]*driver.Generation) *making {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	for _, m := range s.spares.making {
+		if g := newest[m.project]; !m.started && g != nil && g.Number == m.gen {
+			m.started = true
+			return m
+		}
+	}
+	return nil
+}
+
+// dropQueued forgets the queued spares, not started, that drop says, and tells their waiting
+// Creates, which clone instead.
+func (s *Store) dropQueued(drop func(*making) bool) {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	s.spares.making = slices.DeleteFunc(s.spares.making, func(m *making) bool {
+		if m.started || !drop(m) {
+			return false
+		}
+		if m.waiter != nil {
+			close(m.waiter)
+		}
+		return true
+	})
+}
+
 // startMaking registers a spare of project's generation gen as being made, before its goroutine
 // starts, so that the next look of fillSpares counts it.
 func (s *Store) startMaking(project string, gen int) *making {
-	m := &making{project: project, gen: gen}
+	m := &making{project: project, gen: gen, started: true}
 	s.spares.mu.Lock()
 	s.spares.making = append(s.spares.making, m)
 	s.spares.mu.Unlock()
