@@ -388,11 +388,13 @@ func (s *Store) handOverRemoved(ctx context.Context, c *claim, dst string, renam
 			return fmt.Errorf("re-record the removal of %s as %s: %w", c.Name, ds, err)
 		}
 	}
-	s.endClaim(c)
+	// The trash has it before the claim goes, so that at no moment does a dataset under
+	// PARENT/spare belong to neither (adoptSpares would take it for a stray spare).
 	s.trash.mu.Lock()
 	s.trash.pending[ds] = 0
 	s.trash.records[ds] = true
 	s.trash.mu.Unlock()
+	s.endClaim(c)
 	s.kickTrash()
 	log.Debug("removed while its spare was renamed; the dataset is destroyed in the background")
 	return nil
@@ -557,6 +559,9 @@ func parallel(n int, fn func(i int)) {
 func (s *Store) stockSpares(ctx context.Context) error {
 	s.spares.make.Lock()
 	defer s.spares.make.Unlock()
+	if err := s.adoptSpares(ctx); err != nil {
+		return err
+	}
 	ps, err := s.projects(ctx, "")
 	if err != nil {
 		return err
@@ -604,6 +609,56 @@ func (s *Store) stockSpares(ctx context.Context) error {
 	}
 	s.premountReady(ctx)
 	return ctx.Err()
+}
+
+// adoptSpares puts with the ready spares any ready spare under PARENT/spare that this process
+// does not know. A crash while a spare is being cloned leaves the zfs process running, and the
+// kernel finishes its clone, which can land after the next start's Load has listed PARENT/spare:
+// held by nobody until the start after. Adopted, it is a spare like any other, and the pass
+// retires it if it is one too many or of an older generation. The caller holds spares.make, so no
+// spare of this process is being cloned meanwhile.
+func (s *Store) adoptSpares(ctx context.Context) error {
+	// What this process knows, read before the listing: a claimed spare renamed after it is
+	// then still known, and never taken for a stray.
+	known := map[string]bool{}
+	s.spares.mu.Lock()
+	for _, list := range s.spares.ready {
+		for _, sp := range list {
+			known[sp.ds] = true
+		}
+	}
+	for _, c := range s.spares.claims {
+		known[c.Dataset] = true
+	}
+	s.spares.mu.Unlock()
+	s.trash.mu.Lock()
+	for ds := range s.trash.pending {
+		known[ds] = true
+	}
+	s.trash.mu.Unlock()
+	s.tomb.mu.Lock()
+	for _, ds := range s.tomb.names {
+		known[ds] = true
+	}
+	s.tomb.mu.Unlock()
+	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{propGolden, propGeneration, propState})
+	if errors.Is(err, zfsutil.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return mapErr(err)
+	}
+	for _, r := range rows {
+		ds := r["name"]
+		gen, err := strconv.Atoi(r[propGeneration])
+		if ds == s.spareRoot() || known[ds] || r[propState] != "ready" || r[propGolden] == "" || err != nil {
+			continue // one not ready is destroyed by the next Load
+		}
+		dev, _ := s.zfs.WaitDevice(ctx, ds, time.Second) // "" is fine, as in loadSpares
+		s.log.WithFields(logrus.Fields{"dataset": ds, "project": r[propGolden], "generation": gen}).Warn("adopting a spare whose clone landed after the start (a crash interrupted its making)")
+		s.putSpare(r[propGolden], spare{ds: ds, gen: gen, dev: dev})
+	}
+	return nil
 }
 
 // fillSpares makes spares until each project in names has Spares of generation newest[project],
