@@ -573,3 +573,18 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 		}
 	}
 }
+
+// TestStraySpareIsAdopted: a ready spare under PARENT/spare that the store does not know (the
+// clone of a spare whose making a crash interrupted, landing after the next start's Load) is
+// adopted at the worker's next pass, and, being one too many, retired: no dataset under
+// PARENT/spare is left that no count knows of.
+func TestStraySpareIsAdopted(t *testing.T) {
+	parent, _, s, g := withSpares(t)
+	stray := parent + "/spare/stray"
+	harness.Run(t, "zfs", "clone", "-o", "zgolden:kind=block", "-o", "zgolden:golden=prj",
+		"-o", "zgolden:generation="+strconv.Itoa(g.Number), "-o", "zgolden:state=ready", g.Source, stray)
+	s.kickSpares()
+	waitFor(t, "the stray spare to be adopted, and one spare too many retired", func() bool {
+		return len(spareGenerations(t, parent)) == 2 && s.sparesReady()["prj"] == 2
+	})
+}
