@@ -650,15 +650,28 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 	}
 	for _, r := range rows {
 		ds := r["name"]
-		gen, err := strconv.Atoi(r[propGeneration])
-		if ds == s.spareRoot() || known[ds] || r[propState] != "ready" || r[propGolden] == "" || err != nil {
+		gen, ok := readySpare(r)
+		if ds == s.spareRoot() || known[ds] || !ok {
 			continue // one not ready is destroyed by the next Load
 		}
-		dev, _ := s.zfs.WaitDevice(ctx, ds, time.Second) // "" is fine, as in loadSpares
 		s.log.WithFields(logrus.Fields{"dataset": ds, "project": r[propGolden], "generation": gen}).Warn("adopting a spare whose clone landed after the start (a crash interrupted its making)")
-		s.putSpare(r[propGolden], spare{ds: ds, gen: gen, dev: dev})
+		s.putSpare(r[propGolden], s.listedSpare(ctx, ds, gen))
 	}
 	return nil
+}
+
+// readySpare returns the generation of a listed spare that its worker finished (state=ready,
+// with its project and generation); ok is false for a clone the worker had not finished.
+func readySpare(r zfsutil.Row) (gen int, ok bool) {
+	gen, err := strconv.Atoi(r[propGeneration])
+	return gen, err == nil && r[propState] == "ready" && r[propGolden] != ""
+}
+
+// listedSpare is a ready spare found in a listing. Its device is waited for a second only: ""
+// is fine, as deviceOf then waits by name.
+func (s *Store) listedSpare(ctx context.Context, ds string, gen int) spare {
+	dev, _ := s.zfs.WaitDevice(ctx, ds, time.Second)
+	return spare{ds: ds, gen: gen, dev: dev}
 }
 
 // fillSpares makes spares until each project in names has Spares of generation newest[project],
@@ -699,7 +712,7 @@ func (s *Store) fillSpares(ctx context.Context, names []string, newest map[strin
 			launch(m)
 		}
 		for _, name := range names {
-			for starting && running < spareParallel && s.spareCount(name)+s.makingOf(name) < s.cfg.Spares {
+			for starting && running < spareParallel && s.stocked(name) < s.cfg.Spares {
 				launch(s.startMaking(name, newest[name].Number))
 			}
 		}
@@ -792,12 +805,6 @@ func (s *Store) sparesTotal() int {
 	return n
 }
 
-func (s *Store) spareCount(project string) int {
-	s.spares.mu.Lock()
-	defer s.spares.mu.Unlock()
-	return len(s.spares.ready[project])
-}
-
 // spareName returns a new spare's dataset: the time, as a number unique in this process, since
 // spares are made side by side.
 func (s *Store) spareName() string {
@@ -813,13 +820,7 @@ func (s *Store) spareName() string {
 func (s *Store) queueReplacement(project string, gen int) {
 	s.spares.mu.Lock()
 	defer s.spares.mu.Unlock()
-	n := len(s.spares.ready[project])
-	for _, m := range s.spares.making {
-		if m.project == project {
-			n++
-		}
-	}
-	if s.spares.open && n < s.cfg.Spares {
+	if s.spares.open && s.stockedLocked(project) < s.cfg.Spares {
 		s.spares.making = append(s.spares.making, &making{project: project, gen: gen})
 	}
 }
@@ -864,8 +865,20 @@ func (s *Store) startMaking(project string, gen int) *making {
 	return m
 }
 
-func (s *Store) makingOf(project string) int {
-	n, _ := s.awaited(project)
+// stocked counts project's spares ready, queued or being made: what fillSpares fills up to Spares.
+func (s *Store) stocked(project string) int {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	return s.stockedLocked(project)
+}
+
+func (s *Store) stockedLocked(project string) int {
+	n := len(s.spares.ready[project])
+	for _, m := range s.spares.making {
+		if m.project == project {
+			n++
+		}
+	}
 	return n
 }
 
@@ -983,16 +996,15 @@ func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driv
 		if ds == s.spareRoot() {
 			continue
 		}
-		gen, err := strconv.Atoi(r[propGeneration])
-		if r[propState] != "ready" || r[propGolden] == "" || err != nil {
+		gen, ok := readySpare(r)
+		if !ok {
 			s.log.WithField("dataset", ds).Warn("destroying a spare whose clone was interrupted")
 			if err := s.destroy(ctx, ds, true); err != nil {
 				return nil, err
 			}
 			continue
 		}
-		dev, _ := s.zfs.WaitDevice(ctx, ds, time.Second) // "" is fine: deviceOf then waits by name
-		s.spares.ready[r[propGolden]] = append(s.spares.ready[r[propGolden]], spare{ds: ds, gen: gen, dev: dev})
+		s.spares.ready[r[propGolden]] = append(s.spares.ready[r[propGolden]], s.listedSpare(ctx, ds, gen))
 	}
 	// The worker starts only now, so it never makes a spare that this listing would count twice.
 	s.spares.start.Do(func() {
