@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -38,9 +39,13 @@ import (
 // transaction groups.
 //
 // The truth, and when each part of it wins:
-//   - A spare is a dataset under PARENT/spare with zgolden:state=ready and its project and
-//     generation in zgolden:golden and zgolden:generation. Without state=ready it is a clone the
-//     worker had not finished, and Load destroys it.
+//   - A spare is a dataset under PARENT/spare whose origin is a generation's snapshot,
+//     PARENT/golden/PROJECT/gK@genN: that names its project and generation. It is a bare clone,
+//     a zfs clone with no property (dedup and compression it inherits from PARENT/spare), which
+//     is one sync task on every release, where a clone with properties is two before 2.4. So a
+//     spare exists whole or not at all, and nothing but its origin needs reading. The volume's
+//     own properties are set by the finisher, in the zfs set before its rename (finishLocked).
+//     Spares made before this carry zgolden:* properties too; the origin wins.
 //   - A claim record (records.go, key claim/NAME) names the spare a volume was given. While the spare
 //     exists, the record wins: that spare is volume NAME, whatever ZFS calls it. Once the spare
 //     is gone, the record is spent: if PARENT/vol/NAME exists the rename happened, and if not the
@@ -328,7 +333,12 @@ func (s *Store) finishLocked(ctx context.Context, c *claim) error {
 	s.cfg.Faults.Pause(ctx, "claim:renaming")
 	dst := s.volDataset(c.Name)
 	log := s.log.WithFields(logrus.Fields{"volume": c.Name, "dataset": dst, "spare": c.Dataset})
-	err := s.zfs.Set(ctx, c.Dataset, zfsutil.Props{propCreated: strconv.FormatInt(c.Created, 10)})
+	// A spare is a bare clone: the volume gets its properties here, in the one sync task that
+	// a volume cloned with them would have spent on them before 2.4, and off Create's path.
+	err := s.zfs.Set(ctx, c.Dataset, zfsutil.Props{
+		propKind: string(driver.KindBlock), propGolden: c.Golden, propGeneration: strconv.Itoa(c.Generation),
+		propState: "ready", propCreated: strconv.FormatInt(c.Created, 10),
+	})
 	if err == nil {
 		err = s.retryBusy(ctx, func() error { return s.zfs.Rename(ctx, c.Dataset, dst) })
 	}
@@ -641,7 +651,7 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 		known[ds] = true
 	}
 	s.tomb.mu.Unlock()
-	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{propGolden, propGeneration, propState})
+	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{"origin"})
 	if errors.Is(err, zfsutil.ErrNotFound) {
 		return nil
 	}
@@ -650,21 +660,34 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 	}
 	for _, r := range rows {
 		ds := r["name"]
-		gen, ok := readySpare(r)
+		project, gen, ok := s.spareOrigin(r["origin"])
 		if ds == s.spareRoot() || known[ds] || !ok {
-			continue // one not ready is destroyed by the next Load
+			continue // one of no generation is destroyed by the next Load
 		}
-		s.log.WithFields(logrus.Fields{"dataset": ds, "project": r[propGolden], "generation": gen}).Warn("adopting a spare whose clone landed after the start (a crash interrupted its making)")
-		s.putSpare(r[propGolden], s.listedSpare(ctx, ds, gen))
+		s.log.WithFields(logrus.Fields{"dataset": ds, "project": project, "generation": gen}).Warn("adopting a spare whose clone landed after the start (a crash interrupted its making)")
+		s.putSpare(project, s.listedSpare(ctx, ds, gen))
 	}
 	return nil
 }
 
-// readySpare returns the generation of a listed spare that its worker finished (state=ready,
-// with its project and generation); ok is false for a clone the worker had not finished.
-func readySpare(r zfsutil.Row) (gen int, ok bool) {
-	gen, err := strconv.Atoi(r[propGeneration])
-	return gen, err == nil && r[propState] == "ready" && r[propGolden] != ""
+// spareOrigin reads a spare's project and generation from its origin, the generation snapshot
+// PARENT/golden/PROJECT/gK@genN it was cloned from; ok is false for any other origin. A
+// promotion's zfs promote moves snapshots between a project's lineages, never their names or
+// projects, so the origin stays right for as long as the spare exists.
+func (s *Store) spareOrigin(origin string) (project string, gen int, ok bool) {
+	rel, ok := strings.CutPrefix(origin, s.goldenRoot()+"/")
+	if !ok {
+		return "", 0, false
+	}
+	lineage, snap, _ := strings.Cut(rel, "@")
+	project, first, _ := strings.Cut(lineage, "/")
+	n, err := strconv.Atoi(strings.TrimPrefix(snap, genPrefix))
+	_, lerr := strconv.Atoi(strings.TrimPrefix(first, "g"))
+	if err != nil || lerr != nil || n < 1 || !strings.HasPrefix(snap, genPrefix) || !strings.HasPrefix(first, "g") ||
+		driver.ValidateProject(project) != nil {
+		return "", 0, false
+	}
+	return project, n, true
 }
 
 // listedSpare is a ready spare found in a listing. Its device is waited for a second only: ""
@@ -902,14 +925,10 @@ func (s *Store) makeSpare(ctx context.Context, m *making, g *driver.Generation) 
 		}
 	}()
 	s.cfg.Faults.Pause(ctx, "spare:making")
-	props := zfsutil.Props{
-		propKind: string(driver.KindBlock), propGolden: project, propGeneration: strconv.Itoa(g.Number),
-		propState: "ready", propCreated: strconv.FormatInt(time.Now().Unix(), 10),
-		"dedup": "off", "compression": s.cfg.Compression,
-	}
 	log := s.log.WithFields(logrus.Fields{"dataset": ds, "project": project, "generation": g.Number})
 	s.swap.RLock() // the generation's snapshot must not move while it is cloned (see swap)
-	err := s.clone(ctx, g.Source, ds, props)
+	// Bare: one sync task on every release (see spareSet); dedup and compression are inherited.
+	err := s.zfs.Clone(ctx, g.Source, ds, nil)
 	s.swap.RUnlock()
 	if err != nil {
 		s.cleanupLate(ds, ds, err, log)
@@ -954,7 +973,7 @@ func (s *Store) retireSpares(ctx context.Context, project string, gen int) error
 // rules above), and returns the volumes that are still claimed spares. The datasets in removed
 // have a removal record, which wins (removal.go): they are neither claims nor spares.
 func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driver.Volume, error) {
-	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{propGolden, propGeneration, propState})
+	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{"origin"})
 	if err != nil && !errors.Is(err, zfsutil.ErrNotFound) {
 		return nil, mapErr(err)
 	}
@@ -996,15 +1015,15 @@ func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driv
 		if ds == s.spareRoot() {
 			continue
 		}
-		gen, ok := readySpare(r)
+		project, gen, ok := s.spareOrigin(r["origin"])
 		if !ok {
-			s.log.WithField("dataset", ds).Warn("destroying a spare whose clone was interrupted")
+			s.log.WithFields(logrus.Fields{"dataset": ds, "origin": r["origin"]}).Warn("destroying a spare that is no clone of a generation")
 			if err := s.destroy(ctx, ds, true); err != nil {
 				return nil, err
 			}
 			continue
 		}
-		s.spares.ready[r[propGolden]] = append(s.spares.ready[r[propGolden]], s.listedSpare(ctx, ds, gen))
+		s.spares.ready[project] = append(s.spares.ready[project], s.listedSpare(ctx, ds, gen))
 	}
 	// The worker starts only now, so it never makes a spare that this listing would count twice.
 	s.spares.start.Do(func() {

@@ -95,11 +95,45 @@ func withSpares(t *testing.T) (parent, records string, s *Store, g driver.Genera
 	return parent, records, s, g
 }
 
-// spareGenerations lists the zgolden:generation of every dataset under PARENT/spare.
+// spareGenerations lists the generation of every dataset under PARENT/spare, read from its
+// origin (PARENT/golden/PROJECT/gK@genN) as the store does.
 func spareGenerations(t *testing.T, parent string) []string {
 	t.Helper()
-	out := harness.Run(t, "zfs", "list", "-H", "-r", "-t", "volume", "-o", "zgolden:generation", parent+"/spare")
-	return strings.Fields(out)
+	out := harness.Run(t, "zfs", "list", "-H", "-r", "-t", "volume", "-o", "origin", parent+"/spare")
+	var gens []string
+	for _, origin := range strings.Fields(out) {
+		_, snap, _ := strings.Cut(origin, "@")
+		gens = append(gens, strings.TrimPrefix(snap, genPrefix))
+	}
+	return gens
+}
+
+// TestSpareOrigin: a spare's project and generation come from its origin, and an origin that is
+// no generation snapshot under the store's own golden root names none.
+func TestSpareOrigin(t *testing.T) {
+	s := &Store{cfg: Config{Parent: "tank/zg"}}
+	for origin, want := range map[string]string{
+		"tank/zg/golden/prj/g1@gen3":    "prj 3",
+		"tank/zg/golden/p_2/g12@gen12":  "p_2 12",
+		"tank/zg/golden/prj/g1@fork-x":  "",
+		"tank/zg/golden/prj/g1@gen0":    "",
+		"tank/zg/golden/prj/g1@genx":    "",
+		"tank/zg/golden/prj/x1@gen3":    "",
+		"tank/zg/golden/prj/g1/y@gen3":  "",
+		"tank/zg/golden/prj@gen3":       "",
+		"tank/zg/vol/a@gen3":            "",
+		"tank/other/golden/prj/g1@gen3": "",
+		"tank/zg/golden/../g1@gen3":     "",
+		"-":                             "",
+	} {
+		got := ""
+		if p, g, ok := s.spareOrigin(origin); ok {
+			got = fmt.Sprintf("%s %d", p, g)
+		}
+		if got != want {
+			t.Errorf("spareOrigin(%q) = %q, want %q", origin, got, want)
+		}
+	}
 }
 
 // TestSparesAreClaimedAndFinished: with Spares 2 the worker keeps two clones of the newest
@@ -129,7 +163,7 @@ func TestSparesAreClaimedAndFinished(t *testing.T) {
 	}
 	ds := parent + "/vol/a"
 	waitFor(t, "the claimed spare's rename", func() bool { ok, _ := s.zfs.Exists(ctx, ds); return ok && s.claimsPending() == 0 })
-	for prop, want := range map[string]string{"zgolden:golden": "prj", "zgolden:generation": strconv.Itoa(g.Number), "zgolden:state": "ready", "zgolden:created": strconv.FormatInt(v.CreatedAt.Unix(), 10), "dedup": "off"} {
+	for prop, want := range map[string]string{"zgolden:kind": "block", "zgolden:golden": "prj", "zgolden:generation": strconv.Itoa(g.Number), "zgolden:state": "ready", "zgolden:created": strconv.FormatInt(v.CreatedAt.Unix(), 10), "dedup": "off"} {
 		if got := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-p", "-o", "value", prop, ds)); got != want {
 			t.Errorf("%s of the finished volume is %q, want %q", prop, got, want)
 		}
@@ -574,17 +608,29 @@ func TestCreateWaitsForASpareBeingMade(t *testing.T) {
 	}
 }
 
-// TestStraySpareIsAdopted: a ready spare under PARENT/spare that the store does not know (the
-// clone of a spare whose making a crash interrupted, landing after the next start's Load) is
-// adopted at the worker's next pass, and, being one too many, retired: no dataset under
-// PARENT/spare is left that no count knows of.
+// TestStraySpareIsAdopted: a spare under PARENT/spare that the store does not know (the clone of
+// a spare whose making a crash interrupted, landing after the next start's Load) is adopted at the
+// worker's next pass, and, being too many, retired: no dataset under PARENT/spare is left that no
+// count knows of. One stray is bare, as the worker clones them; the other carries the zgolden:*
+// properties that spares had before, with a generation that its origin contradicts (the origin
+// wins).
 func TestStraySpareIsAdopted(t *testing.T) {
 	parent, _, s, g := withSpares(t)
-	stray := parent + "/spare/stray"
+	harness.Run(t, "zfs", "clone", g.Source, parent+"/spare/stray1")
 	harness.Run(t, "zfs", "clone", "-o", "zgolden:kind=block", "-o", "zgolden:golden=prj",
-		"-o", "zgolden:generation="+strconv.Itoa(g.Number), "-o", "zgolden:state=ready", g.Source, stray)
+		"-o", "zgolden:generation="+strconv.Itoa(g.Number+7), "-o", "zgolden:state=ready", g.Source, parent+"/spare/stray2")
 	s.kickSpares()
-	waitFor(t, "the stray spare to be adopted, and one spare too many retired", func() bool {
+	waitFor(t, "the stray spares to be adopted, and the spares too many retired", func() bool {
 		return len(spareGenerations(t, parent)) == 2 && s.sparesReady()["prj"] == 2
 	})
+	if gens := spareGenerations(t, parent); gens[0] != strconv.Itoa(g.Number) || gens[1] != gens[0] {
+		t.Errorf("spares of generations %v, want two of %d", gens, g.Number)
+	}
+	s.spares.mu.Lock()
+	for _, sp := range s.spares.ready["prj"] {
+		if sp.gen != g.Number {
+			t.Errorf("spare %s counted as generation %d, want %d (its origin's)", sp.ds, sp.gen, g.Number)
+		}
+	}
+	s.spares.mu.Unlock()
 }
