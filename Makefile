@@ -45,24 +45,32 @@ test: ## everything: unit, fuzz, host integration, Docker end-to-end, the ZFS su
 	@# ZGOLDEN_VM_SLOTS): a guest's disks are image files, so it shares no mount, loop device or
 	@# Docker engine with the host's tests or the other guest, and the overlap keeps CI inside
 	@# its hour. The payload both use is built first, once. Their output goes to
-	@# build/test-guest-RELEASE.out and is printed when they end.
+	@# build/test-guest-RELEASE.out and is printed when they end. Last comes the list of what
+	@# failed, with the failing tests from each log, so the tail of a CI log names them.
 	$(MAKE) vm-payload
-	@rc=0; \
+	@failed=""; \
 	export ZGOLDEN_VM_SLOTS=2 ZGOLDEN_VM_SMP=1; \
 	$(MAKE) test-vm VM_PREBUILT=1 VM_PKGS="$(CI_VM_PKGS)" >build/test-guest-$(ZFS).out 2>&1 & g1=$$!; \
 	$(MAKE) test-vm-compat VM_PREBUILT=1 COMPAT_PKGS="$(CI_COMPAT_PKGS)" >build/test-guest-compat.out 2>&1 & g2=$$!; \
 	for t in test-unit fuzz test-host; do \
-	  $(MAKE) $$t || { echo "make test: $$t failed"; rc=1; }; \
+	  $(MAKE) $$t || { echo "make test: $$t failed"; failed="$$failed $$t"; }; \
 	done; \
 	echo "make test: host suites done; waiting for the ZFS guests"; \
-	wait $$g1 || { echo "make test: test-vm failed"; rc=1; }; \
-	wait $$g2 || { echo "make test: test-vm-compat failed"; rc=1; }; \
+	wait $$g1 || { echo "make test: test-vm failed"; failed="$$failed test-vm"; }; \
+	wait $$g2 || { echo "make test: test-vm-compat failed"; failed="$$failed test-vm-compat"; }; \
 	cat build/test-guest-$(ZFS).out build/test-guest-compat.out; \
-	exit $$rc
+	[ -z "$$failed" ] && exit 0; \
+	echo "=================== make test: failed:$$failed"; \
+	for f in build/test-unit.log build/test-host.log build/test-vm-*.log; do \
+	  [ -f "$$f" ] || continue; \
+	  grep -hE -- '--- FAIL|^(vm\|\s+\S+: )?(FAIL\s|panic:)' "$$f" | head -n 20 | sed "s|^|$$f: |" || true; \
+	done; \
+	exit 1
 
 .PHONY: test-unit
 test-unit: ## quick: unit tests with fakes, race detector on, no root needed
-	$(GO) test -race -short -count=1 ./...
+	@mkdir -p build
+	$(GO) test -race -short -count=1 ./... 2>&1 | tee build/test-unit.log
 
 .PHONY: test-host
 test-host: ## as root: real XFS, loop devices, reflink store and the host's Docker engine
