@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -98,6 +99,31 @@ func (s *Store) cleanupLate(name, ds string, cmdErr error, log *logrus.Entry) bo
 		}
 		log.Info("destroyed what a timed-out create made")
 	}()
+	return true
+}
+
+// clearStale destroys ds when it is what an earlier process's Create left behind: a clone or
+// create that a crash (or a kill at its deadline) interrupted, which ZFS carried out after this
+// store had listed its volumes. Its Create never returned, so nobody was given it and nobody
+// wrote to it; without this, every Create of its name would fail with "exists" until the next
+// start. A dataset is stale when its zgolden:created is older than this store's opening: a
+// Create of this process would be known to the driver, which then never calls Create for it.
+// It returns whether ds was destroyed and may be made again.
+func (s *Store) clearStale(ctx context.Context, name, ds string, log *logrus.Entry) bool {
+	row, err := s.zfs.Get(ctx, ds, propCreated)
+	if err != nil {
+		return false
+	}
+	created, err := strconv.ParseInt(row[propCreated], 10, 64)
+	if err != nil || created >= s.opened.Unix() || s.claimOf(name) != nil {
+		return false
+	}
+	log = log.WithField("created", time.Unix(created, 0).UTC().Format(time.RFC3339))
+	log.Warn("the dataset is left from a Create that an earlier run of the plugin never finished; destroying it and making the volume again")
+	if err := s.destroy(ctx, ds, true); err != nil {
+		log.WithError(err).Error("could not destroy the dataset an earlier Create left")
+		return false
+	}
 	return true
 }
 

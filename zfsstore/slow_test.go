@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -153,5 +154,49 @@ func TestCreateReleasesSwapOnceCloned(t *testing.T) {
 	}
 	if ok, _ := s.zfs.Exists(ctx, parent+"/vol/stalled"); ok {
 		t.Fatal("the failed Create left its clone")
+	}
+}
+
+// TestStaleCreateIsMadeAgain: a dataset at vol/NAME that an earlier run's Create left (its clone
+// or create landed after this store had listed its volumes, and the Create never returned) is
+// destroyed and made again by a Create of NAME, for a clone and for an empty volume alike. One
+// whose creation is not older than the store is no earlier run's, and is refused as existing.
+func TestStaleCreateIsMadeAgain(t *testing.T) {
+	s, parent := openInternal(t)
+	g := importTiny(t, s, "prj", "golden")
+	ctx := context.Background()
+	if _, err := s.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := strconv.FormatInt(s.opened.Unix()-60, 10)
+	harness.Run(t, "zfs", "clone", "-o", "zgolden:kind=block", "-o", "zgolden:created="+before, "-o", "zgolden:state=ready",
+		"-o", "zgolden:golden=prj", "-o", "zgolden:generation="+strconv.Itoa(g.Number), g.Source, parent+"/vol/late")
+	harness.Run(t, "zfs", "create", "-s", "-V", "64M", "-o", "zgolden:kind=block", "-o", "zgolden:created="+before,
+		"-o", "zgolden:state=creating", parent+"/vol/cold")
+	for _, spec := range []driver.Spec{
+		{Name: "late", Kind: driver.KindBlock, Golden: "prj"},
+		{Name: "cold", Kind: driver.KindBlock},
+	} {
+		v, err := s.Create(ctx, spec)
+		if err != nil {
+			t.Fatalf("Create %s over an earlier run's dataset: %v", spec.Name, err)
+		}
+		created := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-p", "-o", "value", "zgolden:created", v.Source))
+		if created == before || v.Source != parent+"/vol/"+spec.Name {
+			t.Errorf("Create %s returned %s with zgolden:created %s: the earlier run's dataset was not made again", spec.Name, v.Source, created)
+		}
+		if err := s.Remove(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Made since the store opened: not an earlier run's, so not the store's to destroy.
+	now := strconv.FormatInt(time.Now().Unix()+1, 10)
+	harness.Run(t, "zfs", "create", "-s", "-V", "64M", "-o", "zgolden:created="+now, parent+"/vol/fresh")
+	if _, err := s.Create(ctx, driver.Spec{Name: "fresh", Kind: driver.KindBlock, Golden: "prj"}); !errors.Is(err, driver.ErrExists) {
+		t.Errorf("Create over a dataset made since the store opened: %v, want ErrExists", err)
+	}
+	if out := harness.Run(t, "zfs", "list", "-H", "-o", "name", parent+"/vol/fresh"); !strings.Contains(out, "fresh") {
+		t.Errorf("the dataset made since the store opened is gone")
 	}
 }

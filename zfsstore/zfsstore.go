@@ -117,6 +117,7 @@ type Store struct {
 	trash trash
 
 	versions ZFSVersions // read once by New; a module cannot change under a running store
+	opened   time.Time   // when New ran: a volume created before it is an earlier run's (clearStale)
 
 	// cloning counts the Creates making a dataset now; the trash worker yields to them
 	// (removal.go).
@@ -235,7 +236,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if err := validDataset(cfg.Parent); err != nil {
 		return nil, err
 	}
-	s := &Store{cfg: cfg, zfs: zfsutil.New(cfg.Log), log: cfg.Log.WithField("backend", "zfs"), growing: map[string]bool{}}
+	s := &Store{cfg: cfg, zfs: zfsutil.New(cfg.Log), log: cfg.Log.WithField("backend", "zfs"), growing: map[string]bool{}, opened: time.Now()}
 	if err := s.lockParent(); err != nil {
 		return nil, err
 	}
@@ -558,6 +559,9 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			v.Generation = gen.Number
 			err = s.clone(ctx, gen.Source, ds, props)
 		}
+		if errors.Is(err, zfsutil.ErrExists) && s.clearStale(ctx, spec.Name, ds, log) {
+			err = s.clone(ctx, gen.Source, ds, props)
+		}
 		unlock() // the clone exists (or failed): its origin may move now
 		if err != nil {
 			s.cleanupLate(spec.Name, ds, err, log)
@@ -579,7 +583,11 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			props[propColdStart] = driver.MetaYes
 			v.ColdStart = true
 		}
-		if err := s.createEmpty(ctx, spec.Name, ds, spec.Kind, spec.Size, props); err != nil {
+		err := s.createEmpty(ctx, spec.Name, ds, spec.Kind, spec.Size, props)
+		if errors.Is(err, driver.ErrExists) && s.clearStale(ctx, spec.Name, ds, log) {
+			err = s.createEmpty(ctx, spec.Name, ds, spec.Kind, spec.Size, props)
+		}
+		if err != nil {
 			return v, err
 		}
 		s.cfg.Faults.Hit("create:after-format") // made and formatted, still marked creating
