@@ -934,6 +934,7 @@ func (s *Store) makeSpare(ctx context.Context, m *making, g *driver.Generation) 
 		s.cleanupLate(ds, ds, err, log)
 		return mapErr(err)
 	}
+	s.cfg.Faults.Hit("spare:after-clone") // a spare with no property: the next Load reads its origin
 	dev, err := s.zfs.WaitDevice(ctx, ds, s.cfg.DeviceTimeout)
 	if err != nil {
 		s.rollback(ctx, log, ds, ds)

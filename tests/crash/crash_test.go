@@ -251,7 +251,8 @@ func scenariosFor(point string) []scenario {
 		}}
 	case "spare":
 		// The Create claims the ready spare; the worker makes its replacement after it, and the
-		// crash falls in that making (reflinkstore/spares.go).
+		// crash falls in that making (reflinkstore/spares.go; on ZFS, after the bare clone,
+		// whose project and generation the next start reads from its origin).
 		return []scenario{{
 			variant: "restock", spares: true,
 			act: untilSettled(create("golden="+baseProject), func(st status) bool { return st.SparesReady[baseProject] >= 1 }),
