@@ -941,6 +941,7 @@ func (s *Store) makeSpare(ctx context.Context, m *making, g *driver.Generation) 
 		return err
 	}
 	s.premount(ctx, ds, dev)
+	s.cfg.Faults.Hit("spare:after-mount") // mounted ahead, not yet counted: the next Load finds both
 	made = &spare{ds: ds, gen: g.Number, dev: dev}
 	log.Debug("made a spare volume")
 	return nil
