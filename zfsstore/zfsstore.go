@@ -100,7 +100,9 @@ type Store struct {
 	}
 	// swap is read-locked by a Create from picking a generation until its clone exists, and
 	// write-locked while a promotion moves generation snapshots between lineages (two zfs
-	// promotes, O(1) each): a racing Create must never look for a snapshot that is moving.
+	// promotes, O(1) each): a racing Create must never look for a snapshot that is moving. The
+	// waits under the read lock are the clone's, and, when an earlier run's dataset holds the
+	// name (clearStale, rare), its destroy and a second clone.
 	swap sync.RWMutex
 
 	// growing holds the volumes whose zgolden:grow property is set, so that Mount knows without
