@@ -651,12 +651,9 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 		known[ds] = true
 	}
 	s.tomb.mu.Unlock()
-	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{"origin"})
-	if errors.Is(err, zfsutil.ErrNotFound) {
-		return nil
-	}
+	rows, err := s.listSpares(ctx)
 	if err != nil {
-		return mapErr(err)
+		return err
 	}
 	for _, r := range rows {
 		ds := r["name"]
@@ -668,6 +665,16 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 		s.putSpare(project, s.listedSpare(ctx, ds, gen))
 	}
 	return nil
+}
+
+// listSpares lists PARENT/spare and the datasets under it with their origin (spareOrigin); none
+// when PARENT/spare does not exist.
+func (s *Store) listSpares(ctx context.Context) ([]zfsutil.Row, error) {
+	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{"origin"})
+	if errors.Is(err, zfsutil.ErrNotFound) {
+		return nil, nil
+	}
+	return rows, mapErr(err)
 }
 
 // spareOrigin reads a spare's project and generation from its origin, the generation snapshot
@@ -975,9 +982,9 @@ func (s *Store) retireSpares(ctx context.Context, project string, gen int) error
 // rules above), and returns the volumes that are still claimed spares. The datasets in removed
 // have a removal record, which wins (removal.go): they are neither claims nor spares.
 func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driver.Volume, error) {
-	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{"origin"})
-	if err != nil && !errors.Is(err, zfsutil.ErrNotFound) {
-		return nil, mapErr(err)
+	rows, err := s.listSpares(ctx)
+	if err != nil {
+		return nil, err
 	}
 	present := map[string]zfsutil.Row{}
 	for _, r := range rows {
