@@ -52,9 +52,14 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 	// A refused zfs userland and module pair stops the start even in auto: falling back to the
 	// reflink store would hide it, and a managed plugin must refuse at enable time. This runs
 	// before any other zfs command (DefaultParent, Check), since a refused pair misreports.
+	var versions *zfsstore.ZFSVersions // read once: the store takes them as they were
 	if c.Backend != "reflink" && zfsstore.Present() {
-		if _, err := zfsstore.Versions(ctx, zfsutil.New(log), c.ZFSProven); errors.Is(err, zfsutil.ErrPair) {
+		v, err := zfsstore.Versions(ctx, zfsutil.New(log), c.ZFSProven)
+		if errors.Is(err, zfsutil.ErrPair) {
 			return nil, err
+		}
+		if err == nil {
+			versions = &v
 		}
 	}
 	if c.Parent == "" && c.Backend != "reflink" {
@@ -78,7 +83,7 @@ func openBackend(ctx context.Context, c serveConfig, faults *fault.Injector, log
 		return zfsstore.New(ctx, zfsstore.Config{
 			Parent: c.Parent, Volblocksize: c.Volblocksize, Compression: c.Compression,
 			Discard: c.Discard, DefaultSize: c.DefaultSize, Adopt: c.Adopt,
-			Spares: c.Spares, RecordDir: c.RecordDir, ProvenZFS: c.ZFSProven,
+			Spares: c.Spares, RecordDir: c.RecordDir, ProvenZFS: c.ZFSProven, Versions: versions,
 			WorkDir: filepath.Join(c.StateDir, "work"), Faults: faults, Log: log,
 		})
 	}

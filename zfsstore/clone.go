@@ -37,13 +37,11 @@ func (s *Store) inherited() zfsutil.Props {
 // initInherited sets inherited() on PARENT/vol and PARENT/spare where they differ, which happens
 // once per parent and again when --compression changes. A changed compression applies to the
 // new writes of every volume that inherits it, which is every volume made on 2.4 and later.
-func (s *Store) initInherited(ctx context.Context) error {
+// have holds the rows of PARENT's children, with dedup and compression, from initParent's listing.
+func (s *Store) initInherited(ctx context.Context, have map[string]zfsutil.Row) error {
 	want := s.inherited()
 	for _, root := range []string{s.volRoot(), s.spareRoot()} {
-		row, err := s.zfs.Get(ctx, root, "dedup", "compression")
-		if err != nil {
-			return err
-		}
+		row := have[root]
 		diff := zfsutil.Props{}
 		for k, v := range want {
 			if row[k] != v {

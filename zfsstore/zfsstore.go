@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"slices"
@@ -81,7 +82,10 @@ type Config struct {
 	// ProvenZFS lists the module series (such as "2.3") the zfs userland is proven to drive
 	// besides its own; New refuses any other pair (zfsutil.CheckPair).
 	ProvenZFS []string
-	Log       *logrus.Entry
+	// Versions, when set, is what Versions returned a moment ago with no error (the plugin
+	// checks the pair before it chooses a backend); New then reads them again only when unset.
+	Versions *ZFSVersions
+	Log      *logrus.Entry
 }
 
 // Store is the ZFS backend.
@@ -243,7 +247,12 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, err
 	}
 	var err error
-	if s.versions, err = Versions(ctx, s.zfs, cfg.ProvenZFS); err == nil {
+	if cfg.Versions != nil {
+		s.versions = *cfg.Versions
+	} else {
+		s.versions, err = Versions(ctx, s.zfs, cfg.ProvenZFS)
+	}
+	if err == nil {
 		s.oneTask.Store(oneTaskModule(s.versions.Module))
 		s.log.WithFields(logrus.Fields{"zfs_module": s.versions.Module, "zfs_userland": s.versions.Userland, "one_task_clone": s.oneTask.Load()}).Info("zfs userland and module accepted")
 		err = s.initParent(ctx)
@@ -262,21 +271,30 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 // A container is a filesystem that only holds other datasets: never mounted.
 var containerProps = zfsutil.Props{"canmount": "off", "mountpoint": "none"}
 
+// initParent makes PARENT and its four containers where missing, and sets what volumes and
+// spares inherit. One listing of PARENT and its children answers every question it asks: a
+// start-up runs it, and each zfs process costs a tenth of a second under emulation and more on
+// a loaded host.
 func (s *Store) initParent(ctx context.Context) error {
 	p := s.cfg.Parent
-	row, err := s.zfs.Get(ctx, p, propOwner, "type")
+	rows, err := s.zfs.ListChildren(ctx, p, []string{"filesystem", "volume"}, []string{"type", propOwner, "dedup", "compression"})
+	have := map[string]zfsutil.Row{}
+	for _, r := range rows {
+		have[r["name"]] = r
+	}
+	row := have[p]
 	switch {
 	case errors.Is(err, zfsutil.ErrNotFound):
 		props := zfsutil.Props{propOwner: ownerValue}
-		for k, v := range containerProps {
-			props[k] = v
-		}
+		maps.Copy(props, containerProps)
 		if err := s.zfs.CreateFilesystem(ctx, p, props); err != nil {
 			return fmt.Errorf("create parent dataset %s: %w", p, err)
 		}
 		s.log.WithField("dataset", p).Info("created parent dataset")
 	case err != nil:
 		return fmt.Errorf("parent dataset %s: %w", p, err)
+	case row == nil:
+		return fmt.Errorf("parent dataset %s: zfs list did not list it", p)
 	case row["type"] != "filesystem":
 		return fmt.Errorf("parent dataset %s is a %s; it must be a filesystem", p, row["type"])
 	case row[propOwner] != ownerValue:
@@ -292,17 +310,21 @@ func (s *Store) initParent(ctx context.Context) error {
 		}
 	}
 	for _, child := range []string{s.volRoot(), s.goldenRoot(), s.trashRoot(), s.spareRoot()} {
-		ok, err := s.zfs.Exists(ctx, child)
-		if err != nil {
-			return err
+		if have[child] != nil {
+			continue
 		}
-		if !ok {
-			if err := s.zfs.CreateFilesystem(ctx, child, containerProps); err != nil && !errors.Is(err, zfsutil.ErrExists) {
-				return fmt.Errorf("create %s: %w", child, err)
-			}
+		props := maps.Clone(containerProps)
+		if child == s.volRoot() || child == s.spareRoot() {
+			maps.Copy(props, s.inherited())
 		}
+		if err := s.zfs.CreateFilesystem(ctx, child, props); err != nil && !errors.Is(err, zfsutil.ErrExists) {
+			return fmt.Errorf("create %s: %w", child, err)
+		}
+		// Made with these properties, or by a racing start with the same (ErrExists): either
+		// way initInherited has nothing to set.
+		have[child] = zfsutil.Row(props)
 	}
-	return s.initInherited(ctx)
+	return s.initInherited(ctx, have)
 }
 
 // Name implements driver.Backend.

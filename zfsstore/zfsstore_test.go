@@ -3,6 +3,7 @@ package zfsstore_test
 import (
 	"context"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -109,6 +110,51 @@ func TestVolumeProperties(t *testing.T) {
 	}
 	if err := s.Remove(ctx, v); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// zfsCount counts the zfs commands a store runs (zfsutil logs each at debug, as "zfs").
+type zfsCount struct{ argv [][]string }
+
+func (c *zfsCount) Levels() []logrus.Level { return []logrus.Level{logrus.DebugLevel} }
+func (c *zfsCount) Fire(e *logrus.Entry) error {
+	if e.Message == "zfs" {
+		argv, _ := e.Data["argv"].([]string)
+		c.argv = append(c.argv, argv)
+	}
+	return nil
+}
+
+// TestOpenRunsOneCommand: opening a store on a parent it made before runs one zfs command,
+// given the versions the plugin read a moment earlier. Every restart pays it, and each zfs
+// process costs a tenth of a second in the guest and more on a loaded host; seven of them
+// (a get, four existence checks, two gets of the inherited properties) became this one.
+func TestOpenRunsOneCommand(t *testing.T) {
+	parent := harness.ZFSParent(t)
+	first := mustOpen(t, parent, t.TempDir())
+	_ = first.Close(context.Background())
+	ctx := context.Background()
+	l := logrus.New()
+	l.SetLevel(logrus.DebugLevel)
+	l.SetOutput(io.Discard)
+	count := &zfsCount{}
+	l.AddHook(count)
+	v, err := zfsstore.Versions(ctx, zfsutil.New(logrus.NewEntry(logrus.New())), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := zfsstore.New(ctx, zfsstore.Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30, Versions: &v, Log: logrus.NewEntry(l)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	if len(count.argv) != 1 || count.argv[0][0] != "list" {
+		t.Errorf("opening an existing store ran %d zfs commands, want 1 listing: %v", len(count.argv), count.argv)
+	}
+	for _, root := range []string{parent + "/vol", parent + "/spare"} {
+		if got := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-o", "value", "dedup,compression", root)); got != "off\nlz4" {
+			t.Errorf("%s dedup,compression = %q, want off and lz4", root, got)
+		}
 	}
 }
 

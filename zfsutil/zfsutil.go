@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -232,8 +233,18 @@ func (r Row) Uint(prop string) uint64 {
 // with exact (-p) values of props. One zfs process serves the whole tree, so start-up stays one
 // command however many volumes exist.
 func (z *ZFS) List(ctx context.Context, root string, types []string, props []string) ([]Row, error) {
+	return z.list(ctx, []string{"-r"}, root, types, props)
+}
+
+// ListChildren is List of root and its direct children only (zfs list -d 1).
+func (z *ZFS) ListChildren(ctx context.Context, root string, types []string, props []string) ([]Row, error) {
+	return z.list(ctx, []string{"-d", "1"}, root, types, props)
+}
+
+func (z *ZFS) list(ctx context.Context, depth []string, root string, types []string, props []string) ([]Row, error) {
 	cols := append([]string{"name"}, props...)
-	out, err := z.run(ctx, "list", "-H", "-p", "-r", "-t", strings.Join(types, ","), "-o", strings.Join(cols, ","), root)
+	args := slices.Concat([]string{"list", "-H", "-p"}, depth, []string{"-t", strings.Join(types, ","), "-o", strings.Join(cols, ","), root})
+	out, err := z.run(ctx, args...)
 	if err != nil {
 		return nil, err
 	}
