@@ -42,7 +42,7 @@ type ZFSStatus struct {
 	DDTEntries      *uint64 `json:"ddt_entries,omitempty"`
 	DevicesHeld     int     `json:"devices_held"` // zvols held open from Unmount to Remove
 	CleanupsPending int     `json:"cleanups_pending"`
-	CloneSyncTasks  int     `json:"clone_sync_tasks"` // sync tasks a Create's clone costs: 1 or 2
+	CloneSyncTasks  int     `json:"clone_sync_tasks"` // sync tasks of a clone with properties: 1 on 2.4, else 2
 	// Spares the worker is making now, and the Creates waiting for one of them rather than
 	// cloning (zfsstore/spares.go).
 	SparesMaking   int `json:"spares_making"`

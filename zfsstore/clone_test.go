@@ -2,6 +2,7 @@ package zfsstore
 
 import (
 	"context"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -23,10 +24,11 @@ func syncTxgs(t *testing.T, ds string) map[int64]bool {
 	return txgs
 }
 
-// TestCloneSyncTasks: a Create's clone costs one sync task on a 2.4 module and two before it
-// (the fallback), and a spare's one on every release, read from the pool's history rather than from the store's own
-// claim; either way the volume has dedup=off and the configured compression, and changing that
-// setting reaches the datasets the clones inherit it from.
+// TestCloneSyncTasks: a clone with properties costs one sync task on a 2.4 module and two before
+// it (the fallback, which Status reports), and a spare's clone and a Create's clone of a block
+// volume one on every release (bare before 2.4), read from the pool's history rather than from
+// the store's own claim; either way the volume has dedup=off and the configured compression, and
+// changing that setting reaches the datasets the clones inherit it from.
 func TestCloneSyncTasks(t *testing.T) {
 	parent, _, s, _ := withSpares(t)
 	want := 2
@@ -62,10 +64,16 @@ func TestCloneSyncTasks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if txgs := syncTxgs(t, v.Source); len(txgs) != want {
-		t.Errorf("Create %s: clone and properties synced in txgs %v, want %d group(s)", v.Source, txgs, want)
+	// One sync task on every release: with its properties in one channel program on 2.4, bare
+	// before it (bare.go).
+	if txgs := syncTxgs(t, v.Source); len(txgs) != 1 {
+		t.Errorf("Create %s: clone and properties synced in txgs %v, want 1 group", v.Source, txgs)
 	}
-	for prop, val := range map[string]string{"dedup": "off", "compression": "lz4", "zgolden:state": "ready", "zgolden:golden": "prj"} {
+	stored := map[string]string{"dedup": "off", "compression": "lz4", "zgolden:state": "ready", "zgolden:golden": "prj"}
+	if want == 2 {
+		stored = map[string]string{"dedup": "off", "compression": "lz4", "zgolden:state": "-", "zgolden:golden": "-"}
+	}
+	for prop, val := range stored {
 		if got := strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-o", "value", prop, v.Source)); got != val {
 			t.Errorf("%s %s = %q, want %q", v.Source, prop, got, val)
 		}
@@ -88,4 +96,92 @@ func TestCloneSyncTasks(t *testing.T) {
 			t.Errorf("%s compression = %q after reopening with compression off", root, got)
 		}
 	}
+}
+
+// TestBareVolume: a block volume cloned bare (as Creates do before 2.4; forced here on every
+// release) is one sync task, loads after a restart with the golden, generation and creation time
+// its origin and ZFS give, and gets its properties stored before a fork or a promotion can move
+// its origin, so that it still says which generation it came from afterwards.
+func TestBareVolume(t *testing.T) {
+	s, parent := openInternal(t)
+	g := importTiny(t, s, "prj", "golden")
+	ctx := context.Background()
+	if _, err := s.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.oneTask.Store(false) // a 2.1-2.3 module, as far as Create is concerned
+	made := map[string]driver.Volume{}
+	for _, name := range []string{"plain", "forked", "promoted"} {
+		v, err := s.Create(ctx, driver.Spec{Name: name, Kind: driver.KindBlock, Golden: "prj"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if txgs := syncTxgs(t, v.Source); len(txgs) != 1 {
+			t.Errorf("Create %s: synced in txgs %v, want 1 group", name, txgs)
+		}
+		if got := zprop(t, v.Source, "zgolden:state"); got != "-" {
+			t.Errorf("%s was cloned with zgolden:state %q, want none (bare)", v.Source, got)
+		}
+		made[name] = v
+	}
+	if _, err := s.Fork(ctx, made["forked"], "", driver.Spec{Name: "fork", Kind: driver.KindBlock}); err != nil {
+		t.Fatal(err)
+	}
+	gen2, err := s.Promote(ctx, made["promoted"], "", "prj")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ds := range []string{made["forked"].Source, made["promoted"].Source, parent + "/vol/fork"} {
+		for prop, want := range map[string]string{"zgolden:state": "ready", "zgolden:golden": "prj", "zgolden:generation": strconv.Itoa(g.Number), "zgolden:kind": "block"} {
+			if got := zprop(t, ds, prop); got != want {
+				t.Errorf("%s %s = %q after the fork and the promotion, want %q", ds, prop, got, want)
+			}
+		}
+	}
+	if origin := zprop(t, made["promoted"].Source, "origin"); !strings.HasSuffix(origin, "@gen"+strconv.Itoa(gen2.Number)) {
+		t.Errorf("the promoted volume's origin is %q; the test means it to move to generation %d", origin, gen2.Number)
+	}
+	if got := zprop(t, made["plain"].Source, "zgolden:state"); got != "-" {
+		t.Errorf("plain, neither forked nor promoted, got zgolden:state %q; it stays bare", got)
+	}
+
+	// The restart: every volume loads with what it was made from.
+	_ = s.Close(ctx)
+	l := logrus.New()
+	l.SetLevel(logrus.WarnLevel)
+	s2, err := New(ctx, Config{Parent: parent, WorkDir: t.TempDir(), DefaultSize: 1 << 30, Log: logrus.NewEntry(l)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s2.Close(context.Background()) })
+	vols, err := s2.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]driver.Volume{}
+	for _, v := range vols {
+		got[v.Name] = v
+	}
+	creation, _ := strconv.ParseInt(zpropP(t, made["plain"].Source, "creation"), 10, 64)
+	for _, name := range []string{"plain", "forked", "promoted", "fork"} {
+		v, ok := got[name]
+		switch {
+		case !ok:
+			t.Errorf("%s is not loaded after the restart: %v", name, vols)
+		case v.Golden != "prj" || v.Generation != g.Number || v.Kind != driver.KindBlock:
+			t.Errorf("%s loaded as golden %q generation %d kind %s, want prj %d block", name, v.Golden, v.Generation, v.Kind, g.Number)
+		case name == "plain" && v.CreatedAt.Unix() != creation:
+			t.Errorf("plain loaded with CreatedAt %v, want its ZFS creation %d", v.CreatedAt, creation)
+		}
+	}
+}
+
+func zprop(t *testing.T, ds, prop string) string {
+	t.Helper()
+	return strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-o", "value", prop, ds))
+}
+
+func zpropP(t *testing.T, ds, prop string) string {
+	t.Helper()
+	return strings.TrimSpace(harness.Run(t, "zfs", "get", "-H", "-p", "-o", "value", prop, ds))
 }

@@ -63,9 +63,14 @@ func (s *Store) fork(ctx context.Context, src driver.Volume, mountpoint string, 
 	}
 	srcDS := s.volDataset(src.Name)
 	ds := s.volDataset(spec.Name)
-	row, err := s.zfs.Get(ctx, srcDS, "refquota", propGolden, propGeneration, propColdStart, propGrow)
+	row, err := s.zfs.Get(ctx, srcDS, append([]string{"refquota", propGolden, propGeneration, propColdStart, propGrow, propState}, bareProps...)...)
 	if err != nil {
 		return driver.Volume{}, mapErr(err)
+	}
+	// A promotion of the fork would move the source's origin (bare.go): a bare source gets its
+	// properties first, which the fork copies below.
+	if err := s.settle(ctx, srcDS, row); err != nil {
+		return driver.Volume{}, err
 	}
 	if mountpoint == "" && src.Kind == driver.KindBlock {
 		mountpoint = s.premountOf(srcDS) // an early-mounted spare's XFS is frozen like Docker's mount

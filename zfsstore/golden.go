@@ -382,9 +382,14 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	target := s.projectDataset(projectName) + "/g" + strconv.Itoa(n)
 	log := s.log.WithFields(logrus.Fields{"volume": v.Name, "dataset": ds, "project": projectName, "generation": n, "lineage": target})
 
-	row, err := s.zfs.Get(ctx, ds, "origin")
+	row, err := s.zfs.Get(ctx, ds, append([]string{propState}, bareProps...)...)
 	if err != nil {
 		return driver.Generation{}, mapErr(err)
+	}
+	// The promotion makes the volume a clone of the new generation: a bare volume's golden and
+	// generation, read from its origin, would change with it (bare.go).
+	if err := s.settle(ctx, ds, row); err != nil {
+		return driver.Generation{}, err
 	}
 	origin, err := s.chainRoot(ctx, row["origin"])
 	if err != nil {

@@ -110,12 +110,17 @@ func (s *Store) cleanupLate(name, ds string, cmdErr error, log *logrus.Entry) bo
 // Create of this process would be known to the driver, which then never calls Create for it.
 // It returns whether ds was destroyed and may be made again.
 func (s *Store) clearStale(ctx context.Context, name, ds string, log *logrus.Entry) bool {
-	row, err := s.zfs.Get(ctx, ds, propCreated)
+	row, err := s.zfs.Get(ctx, ds, append([]string{propCreated, propState}, bareProps...)...)
 	if err != nil {
 		return false
 	}
+	// A bare clone (bare.go) is always an earlier run's: this process's own Creates that failed
+	// late are tombstoned (cleanupLate), which freeName refuses before any clone. Its creation
+	// time is when ZFS carried the clone out, which for a clone a crash interrupted can be after
+	// this store opened, so the time cannot say.
+	bare := s.fillBare(row)
 	created, err := strconv.ParseInt(row[propCreated], 10, 64)
-	if err != nil || created >= s.opened.Unix() || s.claimOf(name) != nil {
+	if err != nil || created >= s.opened.Unix() && !bare || s.claimOf(name) != nil {
 		return false
 	}
 	log = log.WithField("created", time.Unix(created, 0).UTC().Format(time.RFC3339))

@@ -159,8 +159,9 @@ func TestCreateReleasesSwapOnceCloned(t *testing.T) {
 
 // TestStaleCreateIsMadeAgain: a dataset at vol/NAME that an earlier run's Create left (its clone
 // or create landed after this store had listed its volumes, and the Create never returned) is
-// destroyed and made again by a Create of NAME, for a clone and for an empty volume alike. One
-// whose creation is not older than the store is no earlier run's, and is refused as existing.
+// destroyed and made again by a Create of NAME, for a clone and for an empty volume alike, and
+// for a bare clone whatever its creation time. One with properties whose creation is not older
+// than the store is no earlier run's, and is refused as existing.
 func TestStaleCreateIsMadeAgain(t *testing.T) {
 	s, parent := openInternal(t)
 	g := importTiny(t, s, "prj", "golden")
@@ -188,6 +189,15 @@ func TestStaleCreateIsMadeAgain(t *testing.T) {
 		if err := s.Remove(ctx, v); err != nil {
 			t.Fatal(err)
 		}
+	}
+
+	// A bare clone (bare.go) whose clone ZFS carried out after the store opened, as one a crash
+	// interrupted can be: its creation time cannot say, and it is an earlier run's all the same.
+	harness.Run(t, "zfs", "clone", g.Source, parent+"/vol/barelate")
+	if v, err := s.Create(ctx, driver.Spec{Name: "barelate", Kind: driver.KindBlock, Golden: "prj"}); err != nil {
+		t.Errorf("Create over an earlier run's bare clone: %v", err)
+	} else if err := s.Remove(ctx, v); err != nil {
+		t.Fatal(err)
 	}
 
 	// Made since the store opened: not an earlier run's, so not the store's to destroy.

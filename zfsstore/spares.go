@@ -657,7 +657,7 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 	}
 	for _, r := range rows {
 		ds := r["name"]
-		project, gen, ok := s.spareOrigin(r["origin"])
+		project, gen, ok := s.originGeneration(r["origin"])
 		if ds == s.spareRoot() || known[ds] || !ok {
 			continue // one of no generation is destroyed by the next Load
 		}
@@ -667,7 +667,7 @@ func (s *Store) adoptSpares(ctx context.Context) error {
 	return nil
 }
 
-// listSpares lists PARENT/spare and the datasets under it with their origin (spareOrigin); none
+// listSpares lists PARENT/spare and the datasets under it with their origin (originGeneration); none
 // when PARENT/spare does not exist.
 func (s *Store) listSpares(ctx context.Context) ([]zfsutil.Row, error) {
 	rows, err := s.zfs.List(ctx, s.spareRoot(), []string{"volume"}, []string{"origin"})
@@ -677,11 +677,12 @@ func (s *Store) listSpares(ctx context.Context) ([]zfsutil.Row, error) {
 	return rows, mapErr(err)
 }
 
-// spareOrigin reads a spare's project and generation from its origin, the generation snapshot
-// PARENT/golden/PROJECT/gK@genN it was cloned from; ok is false for any other origin. A
-// promotion's zfs promote moves snapshots between a project's lineages, never their names or
-// projects, so the origin stays right for as long as the spare exists.
-func (s *Store) spareOrigin(origin string) (project string, gen int, ok bool) {
+// originGeneration reads the project and generation a spare or a bare volume (bare.go) was
+// cloned from out of its origin, the generation snapshot PARENT/golden/PROJECT/gK@genN; ok is
+// false for any other origin. A promotion's zfs promote moves snapshots between a project's
+// lineages, never their names or projects, so the origin stays right for as long as the clone
+// exists, unless the clone itself, or a fork of it, is promoted (bare.go).
+func (s *Store) originGeneration(origin string) (project string, gen int, ok bool) {
 	rel, ok := strings.CutPrefix(origin, s.goldenRoot()+"/")
 	if !ok {
 		return "", 0, false
@@ -1024,7 +1025,7 @@ func (s *Store) loadSpares(ctx context.Context, removed map[string]bool) ([]driv
 		if ds == s.spareRoot() {
 			continue
 		}
-		project, gen, ok := s.spareOrigin(r["origin"])
+		project, gen, ok := s.originGeneration(r["origin"])
 		if !ok {
 			s.log.WithFields(logrus.Fields{"dataset": ds, "origin": r["origin"]}).Warn("destroying a spare that is no clone of a generation")
 			if err := s.destroy(ctx, ds, true); err != nil {

@@ -127,11 +127,11 @@ func TestSpareOrigin(t *testing.T) {
 		"-":                             "",
 	} {
 		got := ""
-		if p, g, ok := s.spareOrigin(origin); ok {
+		if p, g, ok := s.originGeneration(origin); ok {
 			got = fmt.Sprintf("%s %d", p, g)
 		}
 		if got != want {
-			t.Errorf("spareOrigin(%q) = %q, want %q", origin, got, want)
+			t.Errorf("originGeneration(%q) = %q, want %q", origin, got, want)
 		}
 	}
 }

@@ -388,7 +388,7 @@ func mapErr(err error) error {
 	return err
 }
 
-var volProps = []string{"type", "origin", "volsize", propKind, propGolden, propGeneration, propColdStart, propCreated, propState, propGrow, propForkOf}
+var volProps = []string{"type", "origin", "creation", "volsize", propKind, propGolden, propGeneration, propColdStart, propCreated, propState, propGrow, propForkOf}
 
 // setGrowing records whether a volume's XFS must be grown at its next mount (see Store.growing).
 func (s *Store) setGrowing(name string, grow bool) {
@@ -462,10 +462,18 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 			log.Warn("ignoring a dataset under the volume root that zgolden did not create")
 			continue
 		}
-		if r[propState] != "ready" {
+		if r[propState] != "ready" && !s.fillBare(r) {
 			log.Warn("destroying a volume whose create was interrupted")
 			if err := s.destroy(ctx, name, true); err != nil {
 				return nil, err
+			}
+			// An interrupted fork's snapshot carried only this clone (each fork has its own):
+			// it goes now rather than at the next start, which would find it without a clone.
+			// Not fatal: the next start drops it once it has no clone.
+			if o := r["origin"]; isForkSnapshot(o) && inside(s.volRoot(), o) {
+				if err := s.destroy(ctx, o, false); err != nil {
+					log.WithError(err).WithField("snapshot", o).Warn("could not destroy the interrupted fork's snapshot; the next start does")
+				}
 			}
 			continue
 		}
@@ -567,7 +575,11 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		if grow {
 			props[propState] = "creating" // until the volsize change below is done
 		}
-		err := s.clone(ctx, gen.Source, ds, props)
+		cloneProps := props
+		if s.cloneBare(spec) {
+			cloneProps = nil // one sync task, not two: its properties are derived (bare.go)
+		}
+		err := s.clone(ctx, gen.Source, ds, cloneProps)
 		if errors.Is(err, zfsutil.ErrNotFound) && pickCached {
 			// The cached generation was destroyed behind the store's back: read the tree again.
 			log.WithError(err).WithField("snapshot", gen.Source).Warn("the cached generation is gone; reading the golden again")
@@ -581,10 +593,10 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 			gen, genSize = g, size
 			props[propGeneration] = strconv.Itoa(gen.Number)
 			v.Generation = gen.Number
-			err = s.clone(ctx, gen.Source, ds, props)
+			err = s.clone(ctx, gen.Source, ds, cloneProps)
 		}
 		if errors.Is(err, zfsutil.ErrExists) && s.clearStale(ctx, spec.Name, ds, log) {
-			err = s.clone(ctx, gen.Source, ds, props)
+			err = s.clone(ctx, gen.Source, ds, cloneProps)
 		}
 		unlock() // the clone exists (or failed): its origin may move now
 		if err != nil {
@@ -630,8 +642,10 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		s.cfg.Faults.Hit("create:after-device")
 	}
 	if gen != nil {
-		// Everything a zfs get would read back was set by the clone itself: skip that process
-		// (Create's latency is the product; see make bench). CreatedAt as Load reads it back.
+		// Everything a zfs get would read back was set by the clone itself, or is derived from
+		// it (bare.go): skip that process (Create's latency is the product; see make bench).
+		// CreatedAt as Load reads it back; for a bare clone Load reads ZFS's creation, which
+		// is this second or, on a busy pool, the few seconds later its sync task ran.
 		v.CreatedAt = time.Unix(now.Unix(), 0).UTC()
 		s.setGrowing(spec.Name, v.Size > genSize)
 		return v, nil

@@ -189,8 +189,9 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 	}
 	// A Create that died after `zfs create` but before its state became ready.
 	harness.Run(t, "zfs", "create", "-s", "-V", "1G", "-o", "zgolden:state=creating", parent+"/vol/halfmade")
-	// A host crash between a clone's two transaction groups (zfs_ioc_clone sets the properties
-	// in a second one): a clone of the generation without any zgolden property.
+	// A clone of a generation without any zgolden property: a bare volume (bare.go), or a host
+	// crash between a clone's two transaction groups (zfs_ioc_clone sets the properties in a
+	// second one). Either way a complete volume, which Load keeps.
 	gens := harness.Run(t, "zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", parent+"/golden/prj")
 	harness.Run(t, "zfs", "clone", strings.Fields(gens)[0], parent+"/vol/bareclone")
 	// An import that died mid-copy: its lineage is still marked importing.
@@ -204,6 +205,10 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 		t.Fatal(err)
 	}
 	harness.Run(t, "zfs", "snapshot", parent+"/vol/session@gen2")
+	// A fork whose properties never came (a crash between its clone's two tasks): a clone of no
+	// generation, without properties; it goes, and so does the snapshot it hung off.
+	harness.Run(t, "zfs", "snapshot", parent+"/vol/session@fork-x")
+	harness.Run(t, "zfs", "clone", parent+"/vol/session@fork-x", parent+"/vol/barefork")
 	// A clone+promote that died before `zfs promote`.
 	if _, err := s.Create(ctx, driver.Spec{Name: "coldvol", Kind: driver.KindBlock}); err != nil {
 		t.Fatal(err)
@@ -222,11 +227,16 @@ func TestLoadRepairsInterruptedWork(t *testing.T) {
 		names = append(names, v.Name)
 	}
 	slices.Sort(names)
-	if !slices.Equal(names, []string{"coldvol", "session"}) {
-		t.Fatalf("Load returned %v, want [coldvol session] (halfmade and bareclone destroyed)", names)
+	if !slices.Equal(names, []string{"bareclone", "coldvol", "session"}) {
+		t.Fatalf("Load returned %v, want [bareclone coldvol session] (halfmade and barefork destroyed)", names)
+	}
+	for _, v := range vols {
+		if v.Name == "bareclone" && (v.Golden != "prj" || v.Generation != 1 || v.Kind != driver.KindBlock || v.CreatedAt.Unix() < 1e9) {
+			t.Errorf("the bare clone loaded as %+v, want a block volume of prj generation 1 with its creation time", v)
+		}
 	}
 	inv := harness.ZFSInventory(t, parent)
-	for _, gone := range []string{parent + "/vol/halfmade", parent + "/vol/bareclone", parent + "/golden/other/g1", parent + "/vol/session@gen2"} {
+	for _, gone := range []string{parent + "/vol/halfmade", parent + "/vol/barefork", parent + "/vol/session@fork-x", parent + "/golden/other/g1", parent + "/vol/session@gen2"} {
 		if slices.Contains(inv, gone) {
 			t.Errorf("%s survived Load", gone)
 		}
