@@ -30,18 +30,28 @@ func openInternal(t *testing.T) (*Store, string) {
 	return s, parent
 }
 
-// abandoned returns the error of a command that outlived its deadline and has not exited: a
-// shell killed at the deadline whose child keeps its output open for three more seconds, which
+// abandoned returns the error of a command that outlived its context and has not exited: a
+// shell killed once it has started a child that keeps its output open for four seconds, which
 // is what a zfs clone stuck in txg_wait_synced looks like to internal/command.
 func abandoned(t *testing.T) error {
 	t.Helper()
 	old := command.KillGrace
 	command.KillGrace = 100 * time.Millisecond
 	defer func() { command.KillGrace = old }()
-	// A second for the shell to start its child, even under emulation.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	// The context ends once the shell has started its child, however long that takes in a
+	// loaded guest (a fixed second is internal/command's old flake).
+	mark := filepath.Join(t.TempDir(), "started")
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	_, err := command.Run(ctx, "sh", "-c", "sleep 4; true")
+	go func() {
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if _, err := os.Stat(mark); err == nil {
+				break
+			}
+		}
+		cancel()
+	}()
+	_, err := command.Run(ctx, "sh", "-c", `sleep 4 & : > "$1"; wait`, "sh", mark)
 	if !errors.Is(err, command.ErrAbandoned) {
 		t.Fatalf("could not make an abandoned command: %v", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -50,13 +51,26 @@ func TestRunReturnsWithoutAProcessThatWillNotExit(t *testing.T) {
 	old := KillGrace
 	KillGrace = 200 * time.Millisecond
 	defer func() { KillGrace = old }()
-	// A second for the shell to start its child, even under emulation.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	// The context ends once the shell has started its child, however long that takes on a
+	// loaded machine: a fixed second was not always enough with two emulated guests beside it.
+	mark := filepath.Join(t.TempDir(), "started")
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	_, err := Run(ctx, "sh", "-c", "sleep 4; true")
+	go func() {
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if _, err := os.Stat(mark); err == nil {
+				break
+			}
+		}
+		cancel()
+	}()
+	_, err := Run(ctx, "sh", "-c", `sleep 4 & : > "$1"; wait`, "sh", mark)
 	var cerr *Error
-	if !errors.As(err, &cerr) || !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("want a deadline *Error, got %v", err)
+	if !errors.As(err, &cerr) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("want a canceled *Error, got %v", err)
+	}
+	if _, serr := os.Stat(mark); serr != nil {
+		t.Fatalf("the shell never started its child within a minute: %v", serr)
 	}
 	if !errors.Is(err, ErrAbandoned) {
 		t.Fatalf("the grandchild holds stdout, so Wait cannot return: want ErrAbandoned, got %v", err)
