@@ -21,8 +21,10 @@ import (
 
 var goldenProps = []string{"type", "origin", "used", "referenced", "clones", "creation", "createtxg", "volsize", "guid", propKind, propState, propFrom, "receive_resume_token"}
 
-// pickProps is what choosing a generation to clone needs: no space accounting and no clone
-// lists, which ZFS computes per snapshot (the clones list grows with every volume made from it).
+// pickProps is what choosing a generation to clone needs, and what Load's repair of the golden
+// tree and the spare worker's pass need: no space accounting and no clone lists, which ZFS
+// computes per snapshot (the clones list grows with every volume made from it) and which take
+// a second zfs list for the forks among them.
 var pickProps = []string{"type", "origin", "creation", "volsize", propKind, propState, "receive_resume_token"}
 
 // lineage is one dataset of a project's golden and its generation snapshots.
@@ -728,7 +730,9 @@ func (s *Store) cleanGoldens(ctx context.Context) error {
 			_ = os.Remove(m.Mountpoint)
 		}
 	}
-	ps, err := s.projects(ctx, "")
+	// Lineages, their states and generations only: no dependents, whose clone lists cost a
+	// second zfs list at every start (pickProps).
+	ps, _, err := s.projectsSizes(ctx, "", pickProps)
 	if err != nil {
 		return err
 	}

@@ -572,7 +572,7 @@ func (s *Store) stockSpares(ctx context.Context) error {
 	if err := s.adoptSpares(ctx); err != nil {
 		return err
 	}
-	ps, err := s.projects(ctx, "")
+	ps, _, err := s.projectsSizes(ctx, "", pickProps) // generations, not dependents: one zfs list a pass
 	if err != nil {
 		return err
 	}
