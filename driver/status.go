@@ -47,6 +47,9 @@ type ZFSStatus struct {
 	// cloning (zfsstore/spares.go).
 	SparesMaking   int `json:"spares_making"`
 	CreatesWaiting int `json:"creates_waiting"`
+	// Bare volumes (cloned without properties before 2.4) whose properties the background
+	// has yet to store (zfsstore/bare.go).
+	SettlesPending int `json:"settles_pending"`
 	// How long the pool took to sync its last transaction group, and the longest of its last
 	// ten; nil when the kernel's txgs kstat cannot be read.
 	TxgSyncLastSeconds  *float64 `json:"txg_sync_last_seconds,omitempty"`

@@ -183,6 +183,7 @@ func statusLines(st driver.Status) [][2]string {
 		}
 		add("spares_making", z.SparesMaking)
 		add("creates_waiting", z.CreatesWaiting)
+		add("settles_pending", z.SettlesPending)
 		add("devices_held", z.DevicesHeld)
 		add("cleanups_pending", z.CleanupsPending)
 	}

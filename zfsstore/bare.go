@@ -2,7 +2,15 @@ package zfsstore
 
 import (
 	"context"
+	"errors"
+	"maps"
 	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/moby/locker"
+	"github.com/sirupsen/logrus"
 
 	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/zfsutil"
@@ -23,10 +31,17 @@ import (
 //     Before, it destroyed such a zvol as a Create interrupted between the clone's two tasks;
 //     that zvol is a complete clone too, as it is on 2.4, where the clone and its properties are
 //     one task, and its Create's retry finds it.
+//   - The properties follow in the background (settleLater): one zfs set per volume, the sync
+//     task a clone with properties would have spent at its Create, off Create's path and after
+//     the Creates cloning at that moment (yieldToCreates). Until then the origin is the truth;
+//     once they are stored, the properties are. Storing them also keeps a volume whole across
+//     a downgrade to a release that destroyed property-less clones at its start.
 //   - Only two operations move a volume's origin: its own promotion, and a promotion of a fork
 //     of it, whose reroot walks up through the fork's source. Promote and Fork therefore store
-//     the derived properties on a bare volume first (settle), in the zfs set the volume would
-//     otherwise have paid for at its Create, and off Create's path.
+//     the derived properties on a bare volume first (settle), if the background has not yet.
+//   - A settle reads the dataset at vol/NAME and sets what that dataset's origin says, under
+//     the name's settling lock, which freeName takes too: the dataset cannot be replaced by a
+//     new volume of the name between the read and the set.
 //
 // Volumes of other shapes (filesystems, grown clones, fresh volumes, forks) and every volume on
 // 2.4, where one task carries the properties (clone.go), are made with their properties.
@@ -71,4 +86,86 @@ func (s *Store) settle(ctx context.Context, ds string, r zfsutil.Row) error {
 		propKind: r[propKind], propGolden: r[propGolden], propGeneration: r[propGeneration],
 		propCreated: r[propCreated], propState: r[propState],
 	}))
+}
+
+// settling is the background settles of bare volumes (settleLater).
+type settling struct {
+	once    sync.Once
+	ctx     context.Context // cancelled by Close
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	pending atomic.Int32
+	names   *locker.Locker // per volume name: a settle's read and set, against freeName
+}
+
+func (s *Store) settlingInit() *settling {
+	s.settling.once.Do(func() {
+		s.settling.ctx, s.settling.cancel = context.WithCancel(context.Background())
+		s.settling.names = locker.New()
+	})
+	return &s.settling
+}
+
+// settleLater stores the properties of the bare volume name in the background, once the Creates
+// cloning now are done; a failure is logged, and the next start tries again.
+func (s *Store) settleLater(name string) {
+	st := s.settlingInit()
+	st.pending.Add(1)
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		defer st.pending.Add(-1)
+		s.yieldToCreates(st.ctx, 30*time.Second)
+		s.cfg.Faults.Pause(st.ctx, "settle:waiting")
+		set, err := s.settleName(st.ctx, name)
+		if err != nil && st.ctx.Err() == nil {
+			s.log.WithError(err).WithFields(logrus.Fields{"volume": name, "dataset": s.volDataset(name)}).Warn("could not store a bare volume's properties; they stay derived from its origin, and the next start tries again")
+		}
+		if set {
+			s.cfg.Faults.Hit("settle:after-set")
+		}
+	}()
+}
+
+// settleName settles whatever volume is at vol/NAME now, and says whether it stored anything; a
+// name with no dataset has nothing to settle (removed, or renamed away).
+func (s *Store) settleName(ctx context.Context, name string) (bool, error) {
+	if ctx.Err() != nil {
+		return false, ctx.Err()
+	}
+	st := s.settlingInit()
+	st.names.Lock(name)
+	defer func() { _ = st.names.Unlock(name) }()
+	ds := s.volDataset(name)
+	row, err := s.zfs.Get(ctx, ds, append([]string{propState}, bareProps...)...)
+	if errors.Is(err, zfsutil.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, mapErr(err)
+	}
+	bare := s.fillBare(maps.Clone(row))
+	return bare, s.settle(ctx, ds, row)
+}
+
+// waitSettle waits until no settle of name is between its read and its set (freeName).
+func (s *Store) waitSettle(name string) {
+	st := s.settlingInit()
+	st.names.Lock(name)
+	_ = st.names.Unlock(name)
+}
+
+// stopSettling cancels the background settles and waits for them until ctx is done: those not
+// done stay bare, and the next start settles them.
+func (s *Store) stopSettling(ctx context.Context) error {
+	st := s.settlingInit()
+	st.cancel()
+	done := make(chan struct{})
+	go func() { st.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

@@ -139,6 +139,9 @@ type Store struct {
 	// spares are the warm clones and the claims of them (see spares.go).
 	spares spareSet
 
+	// settling stores bare volumes' properties in the background (see bare.go).
+	settling settling
+
 	// recs is the record file of claims and removals (see records.go).
 	recs recordfile.Lazy
 }
@@ -462,7 +465,8 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 			log.Warn("ignoring a dataset under the volume root that zgolden did not create")
 			continue
 		}
-		if r[propState] != "ready" && !s.fillBare(r) {
+		bare := s.fillBare(r)
+		if r[propState] != "ready" {
 			log.Warn("destroying a volume whose create was interrupted")
 			if err := s.destroy(ctx, name, true); err != nil {
 				return nil, err
@@ -480,6 +484,9 @@ func (s *Store) Load(ctx context.Context) ([]driver.Volume, error) {
 		if c := s.claimOf(vname); c != nil {
 			log.WithField("spare", c.Dataset).Error("a volume exists both as a dataset and as a claimed spare; keeping the claim, leaving the dataset alone")
 			continue
+		}
+		if bare {
+			s.settleLater(vname) // an earlier run's, which it had not settled
 		}
 		s.setGrowing(vname, r[propGrow] == driver.MetaYes)
 		vols = append(vols, volumeFromRow(vname, r))
@@ -520,6 +527,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 	var gen *driver.Generation
 	var genSize uint64
 	pickCached := false
+	bare := false // cloned without properties, which settleLater stores (bare.go)
 	// swap is held from the pick until the clone exists, and no longer: the device wait below
 	// can last a minute under load, and a promotion waiting for swap would block every Create
 	// behind it (a waiting writer blocks new readers).
@@ -578,6 +586,7 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		cloneProps := props
 		if s.cloneBare(spec) {
 			cloneProps = nil // one sync task, not two: its properties are derived (bare.go)
+			bare = true
 		}
 		err := s.clone(ctx, gen.Source, ds, cloneProps)
 		if errors.Is(err, zfsutil.ErrNotFound) && pickCached {
@@ -642,6 +651,9 @@ func (s *Store) create(ctx context.Context, spec driver.Spec) (driver.Volume, er
 		s.cfg.Faults.Hit("create:after-device")
 	}
 	if gen != nil {
+		if bare {
+			s.settleLater(spec.Name)
+		}
 		// Everything a zfs get would read back was set by the clone itself, or is derived from
 		// it (bare.go): skip that process (Create's latency is the product; see make bench).
 		// CreatedAt as Load reads it back; for a bare clone Load reads ZFS's creation, which
@@ -666,6 +678,7 @@ func (s *Store) freeName(ctx context.Context, name string) error {
 	if err := s.refuseTombstoned(name); err != nil {
 		return err
 	}
+	s.waitSettle(name) // a settle must not set an old volume's properties on the new one (bare.go)
 	if err := s.waitRenaming(name); err != nil {
 		return err
 	}
@@ -845,6 +858,7 @@ func (s *Store) Unmount(ctx context.Context, v driver.Volume, target string) err
 // start.
 func (s *Store) Close(ctx context.Context) error {
 	err := s.stopTrash(ctx)
+	err = errors.Join(err, s.stopSettling(ctx))
 	err = errors.Join(err, s.stopWorker(ctx))
 	defer s.lock.Release()                  // last: after the records are closed
 	defer func() { _ = s.closeRecords() }() // after the workers, which write records
@@ -908,6 +922,7 @@ func (s *Store) Status(ctx context.Context) (driver.Status, error) {
 		CleanupsPending: s.tomb.count(), CloneSyncTasks: s.cloneSyncTasks(),
 	}
 	z.SparesMaking, z.CreatesWaiting = s.awaited("")
+	z.SettlesPending = int(s.settlingInit().pending.Load())
 	if n, err := s.zfs.DDTEntries(ctx, pool); err == nil {
 		z.DDTEntries = &n
 	}

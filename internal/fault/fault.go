@@ -21,12 +21,13 @@ const EnvVar = "ZGOLDEN_FAULT"
 
 // PauseEnvVar holds the process at one pause point for a while, POINT=DURATION, so that a test
 // can reach a step that only a slow pool makes likely: a Remove while a claimed spare's rename is
-// under way (claim:renaming, zfsstore/removal.go), or a Create while every spare is still being
-// made (spare:making, zfsstore/spares.go). It works with or without a fault point.
+// under way (claim:renaming, zfsstore/removal.go), a Create while every spare is still being
+// made (spare:making, zfsstore/spares.go), or a bare volume before its properties are stored
+// (settle:waiting, zfsstore/bare.go). It works with or without a fault point.
 const PauseEnvVar = "ZGOLDEN_FAULT_PAUSE"
 
 // Pauses lists every pause point.
-var Pauses = []string{"claim:renaming", "spare:making"}
+var Pauses = []string{"claim:renaming", "spare:making", "settle:waiting"}
 
 // Points lists every fault point, for tests that try them all. Keep it in step with the Hit calls.
 var Points = []string{
@@ -48,6 +49,7 @@ var Points = []string{
 	"claim:after-rename",
 	"spare:after-clone",
 	"spare:after-mount",
+	"settle:after-set",
 	"remove:after-record",
 	"remove:during-rename",
 	"remove:after-handover-record",

@@ -267,6 +267,19 @@ func scenariosFor(point string) []scenario {
 			},
 			after: claimed,
 		}}
+	case "settle":
+		// Before 2.4 a Create of a golden clones its block volume bare and returns; the volume's
+		// properties follow in the background (zfsstore/bare.go), and the crash falls after
+		// they are stored. On 2.4 and on the reflink store nothing is bare: not reached.
+		return []scenario{{
+			variant: "clone",
+			act:     untilSettled(create("golden="+baseProject), func(st status) bool { return st.SettlesPending == 0 }),
+			retry: func(t *testing.T, s *run) error {
+				_, err := s.e.dockerInspect(s.vol)
+				return err
+			},
+			after: func(t *testing.T, s *run) { s.e.expectDockerVolume(t, s.vol, baseProject) },
+		}}
 	case "trash":
 		// The Remove has returned; the worker destroys the dataset and deletes the record after
 		// (ZFS), or the kept mount is unmounted and the image unlinked after (reflink). A

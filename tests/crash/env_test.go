@@ -244,6 +244,7 @@ type status struct {
 	ClaimsPending  int            `json:"claims_pending"`
 	RemovedPending int            `json:"removed_pending"`
 	SparesMaking   int            `json:"spares_making"`
+	SettlesPending int            `json:"settles_pending"`
 }
 
 func (e *env) status() (status, error) {
