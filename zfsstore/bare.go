@@ -95,7 +95,10 @@ type settling struct {
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 	pending atomic.Int32
-	names   *locker.Locker // per volume name: a settle's read and set, against freeName
+	// names is locked per volume name around a settle's zfs get and zfs set, the set's wait
+	// for a transaction group included, and briefly by freeName: a Create of a name whose
+	// settle is under way waits for it (rare: a name removed and made again at once).
+	names *locker.Locker
 }
 
 func (s *Store) settlingInit() *settling {
