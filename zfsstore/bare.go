@@ -3,7 +3,6 @@ package zfsstore
 import (
 	"context"
 	"errors"
-	"maps"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -75,14 +74,14 @@ func (s *Store) cloneBare(spec driver.Spec) bool {
 }
 
 // settle stores on ds, a volume whose row (with bareProps and propState) was read just now, the
-// properties fillBare derives, when it is bare; r is filled in either way. It is one zfs set,
-// one sync task, only ever for a bare volume.
-func (s *Store) settle(ctx context.Context, ds string, r zfsutil.Row) error {
+// properties fillBare derives, when it is bare, and says whether it was; r is filled in either
+// way. It is one zfs set, one sync task, only ever for a bare volume.
+func (s *Store) settle(ctx context.Context, ds string, r zfsutil.Row) (bool, error) {
 	if !s.fillBare(r) {
-		return nil
+		return false, nil
 	}
-	s.log.WithField("dataset", ds).Info("storing a bare volume's properties before its origin can move")
-	return mapErr(s.zfs.Set(ctx, ds, zfsutil.Props{
+	s.log.WithField("dataset", ds).Info("storing a bare volume's properties")
+	return true, mapErr(s.zfs.Set(ctx, ds, zfsutil.Props{
 		propKind: r[propKind], propGolden: r[propGolden], propGeneration: r[propGeneration],
 		propCreated: r[propCreated], propState: r[propState],
 	}))
@@ -147,8 +146,7 @@ func (s *Store) settleName(ctx context.Context, name string) (bool, error) {
 	if err != nil {
 		return false, mapErr(err)
 	}
-	bare := s.fillBare(maps.Clone(row))
-	return bare, s.settle(ctx, ds, row)
+	return s.settle(ctx, ds, row)
 }
 
 // waitSettle waits until no settle of name is between its read and its set (freeName).

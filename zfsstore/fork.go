@@ -69,7 +69,7 @@ func (s *Store) fork(ctx context.Context, src driver.Volume, mountpoint string, 
 	}
 	// A promotion of the fork would move the source's origin (bare.go): a bare source gets its
 	// properties first, which the fork copies below.
-	if err := s.settle(ctx, srcDS, row); err != nil {
+	if _, err := s.settle(ctx, srcDS, row); err != nil {
 		return driver.Volume{}, err
 	}
 	if mountpoint == "" && src.Kind == driver.KindBlock {

@@ -390,7 +390,7 @@ func (s *Store) Promote(ctx context.Context, v driver.Volume, mountpoint, projec
 	}
 	// The promotion makes the volume a clone of the new generation: a bare volume's golden and
 	// generation, read from its origin, would change with it (bare.go).
-	if err := s.settle(ctx, ds, row); err != nil {
+	if _, err := s.settle(ctx, ds, row); err != nil {
 		return driver.Generation{}, err
 	}
 	origin, err := s.chainRoot(ctx, row["origin"])
