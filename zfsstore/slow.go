@@ -23,8 +23,9 @@ import (
 //   - A Create works until its context's deadline less rollbackReserve, and then gives up with an
 //     error that says how long the pool has been taking to sync.
 //   - A zfs command that outlives its deadline is abandoned (internal/command): the kernel may
-//     still carry it out. When that command was a clone, the name is tombstoned: the clone is
-//     destroyed once the command has exited, and until then a Create of that name is refused
+//     still carry it out. When that command was a clone (or a fresh volume's mkfs.xfs, which
+//     holds the zvol open), the name is tombstoned: the dataset is destroyed once the command
+//     has exited, and until then a Create of that name is refused
 //     (busy, retry), so the late clone is never taken for the new volume, nor destroyed after a
 //     new one was made in its place.
 //   - A rollback waits rollbackWait at most; if the destroy takes longer, it goes on in the
@@ -87,7 +88,7 @@ func (s *Store) cleanupLate(name, ds string, cmdErr error, log *logrus.Entry) bo
 	if !errors.Is(cmdErr, command.ErrAbandoned) || !errors.As(cmdErr, &cerr) || !s.tomb.set(name, ds) {
 		return false
 	}
-	log.Warn("a zfs command outlived its deadline; what it made is destroyed once ZFS returns")
+	log.WithField("command", cerr.Argv[0]).Warn("a command outlived its deadline; what the Create made is destroyed once it has exited")
 	go func() {
 		defer s.tomb.clear(name)
 		<-cerr.Exited

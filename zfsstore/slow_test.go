@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -218,5 +219,60 @@ func TestStaleCreateIsMadeAgain(t *testing.T) {
 	}
 	if out := harness.Run(t, "zfs", "list", "-H", "-o", "name", parent+"/vol/fresh"); !strings.Contains(out, "fresh") {
 		t.Errorf("the dataset made since the store opened is gone")
+	}
+}
+
+// TestAbandonedMkfsIsWaitedFor: a fresh volume's mkfs.xfs that the kernel keeps past its
+// Create's deadline (its writes queued behind a busy pool) holds the zvol open, so a destroy
+// then fails as busy. The Create's cleanup waits for the mkfs to exit and then destroys the
+// dataset, refusing the name as busy until it has; it does not leave it to the next start.
+func TestAbandonedMkfsIsWaitedFor(t *testing.T) {
+	s, parent := openInternal(t)
+	old := command.KillGrace
+	command.KillGrace = 100 * time.Millisecond
+	t.Cleanup(func() { command.KillGrace = old })
+	real, err := exec.LookPath("mkfs.xfs")
+	if err != nil {
+		t.Skip("no mkfs.xfs")
+	}
+	// A mkfs.xfs stand-in that answers -V as the real one and otherwise holds the device (its
+	// last argument) open for four seconds in a child that keeps its output open, which is
+	// what internal/command sees of a process stuck in the kernel.
+	bin, mark := t.TempDir(), filepath.Join(t.TempDir(), "started")
+	script := "#!/bin/sh\n" +
+		`case "$1" in -V) exec ` + real + ` -V;; esac` + "\n" +
+		`for dev; do :; done` + "\n" +
+		`sleep 4 <"$dev" &` + "\n" +
+		`: > ` + mark + "\n" +
+		"wait\n"
+	if err := os.WriteFile(filepath.Join(bin, "mkfs.xfs"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { // the deadline comes once the stand-in holds the device
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if _, err := os.Stat(mark); err == nil {
+				break
+			}
+		}
+		cancel()
+	}()
+	ds := parent + "/vol/fresh"
+	if _, err := s.Create(ctx, driver.Spec{Name: "fresh", Kind: driver.KindBlock, Size: 64 << 20}); err == nil {
+		t.Fatal("a Create whose mkfs outlived its context succeeded")
+	}
+	bg := context.Background()
+	if _, err := s.Create(bg, driver.Spec{Name: "fresh", Kind: driver.KindBlock, Size: 64 << 20}); !errors.Is(err, driver.ErrBusy) {
+		t.Fatalf("a Create of the name while its abandoned mkfs runs: got %v, want busy", err)
+	}
+	for deadline := time.Now().Add(time.Minute); s.tomb.has("fresh"); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the cleanup after the abandoned mkfs never finished")
+		}
+	}
+	if ok, _ := s.zfs.Exists(bg, ds); ok {
+		t.Fatalf("%s is left after the abandoned mkfs exited", ds)
 	}
 }

@@ -738,7 +738,12 @@ func (s *Store) createEmpty(ctx context.Context, name, ds string, kind driver.Ki
 		err = xfsutil.Mkfs(ctx, dev, "zgolden")
 	}
 	if err != nil {
-		s.rollback(ctx, log, name, ds)
+		// A mkfs.xfs that the kernel keeps past the deadline (its writes queued behind a busy
+		// pool) holds the zvol open, and a destroy now would fail as busy and leave the
+		// dataset to the next start: it is destroyed once the mkfs has exited.
+		if !s.cleanupLate(name, ds, err, log) {
+			s.rollback(ctx, log, name, ds)
+		}
 		return mapErr(err)
 	}
 	return nil
