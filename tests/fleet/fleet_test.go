@@ -444,6 +444,11 @@ func TestTransferSurvivesAKill(t *testing.T) {
 			t.Fatalf("%s: the %s went through although %s was killed mid-stream: %+v\n%s", what, verb, victim.name, m, out)
 		}
 		victim.died(t)
+		// The killed server's zfs receive (or the live receiver's, when the sender died)
+		// outlives the kill: it reads the stream's end from the closed pipe, and ZFS saves what
+		// arrived in a transaction group after that. Until it ends there is no partial receive
+		// to see or resume, and on a slow guest that took longer than the restart.
+		zfsReceivesGone(t)
 		victim.start(t)
 		receiver := b
 		if verb == "pull" {
@@ -499,5 +504,27 @@ func TestTransferSurvivesAKill(t *testing.T) {
 	b.checkClone(t, "prj", "b3")
 	for _, v := range []string{"a1", "a2"} {
 		a.call(t, "Remove", map[string]string{"Name": v}, nil)
+	}
+}
+
+// zfsReceivesGone waits, up to two minutes, until no `zfs receive` process is left on this
+// machine (the tests here run one at a time).
+func zfsReceivesGone(t *testing.T) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		var left []string
+		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+		for _, p := range procs {
+			argv, err := os.ReadFile(p)
+			if f := strings.Split(string(argv), "\x00"); err == nil && len(f) > 1 && filepath.Base(f[0]) == "zfs" && f[1] == "receive" {
+				left = append(left, strings.Join(f, " "))
+			}
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("zfs receive still running two minutes after the kill: %v", left)
+		}
 	}
 }
