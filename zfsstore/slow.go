@@ -88,7 +88,7 @@ func (s *Store) cleanupLate(name, ds string, cmdErr error, log *logrus.Entry) bo
 	if !errors.Is(cmdErr, command.ErrAbandoned) || !errors.As(cmdErr, &cerr) || !s.tomb.set(name, ds) {
 		return false
 	}
-	log.WithField("command", cerr.Argv[0]).Warn("a command outlived its deadline; what the Create made is destroyed once it has exited")
+	log.WithField("command", cerr.Argv[0]).Warn("a command outlived its deadline; what it made is destroyed once it has exited")
 	go func() {
 		defer s.tomb.clear(name)
 		<-cerr.Exited
