@@ -20,9 +20,30 @@ versions() {
 	docker version --format 'client {{.Client.Version}} (API {{.Client.APIVersion}}), engine {{.Server.Version}} (API {{.Server.APIVersion}})' 2>/dev/null || true
 }
 
+# The default network's bridge, which a dockerd given --bridge=none in the same network
+# namespace deletes (an earlier build of a guest did, before tests/vm/build-guest.sh gave its
+# dockerd a namespace of its own). The engine then starts no container on that network until
+# it is restarted, and that is done here, only for an engine this script started.
+bridge_gone() {
+	local name
+	name=$(docker network inspect bridge --format '{{index .Options "com.docker.network.bridge.name"}}' 2>/dev/null) || return 1
+	[ -n "$name" ] && ! ip link show "$name" >/dev/null 2>&1
+}
+
 if docker info >/dev/null 2>&1; then
-	say "engine already running: $(versions)"
-	exit 0
+	if bridge_gone && grep -q "started by tests/setup/docker-engine.sh" "$log" 2>/dev/null; then
+		say "the engine's default bridge is gone (deleted under it); restarting the engine this script started"
+		# No lock here: an engine started by an older copy of this script holds it.
+		pkill -TERM -x dockerd || true
+		for _ in $(seq 60); do pgrep -x dockerd >/dev/null || break; sleep 1; done
+		if pgrep -x dockerd >/dev/null; then
+			say "dockerd did not stop within 60 s"
+			exit 1
+		fi
+	else
+		say "engine already running: $(versions)"
+		exit 0
+	fi
 fi
 
 dockerd=/usr/bin/dockerd
@@ -43,7 +64,8 @@ if ! docker info >/dev/null 2>&1; then
 		fi
 		say "starting $dockerd (log: $log)"
 		{ echo "=== $(date -Is) started by tests/setup/docker-engine.sh"; } >>"$log"
-		setsid "$dockerd" >>"$log" 2>&1 </dev/null &
+		# 9>&-: the engine must not inherit the lock, or it holds it for its whole life.
+		setsid "$dockerd" >>"$log" 2>&1 </dev/null 9>&- &
 	fi
 	deadline=$((SECONDS + wait_s))
 	until docker info >/dev/null 2>&1; do

@@ -175,7 +175,11 @@ zg_chroot "$r" /bin/bash -euc '
 	# dockerd refuses to start without cgroups ("Devices cgroup is not mounted"); cgroup2
 	# mounts anywhere, even on a host with a v1 hierarchy, and only in this namespace.
 	mount -t cgroup2 none /sys/fs/cgroup
-	dockerd --data-root /var/lib/docker --exec-root /tmp/zg-exec --pidfile /tmp/zg-dockerd.pid \
+	# Its own network namespace: a dockerd given --bridge=none deletes the docker0 bridge it
+	# finds, and in the namespace of the host that is the bridge of the host engine, whose
+	# containers on the default network (the swarm tests on the host) then fail to start until
+	# that engine is restarted. A cold CI run builds this guest while the host suites run.
+	unshare --net -- dockerd --data-root /var/lib/docker --exec-root /tmp/zg-exec --pidfile /tmp/zg-dockerd.pid \
 		-H "$sock" --storage-driver overlay2 --bridge=none --iptables=false --ip6tables=false \
 		>/tmp/zg-dockerd.log 2>&1 &
 	pid=$!
