@@ -42,8 +42,19 @@ func abandoned(t *testing.T) error {
 	// The context ends once the shell has started its child, however long that takes in a
 	// loaded guest (a fixed second is internal/command's old flake).
 	mark := filepath.Join(t.TempDir(), "started")
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := untilMarked(mark)
 	defer cancel()
+	_, err := command.Run(ctx, "sh", "-c", `sleep 4 & : > "$1"; wait`, "sh", mark)
+	if !errors.Is(err, command.ErrAbandoned) {
+		t.Fatalf("could not make an abandoned command: %v", err)
+	}
+	return err
+}
+
+// untilMarked returns a context that ends once the file mark exists (or after a minute): the
+// moment a stand-in command has reached the state a test wants it abandoned in.
+func untilMarked(mark string) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 			if _, err := os.Stat(mark); err == nil {
@@ -52,11 +63,7 @@ func abandoned(t *testing.T) error {
 		}
 		cancel()
 	}()
-	_, err := command.Run(ctx, "sh", "-c", `sleep 4 & : > "$1"; wait`, "sh", mark)
-	if !errors.Is(err, command.ErrAbandoned) {
-		t.Fatalf("could not make an abandoned command: %v", err)
-	}
-	return err
+	return ctx, cancel
 }
 
 // TestLateCloneIsDestroyedAndItsNameRefused: when the clone of a Create outlives its deadline,
@@ -249,16 +256,8 @@ func TestAbandonedMkfsIsWaitedFor(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := untilMarked(mark) // the deadline comes once the stand-in holds the device
 	defer cancel()
-	go func() { // the deadline comes once the stand-in holds the device
-		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			if _, err := os.Stat(mark); err == nil {
-				break
-			}
-		}
-		cancel()
-	}()
 	ds := parent + "/vol/fresh"
 	if _, err := s.Create(ctx, driver.Spec{Name: "fresh", Kind: driver.KindBlock, Size: 64 << 20}); err == nil {
 		t.Fatal("a Create whose mkfs outlived its context succeeded")

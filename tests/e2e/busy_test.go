@@ -1,14 +1,12 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/zgolden/zgolden/driver"
 	"github.com/zgolden/zgolden/tests/harness"
 )
 
@@ -174,10 +172,9 @@ func TestBusyPoolThroughDocker(t *testing.T) {
 // the reflink store has none.
 func (b *backend) txgSync(t *testing.T) string {
 	t.Helper()
-	out, err := b.p.Admin(t, "status", "--json")
-	var st driver.Status
-	if err != nil || json.Unmarshal([]byte(out), &st) != nil {
-		t.Fatalf("zgolden status --json: %v\n%s", err, out)
+	st, err := b.status(t)
+	if err != nil {
+		t.Fatal(err)
 	}
 	if st.ZFSStatus == nil || st.TxgSyncLastSeconds == nil || st.TxgSyncMax10Seconds == nil {
 		return "(none)"

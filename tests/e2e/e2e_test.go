@@ -149,14 +149,27 @@ func (b *backend) waitSpares(t *testing.T, project string, n int) {
 	t.Helper()
 	var last string
 	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		out, err := b.p.Admin(t, "status", "--json")
-		var st driver.Status
-		if err == nil && json.Unmarshal([]byte(out), &st) == nil && st.SparesReady[project] == n {
+		st, err := b.status(t)
+		if err == nil && st.SparesReady[project] == n {
 			return
 		}
-		last = fmt.Sprintf("%v: %s", err, out)
+		last = fmt.Sprint(err)
 	}
 	t.Fatalf("%s never had %d spares ready: %s", project, n, last)
+}
+
+// status is what `zgolden status --json` says; its error carries the command's output.
+func (b *backend) status(t *testing.T) (driver.Status, error) {
+	t.Helper()
+	var st driver.Status
+	out, err := b.p.Admin(t, "status", "--json")
+	if err == nil {
+		err = json.Unmarshal([]byte(out), &st)
+	}
+	if err != nil {
+		return st, fmt.Errorf("zgolden status --json: %w\n%s", err, out)
+	}
+	return st, nil
 }
 
 // claimed reports whether the plugin's log says volume's Create claimed a spare.
