@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"fmt"
+	"os"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -113,14 +116,32 @@ func TestBusyPoolThroughDocker(t *testing.T) {
 	for _, s := range sessions {
 		// The session: the golden is there, it writes 20 MB and stops, so Docker mounts and then
 		// unmounts a volume that has written. Its file is fsynced alone: sync(1) would also wait
-		// for every writer's dirty data.
-		script := `cat /var/lib/docker/README && head -c 20971520 /dev/urandom | dd of=/var/lib/docker/session bs=1M conv=fsync 2>/dev/null`
-		start := time.Now()
+		// for every writer's dirty data. It prints the kernel's uptime before and after its
+		// write, which the container shares with this test, so the log can say which part of a
+		// session's time is Docker's start (Mount included), the write, and Docker's stop
+		// (Unmount included).
+		script := `cut -d' ' -f1 /proc/uptime && cat /var/lib/docker/README && cut -d' ' -f1 /proc/uptime && ` +
+			`head -c 20971520 /dev/urandom | dd of=/var/lib/docker/session bs=1M conv=fsync 2>/dev/null && cut -d' ' -f1 /proc/uptime`
+		start, upStart := time.Now(), uptime(t)
 		out, err := harness.Output("docker", "run", "--rm", "--network", "none", "-v", b.n(s)+":/var/lib/docker", harness.BusyboxImage(), "sh", "-c", script)
-		logTook("docker run of a session on "+s, time.Since(start))
-		if err != nil || strings.TrimSpace(out) != "golden content" {
+		took, upEnd := time.Since(start), uptime(t)
+		lines := strings.Fields(out)
+		if err != nil || len(lines) != 5 || lines[1]+" "+lines[2] != "golden content" {
 			t.Fatalf("a session's container on %s under load: %v\n%s", s, err, out)
 		}
+		var marks []float64
+		for _, l := range []string{lines[0], lines[3], lines[4]} {
+			v, perr := strconv.ParseFloat(l, 64)
+			if perr != nil {
+				t.Fatalf("a session's container on %s printed %q for the uptime:\n%s", s, l, out)
+			}
+			marks = append(marks, v)
+		}
+		logTook("docker run of a session on "+s, took)
+		logs := b.p.Logs()
+		t.Logf("under load: that session: %.2f s from docker run to its first command (start, and the plugin's Mount: %s), "+
+			"%.2f s to read the README, %.2f s to write and fsync 20 MB, %.2f s from its exit to docker run's (stop, and the plugin's Unmount: %s)",
+			marks[0]-upStart, handlerTook(logs, "mount", b.n(s)), marks[1]-marks[0], marks[2]-marks[1], upEnd-marks[2], handlerTook(logs, "unmount", b.n(s)))
 	}
 	for _, s := range sessions {
 		start := time.Now()
@@ -180,4 +201,34 @@ func (b *backend) txgSync(t *testing.T) string {
 		return "(none)"
 	}
 	return fmt.Sprintf("%.2fs (longest of the last ten %.2fs)", *st.TxgSyncLastSeconds, *st.TxgSyncMax10Seconds)
+}
+
+// uptime is the kernel's uptime in seconds, the clock a container can read too.
+func uptime(t *testing.T) float64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		t.Fatalf("/proc/uptime: %q", b)
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		t.Fatalf("/proc/uptime: %v", err)
+	}
+	return v
+}
+
+// handlerTook is what the plugin's log says its handler took for call on volume: the part of a
+// Docker command's time that is the plugin's own.
+func handlerTook(logs, call, volume string) string {
+	line := regexp.MustCompile(`msg="request done".* call=` + call + ` (?:.* )?took=(\S+) (?:.* )?volume=` + regexp.QuoteMeta(volume) + `( |$)`)
+	for _, l := range strings.Split(logs, "\n") {
+		if m := line.FindStringSubmatch(l); m != nil {
+			return m[1]
+		}
+	}
+	return "not in its log"
 }
