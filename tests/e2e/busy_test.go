@@ -105,7 +105,7 @@ func TestBusyPoolThroughDocker(t *testing.T) {
 	sessions := []string{"zg-s1", "zg-s2"}
 	for _, s := range sessions {
 		out, took, err := create(s, "golden=prj_busy")
-		logTook("docker volume create of "+s, took)
+		logTook("docker volume create of "+s+" (the plugin's Create: "+handlerTook(b.p.Logs(), "create", b.n(s))+")", took)
 		if err != nil {
 			t.Fatalf("docker volume create %s with a spare ready, under load: %v\n%s", s, err, out)
 		}
@@ -146,7 +146,7 @@ func TestBusyPoolThroughDocker(t *testing.T) {
 	for _, s := range sessions {
 		start := time.Now()
 		remove(s)
-		logTook("docker volume rm of "+s, time.Since(start))
+		logTook("docker volume rm of "+s+" (the plugin's Remove: "+handlerTook(b.p.Logs(), "remove", b.n(s))+")", time.Since(start))
 	}
 
 	// Beyond the spares: it waits for the spare being made or clones its own.
