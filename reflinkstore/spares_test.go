@@ -160,9 +160,16 @@ func TestSparesAreClaimed(t *testing.T) {
 			t.Fatalf("the removed q's spare %s was taken: %v", name, err)
 		}
 	}
-	e.open(t) // a restart, whose worker retires the old spares and makes the new q's
-	if w := waitSpares(t, e, "q", 2); len(intersect(w, oldQ)) != 0 {
-		t.Fatalf("after a restart the removed q's spares %v are still ready", intersect(w, oldQ))
+	// A restart, whose worker retires the old spares and makes the new q's. Its start adopts
+	// every spare it finds and the worker's first pass then retires those of another generation,
+	// so for a moment the old ones are listed (a claim would still refuse them, as above).
+	e.open(t)
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		if w := waitSpares(t, e, "q", 2); len(intersect(w, oldQ)) == 0 {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("a minute after a restart the removed q's spares %v are still ready", intersect(w, oldQ))
+		}
 	}
 	for _, v := range []string{"v", "w", "x"} {
 		e.remove(t, v)
