@@ -49,9 +49,10 @@ test: ## everything: unit, fuzz, host integration, Docker end-to-end, and every 
 	@# failed, with the failing tests from each log, so the tail of a CI log names them.
 	@# Guest builds take one lock (they share the apt archive cache), so on a cold cache they run
 	@# one after the other, and the guest built second starts its suites about 14 minutes later.
-	@# The $(ZFS) guest's suites are the longer (cold, 2026-12-07: 43 minutes, and 45 for the
-	@# compat guest's, before the busy-pool test added about 4.5 to the $(ZFS) guest), so the
-	@# compat guest waits for the $(ZFS) build before its own, and the shorter suites start last.
+	@# The $(ZFS) guest's suites are the longer (a cold run of 2026-12-07: 53 minutes, against 43
+	@# for the compat guest's), so the compat guest waits for the $(ZFS) build before its own,
+	@# and the shorter suites start last: that run took 78 minutes, where the other order would
+	@# have taken about 89 by its own times.
 	@# A warm cache makes that wait an instant; a failed build is left to test-vm to report.
 	$(MAKE) vm-payload
 	@failed=""; \
