@@ -280,8 +280,8 @@ func (bm *bencher) load(t *testing.T, n int) {
 			vol := fmt.Sprintf("ld-%s-%d", name, r)
 			// The same no-op request as the probes', but spread over the phase as the Creates are:
 			// the probes' eight run back to back at its end, so they may all meet one quiet moment
-			// of the pool's transaction group cycle. What this one waits for outside any handler,
-			// a Create sent right after it waits for too.
+			// of the pool's transaction group cycle. Sent right before a Create, this one meets
+			// about the moment the Create meets.
 			ls.timed("request that does no work, just before a Create", func() error {
 				return p.call("Capabilities", struct{}{}, nil)
 			})
