@@ -106,14 +106,7 @@ func TestSparesAreClaimed(t *testing.T) {
 	if _, err := e.d.Promote(testCtx(t), "v", "prj"); err != nil {
 		t.Fatal(err)
 	}
-	// Names, not inodes: a retired spare's inode number is soon another file's.
-	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
-		if w := waitSpares(t, e, "prj", 2); len(intersect(w, spares)) == 0 {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatalf("a minute after the promotion the spares %v are still those of before it", w)
-		}
-	}
+	waitSparesRetired(t, e, "prj", 2, spares, "the promotion")
 	e.create(t, "w", map[string]string{"golden": "prj"})
 	if in, err := e.d.Get(testCtx(t), "w"); err != nil || in.Generation != 2 {
 		t.Fatalf("Get(w) after the promotion = %+v, %v; want generation 2", in, err)
@@ -164,13 +157,7 @@ func TestSparesAreClaimed(t *testing.T) {
 	// every spare it finds and the worker's first pass then retires those of another generation,
 	// so for a moment the old ones are listed (a claim would still refuse them, as above).
 	e.open(t)
-	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
-		if w := waitSpares(t, e, "q", 2); len(intersect(w, oldQ)) == 0 {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatalf("a minute after a restart the removed q's spares %v are still ready", intersect(w, oldQ))
-		}
-	}
+	waitSparesRetired(t, e, "q", 2, oldQ, "a restart")
 	for _, v := range []string{"v", "w", "x"} {
 		e.remove(t, v)
 	}
@@ -195,6 +182,23 @@ func TestSparesAreClaimed(t *testing.T) {
 }
 
 // intersect lists the names in both a and b.
+// waitSparesRetired waits, up to a minute after what happened (after), until project has n
+// spares ready and none of them is one of old. It compares names, not inodes: a retired spare's
+// inode number is soon another file's.
+func waitSparesRetired(t *testing.T, e *env, project string, n int, old map[uint64]string, after string) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		w := waitSpares(t, e, project, n)
+		stale := intersect(w, old)
+		if len(stale) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a minute after %s, %s's spares %v are still ready (ready: %v)", after, project, stale, w)
+		}
+	}
+}
+
 func intersect(a, b map[uint64]string) []string {
 	names := map[string]bool{}
 	for _, n := range b {
