@@ -196,10 +196,10 @@ func TestBusyPoolThroughDocker(t *testing.T) {
 	// removal.go): the kept XFS is unmounted, which writes back what it holds and closes the
 	// zvol, and the zvol is destroyed, and on this pool each of those waits for transaction
 	// groups full of the writers' data (a guest run logged 33 s for one unmount). One CI run,
-	// with two guests of one vCPU each, stopped the plugin at this test's end with five removed
-	// volumes still to be destroyed, past the inventory's own minute. So the test waits for the
-	// plugin to report none pending (10 minutes at most), logs how long that took, and only then
-	// takes the inventory.
+	// with two guests of one vCPU each, failed this test and stopped its plugin with five
+	// removed volumes still to be destroyed, while the inventory waits only a minute for them.
+	// So the test waits for the plugin to report none pending (10 minutes at most), logs how
+	// long that took, and only then takes the inventory.
 	removed := time.Now()
 	for deadline := removed.Add(10 * time.Minute); ; time.Sleep(time.Second) {
 		st, err := b.status(t)
