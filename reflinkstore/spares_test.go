@@ -181,7 +181,6 @@ func TestSparesAreClaimed(t *testing.T) {
 	e.finish(t)
 }
 
-// intersect lists the names in both a and b.
 // waitSparesRetired waits, up to a minute after what happened (after), until project has n
 // spares ready and none of them is one of old. It compares names, not inodes: a retired spare's
 // inode number is soon another file's.
@@ -199,6 +198,7 @@ func waitSparesRetired(t *testing.T, e *env, project string, n int, old map[uint
 	}
 }
 
+// intersect lists the names in both a and b.
 func intersect(a, b map[uint64]string) []string {
 	names := map[string]bool{}
 	for _, n := range b {
